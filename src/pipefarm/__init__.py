@@ -1,0 +1,56 @@
+"""pipefarm: run large numbers of tasks in parallel and never lose a finished result.
+
+    import pipefarm as pf
+    run = pf.Run.create("runs/sweep")
+    run.map(simulate, params, retries=2, timeout=600)
+    run.execute(workers=8)
+
+Names are imported lazily so that ``import pipefarm`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Run": ("pipefarm.run", "Run"),
+    "Executor": ("pipefarm.executor", "Executor"),
+    "Summary": ("pipefarm.backends.local", "Summary"),
+    "TaskFailed": ("pipefarm.errors", "TaskFailed"),
+    "TaskNotFinished": ("pipefarm.errors", "TaskNotFinished"),
+    "SubmissionError": ("pipefarm.errors", "SubmissionError"),
+    "RunLocked": ("pipefarm.errors", "RunLocked"),
+    "UnsafeRun": ("pipefarm.errors", "UnsafeRun"),
+    "PipefarmError": ("pipefarm.errors", "PipefarmError"),
+    "DiskFull": ("pipefarm.store.sqlite", "DiskFull"),
+    "State": ("pipefarm.states", "State"),
+    "Outcome": ("pipefarm.states", "Outcome"),
+    "backends": ("pipefarm.backends", None),
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import backends
+    from .backends.local import Summary
+    from .errors import (PipefarmError, RunLocked, SubmissionError, TaskFailed, TaskNotFinished,
+                         UnsafeRun)
+    from .executor import Executor
+    from .run import Run
+    from .states import Outcome, State
+    from .store.sqlite import DiskFull
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'pipefarm' has no attribute {name!r}") from None
+    import importlib
+
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value

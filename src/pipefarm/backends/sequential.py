@@ -1,0 +1,83 @@
+"""The sequential backend: every task in the calling process, one after another.
+
+The reference implementation, with the same states, retries and records as the others, and the
+one to use under a debugger. A Python task's timeout is enforced with ``SIGALRM`` when running
+in the main thread; a task stuck inside a C call cannot be interrupted here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..states import Outcome
+from ..task import Finished
+from ..worker import LeaseRunner
+from .local import Summary
+
+
+class _Timeout(BaseException):
+    """Raised inside a task whose time is up (BaseException: the task must not catch it)."""
+
+
+class SequentialBackend:
+    """Run tasks one at a time in this process."""
+
+    name = "sequential"
+
+    def __init__(self, workers: int | None = None) -> None:
+        del workers  # always one
+
+    def execute(self, store: Any, *, run_dir: str | None = None,
+                on_progress: Callable[[dict[str, int]], None] | None = None, **_: Any) -> Summary:
+        t0 = time.time()
+        wid = f"{socket.gethostname().split('.')[0]}-{os.getpid()}-seq"
+        store.register_worker(wid, socket.gethostname(), os.getpid())
+        runner = LeaseRunner(run_dir, wid, {})
+        attempts = 0
+        main = threading.current_thread() is threading.main_thread()
+        while True:
+            leases = store.claim(wid, 1)
+            if not leases:
+                nxt = store.next_ready_at()
+                if nxt is None:
+                    break
+                time.sleep(min(max(nxt - time.time(), 0.0), 0.5))
+                continue
+            lease = leases[0]
+            spec = store.spec(lease.spec)
+            runner.specs.setdefault(lease.spec, spec)
+            store.start([(lease.task, lease.token)])
+            finished = self._run_one(runner, lease, spec.timeout if main and spec.kind == "py" else None)
+            store.finish(wid, [finished])
+            attempts += 1
+            if on_progress is not None:
+                on_progress(store.counts())
+        counts = store.counts()
+        return Summary(run=run_dir, total=sum(counts.values()), counts=counts, attempts=attempts,
+                       elapsed_s=time.time() - t0)
+
+    @staticmethod
+    def _run_one(runner: LeaseRunner, lease: Any, timeout: float | None) -> Finished:
+        if timeout is None:
+            return runner(lease)
+
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise _Timeout()
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        started = time.time()
+        try:
+            return runner(lease)
+        except _Timeout:
+            return Finished(lease.task, lease.token, int(Outcome.TIMED_OUT), started, time.time(),
+                            error=f"timed out after {timeout:g} s", attempt=lease.attempt)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)

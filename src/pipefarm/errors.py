@@ -1,0 +1,45 @@
+"""Exceptions users see."""
+
+from __future__ import annotations
+
+
+class PipefarmError(Exception):
+    """Base of pipefarm's own errors."""
+
+
+class SubmissionError(PipefarmError, ValueError):
+    """A task was refused at submission; nothing was written."""
+
+
+class RunLocked(PipefarmError):
+    """Another live process is executing this run."""
+
+
+class UnsafeRun(PipefarmError):
+    """The run directory can be written by others: pipefarm will not unpickle from it."""
+
+
+class TaskNotFinished(PipefarmError, LookupError):
+    """The task has no result yet."""
+
+
+class TaskFailed(PipefarmError):
+    """A task ended without a result: failed, timed out, lost, skipped or cancelled.
+
+    ``remote_traceback`` holds the traceback text from the worker; ``cause`` the original
+    exception when it could travel back.
+    """
+
+    def __init__(self, task: int, state: str, error: str | None, cause: BaseException | None = None):
+        self.task = task
+        self.state = state
+        self.remote_traceback = error or ""
+        self.cause = cause
+        last = (error or "").strip().splitlines()[-1:] or [state]
+        super().__init__(f"task {task} {state}: {last[0]}")
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if self.remote_traceback and "\n" in self.remote_traceback.strip():
+            return f"{head}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return head

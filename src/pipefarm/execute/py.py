@@ -1,0 +1,61 @@
+"""Run one Python task in the current process and describe how it ended."""
+
+from __future__ import annotations
+
+import pickle
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ..states import Outcome
+from ..task import Finished, Lease, loads_args
+
+
+def load_callable(payload: bytes) -> Callable[..., Any]:
+    """The callable stored in a spec's payload (cloudpickle)."""
+    import cloudpickle  # noqa: F401 - registers what cloudpickle'd payloads need
+
+    return pickle.loads(payload)
+
+
+def dump_value(value: Any) -> bytes:
+    """Serialise a result or an exception: plain pickle, cloudpickle when needed."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(value, protocol=5)
+
+
+def run_python(fn: Callable[..., Any], lease: Lease) -> Finished:
+    """Call ``fn`` with the lease's arguments; the result or the exception, pickled."""
+    started = time.time()
+    try:
+        args, kwargs = loads_args(lease.args)
+        value = fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a task's failure is data, not our crash
+        ended = time.time()
+        try:
+            blob: bytes | None = dump_value(exc)
+        except Exception:
+            blob = None  # an exception that cannot travel: its traceback text still does
+        return Finished(
+            lease.task, lease.token, int(Outcome.FAILED), started, ended, blob,
+            error="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            attempt=lease.attempt,
+        )
+    ended = time.time()
+    try:
+        blob = dump_value(value)
+    except Exception as exc:
+        return Finished(
+            lease.task, lease.token, int(Outcome.FAILED), started, ended, None,
+            error=f"the task's result cannot be pickled: {type(exc).__name__}: {exc}",
+            attempt=lease.attempt,
+        )
+    return Finished(lease.task, lease.token, int(Outcome.SUCCEEDED), started, ended, blob,
+                    attempt=lease.attempt)

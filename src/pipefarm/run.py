@@ -1,0 +1,357 @@
+"""A run: a directory that holds tasks and their state, and the API to fill and execute it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import RunLocked, SubmissionError, TaskFailed, TaskNotFinished, UnsafeRun
+from .store.sqlite import SQLiteStore
+from .task import PY, Resources, Spec, dumps_args
+
+#: columns of :meth:`Run.results`
+RESULT_COLUMNS = (
+    "task_id", "key", "state", "attempts", "exit_code", "result", "error", "started_at",
+    "ended_at", "duration_s", "worker",
+)
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a run directory that another user could write (it may hold planted pickles)."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (
+        hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0)
+    ):
+        raise UnsafeRun(
+            f"{path} can be written by other users (mode {stat.filemode(st.st_mode)}): "
+            "pipefarm will not unpickle from it. Fix with: chmod go-w " + str(path)
+        )
+
+
+class _RunLock:
+    """The one-coordinator-per-run lock: ``RUN/coordinator.lock`` with flock (one host)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "coordinator.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLocked(f"this run is being executed by {holder}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Run:
+    """A durable run. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, path: str | os.PathLike[str], store: SQLiteStore) -> None:
+        self.path = Path(path)
+        self.store = store
+        self._spec_cache: dict[tuple, tuple[int, Callable[..., Any]]] = {}
+
+    # --- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], exist_ok: bool = False) -> Run:
+        """Make a new run directory (private, 0700). Error if it exists, unless ``exist_ok``."""
+        p = Path(path)
+        if (p / "catalog.db").exists():
+            if not exist_ok:
+                raise FileExistsError(f"run {p} exists; open it with Run.open or pass exist_ok=True")
+            return cls.open(p)
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(p, 0o700)
+        return cls(p, SQLiteStore(p))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Run:
+        """Open an existing run to inspect it or resume it."""
+        p = Path(path)
+        if not (p / "catalog.db").exists():
+            raise FileNotFoundError(f"no run at {p} (no catalog.db); create it with Run.create")
+        _check_private(p)
+        return cls(p, SQLiteStore(p))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # --- submission ------------------------------------------------------------------------------
+    def _py_spec(self, fn: Callable[..., Any], retries: int, timeout: float | None,
+                 backoff: float, max_lost: int, resources: Resources, tags: Sequence[str]) -> int:
+        if not callable(fn):
+            raise SubmissionError(f"{fn!r} is not callable")
+        key = (id(fn), retries, timeout, backoff, max_lost, resources, tuple(tags))
+        hit = self._spec_cache.get(key)
+        if hit is not None and hit[1] is fn:
+            return hit[0]
+        import cloudpickle
+
+        try:
+            payload = cloudpickle.dumps(fn, protocol=5)
+            pickle.loads(payload)  # a function pickled by reference must resolve here
+        except Exception as exc:
+            raise SubmissionError(
+                f"cannot use {getattr(fn, '__qualname__', fn)!r} as a task: {type(exc).__name__}: {exc}"
+            ) from exc
+        if retries < 0:
+            raise SubmissionError("retries must be >= 0")
+        if timeout is not None and timeout <= 0:
+            raise SubmissionError("timeout must be > 0 seconds")
+        spec = Spec(
+            kind=PY, payload=payload, max_attempts=retries + 1, timeout=timeout, backoff=backoff,
+            max_lost=max_lost, resources=resources, tags=tuple(tags),
+            name=getattr(fn, "__qualname__", type(fn).__name__),
+        )
+        sid = self.store.add_spec(spec)
+        self._spec_cache[key] = (sid, fn)
+        return sid
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        retries: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+        cost: float | None = None,
+        after: Sequence[int] | None = None,
+        keys: Iterable[str] | None = None,
+        cpus: int = 1,
+        gpus: int = 0,
+        memory: int | None = None,
+        backoff: float = 1.0,
+        max_lost: int = 3,
+        tags: Sequence[str] = (),
+    ) -> range:
+        """Add one task per element (or per zipped tuple of elements) of ``iterables``.
+
+        Returns the range of new task ids. Options apply to every task: ``retries`` extra
+        attempts after a failure or timeout, ``timeout`` seconds per attempt, ``priority``
+        (higher first), ``cost`` (higher first among equal priority), ``after`` ids that must
+        succeed first, ``keys`` user names (one per task). If any element cannot be pickled
+        nothing is written and :class:`SubmissionError` says which.
+        """
+        if not iterables:
+            raise SubmissionError("map needs at least one iterable")
+        sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
+                            Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
+        it: Iterable[tuple] = zip(*iterables) if len(iterables) > 1 else ((x,) for x in iterables[0])
+        try:
+            return self.store.add_tasks(sid, _pickled(it), keys=keys, priority=priority,
+                                        cost=cost or 0.0, after=after or ())
+        except (TypeError, ValueError) as exc:
+            raise SubmissionError(f"{exc}; nothing was submitted") from exc
+
+    def submit_task(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+        cost: float | None = None,
+        after: Sequence[int] | None = None,
+        cpus: int = 1,
+        gpus: int = 0,
+        memory: int | None = None,
+        backoff: float = 1.0,
+        max_lost: int = 3,
+        tags: Sequence[str] = (),
+    ) -> int:
+        """Add one task with options; return its id."""
+        sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
+                            Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
+        try:
+            blob = dumps_args(tuple(args), kwargs or {})
+            ids = self.store.add_tasks(sid, [blob], keys=[key], priority=priority,
+                                       cost=cost or 0.0, after=after or ())
+        except (TypeError, ValueError) as exc:
+            raise SubmissionError(f"{exc}; nothing was submitted") from exc
+        return ids[0]
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
+        """Add one task ``fn(*args, **kwargs)`` with default options; return its id."""
+        return self.submit_task(fn, args, kwargs)
+
+    # --- execution -------------------------------------------------------------------------------
+    def execute(
+        self,
+        workers: int | None = None,
+        backend: str | Any = "local",
+        progress: bool = True,
+        on_progress: Callable[[dict[str, int]], None] | None = None,
+        **backend_options: Any,
+    ) -> Any:
+        """Run every task that is not finished; return a :class:`~pipefarm.backends.local.Summary`.
+
+        Resumes where an earlier execute stopped: leases of a dead coordinator are reaped at
+        once. Ctrl-C stops cleanly (running tasks are released, not charged) and raises
+        :class:`KeyboardInterrupt`; the run can be resumed.
+        """
+        from .backends import make_backend
+
+        be = make_backend(backend, workers=workers, **backend_options)
+        lock = _RunLock(self.path)
+        lock.acquire()
+        display = None
+        try:
+            self.reap_orphans()
+            callbacks = []
+            if progress:
+                from .observe.progress import ProgressDisplay
+
+                display = ProgressDisplay()
+                callbacks.append(display)
+            if on_progress is not None:
+                callbacks.append(on_progress)
+
+            def report(counts: dict[str, int]) -> None:
+                for cb in callbacks:
+                    cb(counts)
+
+            summary = be.execute(self.store, run_dir=str(self.path),
+                                 on_progress=report if callbacks else None)
+            if display is not None:
+                display.close(summary.counts)
+            return summary
+        finally:
+            if display is not None:
+                display.close()
+            lock.release()
+
+    def reap_orphans(self) -> int:
+        """Reap the leases of coordinators that are gone (the caller holds the run lock)."""
+        live = [w for (w,) in self.store.db.execute("SELECT id FROM workers WHERE gone=0")]
+        return self.store.reap(workers=live) if live else 0
+
+    # --- the query side --------------------------------------------------------------------------
+    def status(self) -> dict[str, int]:
+        """Number of tasks in each state."""
+        return self.store.counts()
+
+    def __len__(self) -> int:
+        return self.store.size()
+
+    def tasks(self, state: str | None = None, ids: Iterable[int] | None = None,
+              limit: int | None = None) -> list[Any]:
+        """Task rows (see :class:`~pipefarm.store.base.TaskRow`)."""
+        return self.store.tasks(state=state, ids=ids, limit=limit)
+
+    def attempts(self, task: int) -> list[Any]:
+        """Every attempt of a task, oldest first."""
+        return self.store.attempts(task)
+
+    def result(self, task: int) -> Any:
+        """The task's value; :class:`TaskFailed` if it ended without one."""
+        state, blob, error = self.store.result(task)
+        if state == "succeeded":
+            return pickle.loads(blob) if blob is not None else None
+        if state in ("failed", "skipped", "cancelled"):
+            cause = None
+            if blob is not None:
+                try:
+                    cause = pickle.loads(blob)
+                except Exception:
+                    cause = None
+            if error is None and state == "skipped":
+                error = "skipped: a task it depends on did not succeed"
+            raise TaskFailed(task, state, error, cause if isinstance(cause, BaseException) else None)
+        raise TaskNotFinished(f"task {task} is {state}: no result yet")
+
+    def results(self) -> Any:
+        """One row per task as a ``pyarrow.Table`` (columns :data:`RESULT_COLUMNS`)."""
+        import pyarrow as pa
+
+        cols: dict[str, list[Any]] = {c: [] for c in RESULT_COLUMNS}
+        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker) in self.store.results():
+            from .states import State
+
+            cols["task_id"].append(tid)
+            cols["key"].append(key)
+            cols["state"].append(State(st).label)
+            cols["attempts"].append(att)
+            cols["exit_code"].append(code)
+            value = None
+            if st == 4:
+                if rfile is not None:
+                    blob = (self.path / rfile).read_bytes()
+                value = pickle.loads(blob) if blob is not None else None
+            cols["result"].append(value)
+            cols["error"].append(err)
+            cols["started_at"].append(t0)
+            cols["ended_at"].append(t1)
+            cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
+            cols["worker"].append(worker)
+        try:
+            result_col = pa.array(cols["result"])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            # mixed or arbitrary Python objects: keep their repr so nothing is dropped
+            result_col = pa.array([None if v is None else repr(v) for v in cols["result"]], pa.string())
+        arrays = {c: (result_col if c == "result" else cols[c]) for c in RESULT_COLUMNS}
+        types = {"started_at": pa.float64(), "ended_at": pa.float64(), "duration_s": pa.float64(),
+                 "exit_code": pa.int64(), "key": pa.string(), "error": pa.string(),
+                 "worker": pa.string()}
+        return pa.table({c: (v if c == "result" else pa.array(v, types.get(c))) for c, v in arrays.items()})
+
+    # --- user actions ----------------------------------------------------------------------------
+    def retry(self, ids: Iterable[int] | None = None, *, failed_only: bool = True) -> int:
+        """Give failed tasks (or exactly ``ids``) a new attempt budget; return how many."""
+        return self.store.retry(ids, failed_only=failed_only)
+
+    def cancel(self, ids: Iterable[int] | None = None) -> int:
+        """Cancel unfinished tasks (all, or ``ids``); their dependents are skipped."""
+        return self.store.cancel(ids)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no coordinator holds the run (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        lock = _RunLock(self.path)
+        while True:
+            try:
+                lock.acquire()
+                lock.release()
+                return
+            except RunLocked:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _pickled(rows: Iterable[tuple]) -> Iterable[bytes]:
+    """Pickle each argument tuple: plain pickle fast path, cloudpickle fallback per item."""
+    dumps = pickle.dumps
+    for args in rows:
+        try:
+            yield dumps(args, 5)
+        except Exception:
+            yield dumps_args(args, {})

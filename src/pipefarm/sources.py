@@ -1,0 +1,285 @@
+"""Where the placeholder values of ``pipefarm submit`` come from: one dict per task.
+
+Every source is a generator that reads its input as it goes, so a file of ten million lines
+costs memory for one line at a time. Values are strings; text is decoded as UTF-8 with
+``surrogateescape`` so that bytes which are not UTF-8 (file names on POSIX are bytes) reach
+the command unchanged.
+
+Check the template against the first row with :func:`check_template` before writing anything,
+and use :func:`checked` to catch a later row that lacks a column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .execute.cmd import Command, TemplateError, shell_var_hint, templates
+
+_ENC = {"encoding": "utf-8", "errors": "surrogateescape"}
+_MAX_ELEMENT = 1 << 26  # characters one JSON element may span before we call it malformed
+
+
+def _ranges(spec: str) -> list[range]:
+    ranges = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?(?:\s*:\s*(\d+))?", part)
+        if not m:
+            raise ValueError(
+                f"bad array spec {spec!r} near {part!r}: use '0-99', '0-99:2' or '1,5,7'"
+            )
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        step = int(m.group(3)) if m.group(3) is not None else 1
+        if hi < lo:
+            raise ValueError(f"bad array spec {spec!r}: range {part!r} ends before it starts")
+        if step < 1:
+            raise ValueError(f"bad array spec {spec!r}: step in {part!r} must be >= 1")
+        ranges.append(range(lo, hi + 1, step))
+    if not ranges:
+        raise ValueError(f"empty array spec {spec!r}")
+    return ranges
+
+
+def array_size(spec: str) -> int:
+    """How many tasks :func:`array_source` yields for ``spec`` (without generating them)."""
+    return sum(len(r) for r in _ranges(spec))
+
+
+def array_source(spec: str) -> Iterator[dict[str, str]]:
+    """``{"index": "..."}`` for each index of ``"0-9999"``, ``"0-99:2"`` or ``"1,5,7"``.
+
+    Ranges are inclusive (as in job arrays) and may be combined: ``"1-3,10-20:5"``.
+    Raises ValueError for a malformed spec at once (before the first value).
+    """
+    ranges = _ranges(spec)
+
+    def gen() -> Iterator[dict[str, str]]:
+        for r in ranges:
+            for i in r:
+                yield {"index": str(i)}
+
+    return gen()
+
+
+def _lines(path: str | Path) -> Iterator[str]:
+    # binary: only "\n" (or "\r\n") ends a line; text mode would split on a lone "\r" too
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            yield raw.decode("utf-8", "surrogateescape")
+
+
+def file_source(path: str | Path) -> Iterator[dict[str, str]]:
+    """One task per line: ``{"line": line, "0": field0, "1": field1, ...}``.
+
+    The line is kept exactly but for its line ending (``\\n`` or ``\\r\\n``); fields are split
+    on runs of whitespace. Blank lines (empty or only whitespace) are skipped: they would
+    otherwise become tasks with an empty ``{line}``.
+    """
+    for line in _lines(path):
+        if not line.strip():
+            continue
+        row = {"line": line}
+        for i, field in enumerate(line.split()):
+            row[str(i)] = field
+        yield row
+
+
+def csv_source(path: str | Path, delimiter: str = ",") -> Iterator[dict[str, str]]:
+    """One task per CSV row; the header row names the placeholders (``{sample}``, ...).
+
+    Blank rows are skipped. A row with more cells than the header has raises ValueError; a
+    row with fewer gets ``""`` for the missing ones.
+    """
+    import csv
+
+    with open(path, newline="", **_ENC) as f:  # type: ignore[call-overload]
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip() for h in header]
+        if any(not n for n in names):
+            raise ValueError(f"{path}: the header row has an empty column name: {header!r}")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"{path}: the header row names {dup} more than once")
+        width = len(names)
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) > width:
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(row)} cells but the header has {width}"
+                )
+            if len(row) < width:
+                row = row + [""] * (width - len(row))
+            yield dict(zip(names, row, strict=True))
+
+
+def _str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # spelled as in the file, not Python's True/False
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _row(obj: Any, where: str) -> dict[str, str]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    return {str(k): _str(v) for k, v in obj.items()}
+
+
+def json_source(path: str | Path) -> Iterator[dict[str, str]]:
+    """One task per object of a JSON list (``[{"a": 1}, ...]``), or per line of JSON Lines.
+
+    Values become strings: numbers as written by ``str``, booleans as ``true``/``false``,
+    null as ``""``, lists and objects as compact JSON. The list is parsed one element at a
+    time, never loaded whole.
+    """
+    import json
+
+    decoder = json.JSONDecoder()
+    with open(path, **_ENC) as f:  # type: ignore[call-overload]
+        buf = ""
+        eof = False
+
+        def fill(at_least: int = 1 << 16) -> bool:
+            nonlocal buf, eof
+            if eof:
+                return False
+            chunk = f.read(at_least)
+            if not chunk:
+                eof = True
+                return False
+            buf += chunk
+            return True
+
+        def skip_ws(pos: int) -> int:
+            nonlocal buf
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return pos
+
+        pos = skip_ws(0)
+        if pos >= len(buf):
+            return  # empty file: no tasks
+        if buf[pos] == "{":  # JSON Lines (or concatenated objects)
+            array = False
+        elif buf[pos] == "[":
+            array = True
+            pos += 1
+        else:
+            raise ValueError(f"{path}: expected a JSON list of objects or JSON Lines")
+        n = 0
+        while True:
+            pos = skip_ws(pos)
+            if array and pos < len(buf) and buf[pos] == "]":
+                pos = skip_ws(pos + 1)
+                if pos < len(buf):
+                    raise ValueError(f"{path}: unexpected data after the closing ']'")
+                return
+            if pos >= len(buf):
+                if array:
+                    raise ValueError(f"{path}: the JSON list is not closed (missing ']')")
+                return
+            if pos > 1 << 16:  # drop what is parsed: memory stays about one chunk
+                buf, pos = buf[pos:], 0
+            need = 1 << 16
+            while True:  # decode one element; read more while it is cut off
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    # a cut-off element and a malformed one look alike: read on, up to a bound
+                    if len(buf) - pos > _MAX_ELEMENT or not fill(need):
+                        raise ValueError(f"{path}: element {n}: {exc}") from None
+                    need *= 2  # a big element: read in growing chunks, not quadratically
+            yield _row(obj, f"{path}: element {n}")
+            n += 1
+            pos = skip_ws(end)
+            if array:
+                if pos >= len(buf):
+                    raise ValueError(f"{path}: the JSON list is not closed (missing ']')")
+                if buf[pos] == ",":
+                    pos += 1
+                elif buf[pos] != "]":
+                    raise ValueError(f"{path}: expected ',' or ']' after element {n - 1}")
+
+
+def source_for(path: str | Path) -> Iterator[dict[str, str]]:
+    """The source a file's extension implies: .csv, .tsv, .json/.jsonl, else lines."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return csv_source(path)
+    if suffix == ".tsv":
+        return csv_source(path, delimiter="\t")
+    if suffix in (".json", ".jsonl", ".ndjson"):
+        return json_source(path)
+    return file_source(path)
+
+
+def check_template(
+    placeholders: set[str], first_values: dict[str, str] | None, command: Command | None = None
+) -> None:
+    """Refuse a template that uses a placeholder the source does not provide.
+
+    Call with the first row before anything is written. Raises
+    :class:`~pipefarm.execute.cmd.TemplateError` naming the missing and the available names
+    (pass ``command`` to add a hint when a missing one looks like a shell ``${VAR}``).
+    """
+    if first_values is None:
+        if placeholders:
+            raise TemplateError("the value source is empty: no task to fill the template")
+        return
+    missing = sorted(placeholders - first_values.keys())
+    if missing:
+        have = ", ".join("{" + k + "}" for k in sorted(first_values, key=_name_order)) or "none"
+        hint = shell_var_hint(missing, templates(command)) if command is not None else ""
+        raise TemplateError(
+            f"the command uses {', '.join('{' + m + '}' for m in missing)} but the source "
+            f"provides no such value; available: {have}{hint}"
+        )
+
+
+def _name_order(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def checked(
+    rows: Iterable[dict[str, str]], placeholders: set[str], command: Command | None = None
+) -> Iterator[dict[str, str]]:
+    """Pass rows through, raising TemplateError at the first row that lacks a placeholder.
+
+    The first row is checked before it is yielded; a later bad row (a short line in a file
+    source) raises with its row number, so a caller writing in one transaction can roll back.
+    """
+    it = iter(rows)
+    first = next(it, None)
+    check_template(placeholders, first, command)
+    if first is None:
+        return
+    yield first
+    for n, row in enumerate(it, start=2):
+        if not placeholders <= row.keys():
+            try:
+                check_template(placeholders, row, command)
+            except TemplateError as exc:
+                raise TemplateError(f"row {n}: {exc}") from None
+        yield row

@@ -1,0 +1,819 @@
+"""The SQLite store: ``RUN/catalog.db`` in WAL mode, one writer process per run.
+
+The task row holds the task's *current* (or last) attempt; attempts that a task leaves behind
+(failed and retried, lost, released mid-run, stale results of superseded leases) are archived
+in ``attempts``. A task that succeeds on its first try therefore costs one row insert and three
+updates, with no per-attempt insert on the hot path.
+
+Every write method is one transaction; callers batch (claim many, finish many), so the engine
+spends microseconds per task. Transitions are restricted in SQL to the source states that
+:mod:`pipefarm.states` allows.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .. import states
+from ..states import Outcome, State
+from ..task import Finished, Lease, Resources, Spec
+from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
+
+SCHEMA_VERSION = 1
+
+#: Results larger than this are written as files under ``RUN/results`` instead of inline.
+INLINE_RESULT_MAX = 64 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS specs(
+  id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL,
+  max_attempts INTEGER NOT NULL, timeout REAL, backoff REAL NOT NULL, max_lost INTEGER NOT NULL,
+  cpus INTEGER NOT NULL, gpus INTEGER NOT NULL, memory INTEGER, tags TEXT, name TEXT);
+CREATE TABLE IF NOT EXISTS tasks(
+  id INTEGER PRIMARY KEY,
+  spec INTEGER NOT NULL,
+  args BLOB,
+  key TEXT,
+  state INTEGER NOT NULL,
+  priority INTEGER NOT NULL DEFAULT 0,
+  cost REAL NOT NULL DEFAULT 0,
+  ndeps INTEGER NOT NULL DEFAULT 0,      -- dependencies not yet succeeded
+  children INTEGER NOT NULL DEFAULT 0,   -- tasks that depend on this one
+  attempt INTEGER NOT NULL DEFAULT 0,    -- number of the latest attempt
+  failures INTEGER NOT NULL DEFAULT 0,   -- failed + timed-out attempts (the retry budget)
+  lost INTEGER NOT NULL DEFAULT 0,       -- lost attempts (their own budget)
+  ready_at REAL,                         -- backoff: not claimable before this time
+  token INTEGER, worker TEXT, claimed_at REAL, started_at REAL, ended_at REAL,
+  outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
+  exit_code INTEGER, error TEXT, note TEXT, output TEXT,
+  result BLOB, result_file TEXT);
+CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS ix_active ON tasks(worker) WHERE state IN (2, 3);
+CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
+  PRIMARY KEY(dep, task)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts(
+  task INTEGER NOT NULL, attempt INTEGER NOT NULL, worker TEXT, token INTEGER,
+  outcome INTEGER NOT NULL, started_at REAL, ended_at REAL, exit_code INTEGER,
+  error TEXT, note TEXT, output TEXT);
+CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
+CREATE TABLE IF NOT EXISTS workers(
+  id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
+"""
+
+_S = State
+_TERMINAL = "(4,5,6,7)"
+_UNSUCCESSFUL = "(5,6,7)"
+_ACTIVE = "(2,3)"
+_CHUNK = 500  # ids per "IN (...)" list: well under SQLite's parameter limit
+
+
+class StoreError(RuntimeError):
+    """A store operation failed for a reason the user can act on."""
+
+
+class DiskFull(StoreError):
+    """The disk holding the run is full; nothing of the failed write was committed."""
+
+
+def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _qs(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SQLiteStore(Store):
+    """Durable task state in one SQLite file (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        synchronous: str = "FULL",
+        readonly: bool = False,
+    ) -> None:
+        self.lease_s = lease_s
+        if str(path) == ":memory:":
+            self.run_dir: Path | None = None
+            db = ":memory:"
+        else:
+            self.run_dir = Path(path)
+            db = str(self.run_dir / "catalog.db")
+            if readonly:
+                db = f"file:{db}?mode=ro"
+        self.db = sqlite3.connect(
+            db, isolation_level=None, check_same_thread=False, uri=readonly, timeout=30.0
+        )
+        self.db.execute("PRAGMA busy_timeout=30000")
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed result survives power loss too; commits are batched, so the
+            # extra fsync costs little per task.
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.execute("PRAGMA cache_size=-16000")  # 16 MB: bounded, whatever the run size
+            self.db.execute("PRAGMA temp_store=MEMORY")
+            with self._tx():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,)
+                )
+                self.db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES('created_at', ?)", (time.time(),)
+                )
+        self._has_deps = bool(
+            self.db.execute("SELECT 1 FROM deps LIMIT 1").fetchone()
+        )
+        self._specs: dict[int, Spec] = {}
+
+    # --- plumbing --------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self):
+        """One write transaction; a full disk becomes :class:`DiskFull`, all rolled back."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._translate(exc) from exc
+        try:
+            yield self.db
+        except BaseException as exc:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._translate(exc) from exc
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: sqlite3.OperationalError) -> Exception:
+        msg = str(exc)
+        if "full" in msg or "No space" in msg:
+            where = self.run_dir or "memory"
+            return DiskFull(
+                f"the disk holding {where} is full: nothing of this write was saved; "
+                "free some space and run again to resume"
+            )
+        return exc
+
+    @staticmethod
+    def _now(now: float | None) -> float:
+        return time.time() if now is None else now
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+    # --- submission ------------------------------------------------------------------------------
+    def add_spec(self, spec: Spec) -> int:
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO specs(kind, payload, max_attempts, timeout, backoff, max_lost, cpus,"
+                " gpus, memory, tags, name) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    spec.kind, spec.payload, spec.max_attempts, spec.timeout, spec.backoff,
+                    spec.max_lost, spec.resources.cpus, spec.resources.gpus,
+                    spec.resources.memory, ",".join(spec.tags), spec.name,
+                ),
+            )
+            sid = int(cur.lastrowid)
+        self._specs[sid] = spec
+        return sid
+
+    def spec(self, spec_id: int) -> Spec:
+        spec = self._specs.get(spec_id)
+        if spec is None:
+            row = self.db.execute(
+                "SELECT kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus,"
+                " memory, tags, name FROM specs WHERE id=?",
+                (spec_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no spec {spec_id}")
+            spec = Spec(
+                kind=row[0], payload=row[1], max_attempts=row[2], timeout=row[3],
+                backoff=row[4], max_lost=row[5],
+                resources=Resources(cpus=row[6], gpus=row[7], memory=row[8]),
+                tags=tuple(t for t in (row[9] or "").split(",") if t), name=row[10] or "",
+            )
+            self._specs[spec_id] = spec
+        return spec
+
+    def add_tasks(
+        self,
+        spec_id: int,
+        args: Iterable[bytes | None],
+        *,
+        keys: Iterable[str | None] | None = None,
+        priority: int = 0,
+        cost: float = 0.0,
+        after: Sequence[int] = (),
+    ) -> range:
+        after = sorted({int(a) for a in after})
+        cost = float(cost or 0.0)
+        with self._tx() as db:
+            first = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+            state, ndeps = int(_S.READY), 0
+            if after:
+                found = {}
+                for chunk in _chunks(after):
+                    found.update(
+                        db.execute(
+                            f"SELECT id, state FROM tasks WHERE id IN ({_qs(len(chunk))})", chunk
+                        ).fetchall()
+                    )
+                missing = [a for a in after if a not in found]
+                if missing:
+                    raise ValueError(f"unknown task id(s) in after=: {missing[:10]}")
+                if any(s in (5, 6, 7) for s in found.values()):
+                    state = int(_S.SKIPPED)
+                else:
+                    ndeps = sum(1 for s in found.values() if s != _S.SUCCEEDED)
+                    if ndeps:
+                        state = int(_S.BLOCKED)
+            counter = iter(range(first, 1 << 62))
+            if keys is None:
+                rows = ((next(counter), spec_id, a, None, state, priority, cost, ndeps) for a in args)
+            else:
+                rows = (
+                    (next(counter), spec_id, a, k, state, priority, cost, ndeps)
+                    for a, k in zip(args, keys, strict=True)
+                )
+            db.executemany(
+                "INSERT INTO tasks(id, spec, args, key, state, priority, cost, ndeps)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            last = next(counter)  # one past the last id used
+            ids = range(first, last)
+            if after and len(ids):
+                db.executemany(
+                    "INSERT INTO deps(dep, task) VALUES (?, ?)",
+                    ((d, t) for t in ids for d in after),
+                )
+                db.executemany(
+                    "UPDATE tasks SET children = children + ? WHERE id = ?",
+                    ((len(ids), d) for d in after),
+                )
+                self._has_deps = True
+        return ids
+
+    # --- the lease protocol ----------------------------------------------------------------------
+    def register_worker(self, worker: str, host: str, pid: int, now: float | None = None) -> None:
+        now = self._now(now)
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO workers(id, host, pid, started_at, heartbeat) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(id) DO UPDATE SET heartbeat=excluded.heartbeat, gone=0",
+                (worker, host, pid, now, now),
+            )
+
+    def claim(
+        self, worker: str, n: int, resources: Resources | None = None, now: float | None = None
+    ) -> list[Lease]:
+        if n <= 0:
+            return []
+        now = self._now(now)
+        token = secrets.randbits(62)
+        fit = ""
+        params: list[Any] = [token, worker, now, now]
+        if resources is not None:
+            fit = " AND spec IN (SELECT id FROM specs WHERE cpus <= ? AND gpus <= ?)"
+            params += [resources.cpus, resources.gpus]
+        params.append(n)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO workers(id, started_at, heartbeat) VALUES (?,?,?)"
+                " ON CONFLICT(id) DO UPDATE SET heartbeat=excluded.heartbeat, gone=0",
+                (worker, now, now),
+            )
+            rows = db.execute(
+                f"UPDATE tasks SET state={int(_S.CLAIMED)}, token=?, worker=?, claimed_at=?,"
+                " attempt=attempt+1, outcome=NULL, started_at=NULL, ended_at=NULL,"
+                " exit_code=NULL, error=NULL, note=NULL, output=NULL"
+                " WHERE id IN (SELECT id FROM tasks WHERE state=1"
+                f" AND (ready_at IS NULL OR ready_at <= ?){fit}"
+                " ORDER BY priority DESC, cost DESC, id LIMIT ?)"
+                " RETURNING priority, cost, id, token, attempt, spec, args",
+                params,
+            ).fetchall()
+        rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
+        return [Lease(r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def heartbeat(self, worker: str, now: float | None = None) -> None:
+        now = self._now(now)
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO workers(id, started_at, heartbeat) VALUES (?,?,?)"
+                " ON CONFLICT(id) DO UPDATE SET heartbeat=excluded.heartbeat",
+                (worker, now, now),
+            )
+
+    def start(self, leases: Iterable[tuple[int, int]], now: float | None = None) -> int:
+        now = self._now(now)
+        with self._tx() as db:
+            cur = db.executemany(
+                f"UPDATE tasks SET state={int(_S.RUNNING)}, started_at=?"
+                f" WHERE id=? AND token=? AND state IN {states.sql_in(State.RUNNING)}",
+                ((now, t, tok) for t, tok in leases),
+            )
+            return cur.rowcount
+
+    def finish(self, worker: str, outcomes: Iterable[Finished], now: float | None = None) -> int:
+        now = self._now(now)
+        outcomes = list(outcomes)
+        if not outcomes:
+            return 0
+        wins = [f for f in outcomes if f.outcome == Outcome.SUCCEEDED]
+        others = [f for f in outcomes if f.outcome != Outcome.SUCCEEDED]
+        files: list[Path] = []
+        applied = 0
+        try:
+            with self._tx() as db:
+                if wins:
+                    applied += self._finish_succeeded(db, worker, wins, now, files)
+                for f in others:
+                    applied += self._finish_unsuccessful(db, worker, f, now)
+        except BaseException:
+            for p in files:  # a result file of an uncommitted finish is garbage
+                p.unlink(missing_ok=True)
+            raise
+        return applied
+
+    def _result_columns(self, f: Finished, files: list[Path]) -> tuple[bytes | None, str | None]:
+        if f.result is None or len(f.result) <= INLINE_RESULT_MAX or self.run_dir is None:
+            return f.result, None
+        rdir = self.run_dir / "results"
+        rdir.mkdir(exist_ok=True)
+        name = f"{f.task}-{f.token:x}.pkl"
+        tmp = rdir / (name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(f.result)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, rdir / name)
+        files.append(rdir / name)
+        return None, f"results/{name}"
+
+    def _finish_succeeded(
+        self, db: sqlite3.Connection, worker: str, wins: list[Finished], now: float, files: list[Path]
+    ) -> int:
+        # A worker reports start and end together: CLAIMED -> RUNNING -> SUCCEEDED in one write.
+        src = f"({_S.CLAIMED},{_S.RUNNING})"
+        rows = []
+        for f in wins:
+            blob, rfile = self._result_columns(f, files)
+            rows.append(
+                (blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output, f.task, f.token)
+            )
+        cur = db.executemany(
+            f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+            " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?, note=?, output=?,"
+            f" error=NULL, ready_at=NULL WHERE id=? AND token=? AND state IN {src}",
+            rows,
+        )
+        applied = cur.rowcount
+        if applied != len(wins):
+            applied = self._record_stale_among(db, worker, wins, files)
+        if self._has_deps:
+            done = [f.task for f in wins]
+            self._release_dependents(db, done)
+        return applied
+
+    def _record_stale_among(
+        self, db: sqlite3.Connection, worker: str, batch: list[Finished], files: list[Path]
+    ) -> int:
+        """After a batched finish: find which outcomes did not match, record them as stale."""
+        current: dict[int, tuple[int | None, int]] = {}
+        ids = [f.task for f in batch]
+        for chunk in _chunks(ids):
+            for tid, tok, st in db.execute(
+                f"SELECT id, token, state FROM tasks WHERE id IN ({_qs(len(chunk))})", chunk
+            ):
+                current[tid] = (tok, st)
+        applied = 0
+        for f in batch:
+            tok, st = current.get(f.task, (None, -1))
+            if tok == f.token and st == _S.SUCCEEDED:
+                applied += 1
+            else:
+                self._insert_stale(db, worker, f)
+        return applied
+
+    def _insert_stale(self, db: sqlite3.Connection, worker: str, f: Finished) -> None:
+        db.execute(
+            "INSERT INTO attempts(task, attempt, worker, token, outcome, started_at, ended_at,"
+            " exit_code, error, note, output) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                f.task, f.attempt, worker, f.token, int(Outcome.STALE), f.started_at, f.ended_at,
+                f.exit_code, f.error,
+                f"stale: lease superseded ({Outcome(f.outcome).label} ignored)"
+                + (f"; {f.note}" if f.note else ""),
+                f.output,
+            ),
+        )
+
+    def _archive_current(self, db: sqlite3.Connection, task: int) -> None:
+        """Copy the attempt held in the task row into ``attempts``."""
+        db.execute(
+            "INSERT INTO attempts(task, attempt, worker, token, outcome, started_at, ended_at,"
+            " exit_code, error, note, output) SELECT id, attempt, worker, token, outcome,"
+            " started_at, ended_at, exit_code, error, note, output FROM tasks"
+            " WHERE id=? AND outcome IS NOT NULL",
+            (task,),
+        )
+
+    def _finish_unsuccessful(
+        self, db: sqlite3.Connection, worker: str, f: Finished, now: float
+    ) -> int:
+        row = db.execute(
+            "SELECT t.state, t.token, t.failures, t.lost, s.max_attempts, s.max_lost, s.backoff"
+            " FROM tasks t JOIN specs s ON s.id = t.spec WHERE t.id=?",
+            (f.task,),
+        ).fetchone()
+        if row is None or row[1] != f.token or row[0] not in (_S.CLAIMED, _S.RUNNING):
+            self._insert_stale(db, worker, f)
+            return 0
+        st, _, failures, lost, max_attempts, max_lost, backoff = row
+        outcome = Outcome(f.outcome)
+        if outcome == Outcome.RELEASED:
+            self._release_one(db, f.task, st, now, f)
+            return 1
+        if outcome in (Outcome.FAILED, Outcome.TIMED_OUT):
+            failures += 1
+        elif outcome == Outcome.LOST:
+            lost += 1
+        nxt = states.after_attempt(outcome, failures, max_attempts, lost, max_lost)
+        states.check(State.RUNNING, nxt)
+        ready_at = now + states.backoff_delay(backoff, failures) if nxt == State.READY else None
+        db.execute(
+            "UPDATE tasks SET outcome=?, started_at=coalesce(?, started_at), ended_at=?,"
+            " exit_code=?, error=?, note=?, output=?, failures=?, lost=? WHERE id=?",
+            (
+                int(outcome), f.started_at, f.ended_at, f.exit_code, f.error, f.note, f.output,
+                failures, lost, f.task,
+            ),
+        )
+        self._end_attempt(db, f.task, nxt, ready_at)
+        return 1
+
+    def _end_attempt(
+        self, db: sqlite3.Connection, task: int, nxt: State, ready_at: float | None
+    ) -> None:
+        """The attempt in the row has ended: archive it if the task goes on, else keep it."""
+        if nxt == State.READY:
+            self._archive_current(db, task)
+            db.execute(
+                f"UPDATE tasks SET state={int(_S.READY)}, ready_at=?, token=NULL, worker=NULL,"
+                " outcome=NULL WHERE id=?",
+                (ready_at, task),
+            )
+        else:
+            db.execute(f"UPDATE tasks SET state={int(nxt)}, token=NULL WHERE id=?", (task,))
+            if self._has_deps:
+                self._skip_dependents(db, [task])
+
+    def _release_one(
+        self, db: sqlite3.Connection, task: int, st: int, now: float, f: Finished | None = None
+    ) -> None:
+        if st == _S.CLAIMED:  # never started: as if it had not been claimed
+            db.execute(
+                f"UPDATE tasks SET state={int(_S.READY)}, attempt=attempt-1, token=NULL,"
+                " worker=NULL, claimed_at=NULL WHERE id=?",
+                (task,),
+            )
+            return
+        db.execute(
+            "UPDATE tasks SET outcome=?, ended_at=?, note=? WHERE id=?",
+            (
+                int(Outcome.RELEASED), now,
+                (f.note if f is not None and f.note else "released: stopped by a known cause"),
+                task,
+            ),
+        )
+        self._end_attempt(db, task, State.READY, None)
+
+    def release(self, worker: str, leases: Iterable[tuple[int, int]], now: float | None = None) -> int:
+        now = self._now(now)
+        n = 0
+        with self._tx() as db:
+            for task, token in leases:
+                row = db.execute("SELECT state, token FROM tasks WHERE id=?", (task,)).fetchone()
+                if row is None or row[1] != token or row[0] not in (_S.CLAIMED, _S.RUNNING):
+                    continue
+                self._release_one(db, task, row[0], now)
+                n += 1
+        return n
+
+    def reap(self, now: float | None = None, *, workers: Iterable[str] | None = None) -> int:
+        now = self._now(now)
+        n = 0
+        with self._tx() as db:
+            dead = {
+                w for (w,) in db.execute(
+                    "SELECT id FROM workers WHERE heartbeat < ? AND gone = 0",
+                    (now - self.lease_s,),
+                )
+            }
+            dead.update(workers or ())
+            if not dead:
+                return 0
+            for chunk in _chunks(sorted(dead)):
+                held = db.execute(
+                    "SELECT t.id, t.state, t.lost, t.failures, s.max_attempts, s.max_lost"
+                    f" FROM tasks t JOIN specs s ON s.id=t.spec WHERE t.state IN {_ACTIVE}"
+                    f" AND t.worker IN ({_qs(len(chunk))})",
+                    chunk,
+                ).fetchall()
+                for tid, st, lost, failures, max_attempts, max_lost in held:
+                    n += 1
+                    if st == _S.CLAIMED:
+                        self._release_one(db, tid, st, now)
+                        continue
+                    lost += 1
+                    nxt = states.after_attempt(Outcome.LOST, failures, max_attempts, lost, max_lost)
+                    db.execute(
+                        "UPDATE tasks SET outcome=?, ended_at=?, lost=?, error=? WHERE id=?",
+                        (
+                            int(Outcome.LOST), now, lost,
+                            "lost: its worker stopped heartbeating (killed, or its host lost)"
+                            if nxt == State.READY
+                            else f"lost {lost} times: its worker died each time",
+                            tid,
+                        ),
+                    )
+                    self._end_attempt(db, tid, nxt, None)
+                db.execute(
+                    f"UPDATE workers SET gone=1 WHERE id IN ({_qs(len(chunk))})", chunk
+                )
+        return n
+
+    # --- dependencies ----------------------------------------------------------------------------
+    def _release_dependents(self, db: sqlite3.Connection, done: Sequence[int]) -> None:
+        """Tasks in ``done`` succeeded: count them off their dependents, unblock those at 0."""
+        touched: list[int] = []
+        for chunk in _chunks(list(done)):
+            kids = db.execute(
+                f"SELECT task FROM deps WHERE dep IN ({_qs(len(chunk))})", chunk
+            ).fetchall()
+            if kids:
+                db.executemany("UPDATE tasks SET ndeps = ndeps - 1 WHERE id = ?", kids)
+                touched.extend(k for (k,) in kids)
+        for chunk in _chunks(sorted(set(touched))):
+            db.execute(
+                f"UPDATE tasks SET state={int(_S.READY)} WHERE id IN ({_qs(len(chunk))})"
+                f" AND state={int(_S.BLOCKED)} AND ndeps <= 0",
+                chunk,
+            )
+
+    def _skip_dependents(self, db: sqlite3.Connection, ended: Sequence[int]) -> None:
+        """Tasks in ``ended`` ended unsuccessfully: skip every task that waits on them."""
+        frontier = list(ended)
+        while frontier:
+            nxt: list[int] = []
+            for chunk in _chunks(frontier):
+                nxt.extend(
+                    t for (t,) in db.execute(
+                        f"UPDATE tasks SET state={int(_S.SKIPPED)}, ready_at=NULL WHERE state={int(_S.BLOCKED)}"
+                        f" AND id IN (SELECT task FROM deps WHERE dep IN ({_qs(len(chunk))}))"
+                        " RETURNING id",
+                        chunk,
+                    )
+                )
+            frontier = nxt
+
+    # --- user actions ----------------------------------------------------------------------------
+    def cancel(self, ids: Iterable[int] | None = None) -> int:
+        src = states.sql_in(State.CANCELLED)
+        with self._tx() as db:
+            if ids is None:
+                changed = [
+                    t for (t,) in db.execute(
+                        f"UPDATE tasks SET state={int(_S.CANCELLED)}, token=NULL"
+                        f" WHERE state IN {src} RETURNING id"
+                    )
+                ]
+            else:
+                changed = []
+                for chunk in _chunks(sorted(set(ids))):
+                    changed += [
+                        t for (t,) in db.execute(
+                            f"UPDATE tasks SET state={int(_S.CANCELLED)}, token=NULL"
+                            f" WHERE state IN {src} AND id IN ({_qs(len(chunk))}) RETURNING id",
+                            chunk,
+                        )
+                    ]
+            if self._has_deps and changed:
+                self._skip_dependents(db, changed)
+        return len(changed)
+
+    def retry(self, ids: Iterable[int] | None = None, *, failed_only: bool = True) -> int:
+        with self._tx() as db:
+            if ids is not None:
+                wanted = sorted(set(ids))
+                targets = []
+                for chunk in _chunks(wanted):
+                    targets += [
+                        t for (t,) in db.execute(
+                            f"SELECT id FROM tasks WHERE state IN {_TERMINAL}"
+                            f" AND id IN ({_qs(len(chunk))})",
+                            chunk,
+                        )
+                    ]
+            else:
+                which = f"({int(_S.FAILED)})" if failed_only else _UNSUCCESSFUL
+                targets = [t for (t,) in db.execute(f"SELECT id FROM tasks WHERE state IN {which}")]
+            for t in targets:
+                self._archive_current(db, t)
+            for chunk in _chunks(targets):
+                db.execute(
+                    "UPDATE tasks SET failures=0, lost=0, outcome=NULL, token=NULL, worker=NULL,"
+                    " ready_at=NULL, result=NULL, result_file=NULL, error=NULL, note=NULL,"
+                    " exit_code=NULL, output=NULL, started_at=NULL, ended_at=NULL,"
+                    f" state={int(_S.BLOCKED)} WHERE id IN ({_qs(len(chunk))})",
+                    chunk,
+                )
+            if self._has_deps:
+                self._revive_skipped(db)
+            self._settle_blocked(db)
+        return len(targets)
+
+    def _revive_skipped(self, db: sqlite3.Connection) -> None:
+        """Skipped tasks none of whose dependencies ended unsuccessfully go back to blocked."""
+        while True:
+            revived = db.execute(
+                f"UPDATE tasks SET state={int(_S.BLOCKED)} WHERE state={int(_S.SKIPPED)}"
+                " AND NOT EXISTS (SELECT 1 FROM deps d JOIN tasks p ON p.id = d.dep"
+                f" WHERE d.task = tasks.id AND p.state IN {_UNSUCCESSFUL}) RETURNING id"
+            ).fetchall()
+            if not revived:
+                return
+
+    def _settle_blocked(self, db: sqlite3.Connection) -> None:
+        """Recount pending dependencies of blocked tasks; those with none become ready."""
+        db.execute(
+            "UPDATE tasks SET ndeps = (SELECT count(*) FROM deps d JOIN tasks p ON p.id = d.dep"
+            f" WHERE d.task = tasks.id AND p.state != {int(_S.SUCCEEDED)})"
+            f" WHERE state = {int(_S.BLOCKED)}"
+        )
+        db.execute(
+            f"UPDATE tasks SET state={int(_S.READY)} WHERE state={int(_S.BLOCKED)} AND ndeps=0"
+        )
+
+    # --- the query side --------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = {s.label: 0 for s in State}
+        for st, n in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
+            out[State(st).label] = n
+        return out
+
+    _TASK_COLS = (
+        "id, key, state, attempt, failures, lost, priority, cost, worker, started_at, ended_at,"
+        " exit_code, error, note, spec"
+    )
+
+    def _task_row(self, r: tuple) -> TaskRow:
+        return TaskRow(
+            id=r[0], key=r[1], state=State(r[2]).label, attempts=r[3], failures=r[4], lost=r[5],
+            priority=r[6], cost=r[7], worker=r[8], started_at=r[9], ended_at=r[10],
+            exit_code=r[11], error=r[12], note=r[13], spec=r[14],
+        )
+
+    def tasks(
+        self, state: str | None = None, ids: Iterable[int] | None = None, limit: int | None = None
+    ) -> list[TaskRow]:
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(int(State[state.upper()]))
+        lim = f" LIMIT {int(limit)}" if limit else ""
+        if ids is not None:
+            out = []
+            for chunk in _chunks(sorted(set(ids))):
+                w = " AND ".join([*where, f"id IN ({_qs(len(chunk))})"])
+                out += [
+                    self._task_row(r)
+                    for r in self.db.execute(
+                        f"SELECT {self._TASK_COLS} FROM tasks WHERE {w} ORDER BY id", [*params, *chunk]
+                    )
+                ]
+            return out[:limit] if limit else out
+        w = (" WHERE " + " AND ".join(where)) if where else ""
+        return [
+            self._task_row(r)
+            for r in self.db.execute(f"SELECT {self._TASK_COLS} FROM tasks{w} ORDER BY id{lim}", params)
+        ]
+
+    def attempts(self, task: int) -> list[AttemptRow]:
+        rows = [
+            AttemptRow(
+                task=r[0], attempt=r[1], worker=r[2], token=r[3], outcome=Outcome(r[4]).label,
+                started_at=r[5], ended_at=r[6], exit_code=r[7], error=r[8], note=r[9],
+            )
+            for r in self.db.execute(
+                "SELECT task, attempt, worker, token, outcome, started_at, ended_at, exit_code,"
+                " error, note FROM attempts WHERE task=? ORDER BY attempt, rowid",
+                (task,),
+            )
+        ]
+        cur = self.db.execute(
+            "SELECT id, attempt, worker, token, outcome, started_at, ended_at, exit_code, error,"
+            " note, state FROM tasks WHERE id=?",
+            (task,),
+        ).fetchone()
+        if cur is not None and (cur[4] is not None or cur[10] in (_S.CLAIMED, _S.RUNNING)):
+            label = Outcome(cur[4]).label if cur[4] is not None else State(cur[10]).label
+            rows.append(
+                AttemptRow(
+                    task=cur[0], attempt=cur[1], worker=cur[2], token=cur[3], outcome=label,
+                    started_at=cur[5], ended_at=cur[6], exit_code=cur[7], error=cur[8], note=cur[9],
+                )
+            )
+        return rows
+
+    def output_ref(self, task: int, attempt: int | None = None) -> str | None:
+        """Where an attempt's output landed (``None`` if it printed nothing or is unknown)."""
+        row = self.db.execute("SELECT attempt, output FROM tasks WHERE id=?", (task,)).fetchone()
+        if row is None:
+            raise KeyError(task)
+        if attempt is None or attempt == row[0]:
+            if row[1] is not None or attempt is not None:
+                return row[1]
+        q = "SELECT output FROM attempts WHERE task=? AND output IS NOT NULL"
+        args: list[Any] = [task]
+        if attempt is not None:
+            q += " AND attempt=?"
+            args.append(attempt)
+        r = self.db.execute(q + " ORDER BY attempt DESC, rowid DESC LIMIT 1", args).fetchone()
+        return None if r is None else r[0]
+
+    def result(self, task: int) -> tuple[str, bytes | None, str | None]:
+        row = self.db.execute(
+            "SELECT state, result, result_file, error FROM tasks WHERE id=?", (task,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no task {task}")
+        blob = row[1]
+        if row[2] is not None and self.run_dir is not None:
+            blob = (self.run_dir / row[2]).read_bytes()
+        return State(row[0]).label, blob, row[3]
+
+    def results(self) -> Iterable[tuple[Any, ...]]:
+        """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
+        ended_at, worker)`` per task, in id order, streamed."""
+        cur = self.db.execute(
+            "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
+            " ended_at, worker FROM tasks ORDER BY id"
+        )
+        while True:
+            rows = cur.fetchmany(4096)
+            if not rows:
+                return
+            yield from rows
+
+    def size(self) -> int:
+        """Number of tasks."""
+        return self.db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+
+    def pending_spec_resources(self) -> list[tuple[int, int, int]]:
+        """``(spec, cpus, gpus)`` for specs that still have unfinished tasks."""
+        return self.db.execute(
+            "SELECT s.id, s.cpus, s.gpus FROM specs s WHERE EXISTS (SELECT 1 FROM tasks t"
+            f" WHERE t.spec = s.id AND t.state NOT IN {_TERMINAL})"
+        ).fetchall()
+
+    def next_ready_at(self) -> float | None:
+        """The earliest time a task now in backoff becomes claimable."""
+        row = self.db.execute(
+            "SELECT min(ready_at) FROM tasks WHERE state=1 AND ready_at IS NOT NULL"
+        ).fetchone()
+        return row[0]

@@ -1,0 +1,94 @@
+"""Task records: what a task is (its spec and arguments), its leases and its attempt endings.
+
+These are the plain records every layer passes around; they know nothing of stores or backends.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import msgspec
+
+PY = "py"
+CMD = "cmd"
+
+
+class Resources(msgspec.Struct, frozen=True):
+    """What one task needs while it runs."""
+
+    cpus: int = 1
+    gpus: int = 0
+    memory: int | None = None  # bytes
+
+
+class Spec(msgspec.Struct):
+    """What a group of tasks shares: the callable or command template, and the policies.
+
+    ``payload`` is a cloudpickled callable for kind ``py``; for kind ``cmd`` it is the
+    msgpack-encoded :class:`~pipefarm.execute.cmd.Command` template.
+    """
+
+    kind: str
+    payload: bytes
+    max_attempts: int = 1
+    timeout: float | None = None
+    backoff: float = 1.0
+    max_lost: int = 3
+    resources: Resources = Resources()
+    tags: tuple[str, ...] = ()
+    name: str = ""
+
+
+class Lease(msgspec.Struct, array_like=True):
+    """One task handed to a worker: run it and report back with the same token."""
+
+    task: int
+    token: int
+    attempt: int
+    spec: int
+    args: bytes | None
+
+
+class Finished(msgspec.Struct, array_like=True):
+    """How one attempt ended, as a worker reports it. ``outcome`` is a states.Outcome value."""
+
+    task: int
+    token: int
+    outcome: int
+    started_at: float
+    ended_at: float
+    result: bytes | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    note: str | None = None
+    output: str | None = None  # where the attempt's stdout/stderr landed (command tasks)
+    attempt: int = 0
+
+
+def dumps_args(args: tuple, kwargs: dict) -> bytes:
+    """Serialise one task's arguments: plain pickle when it can, cloudpickle when it must.
+
+    Raises :class:`TypeError` with the reason when the arguments cannot be serialised at all.
+    """
+    # a bare tuple when there are no keywords (the common case, smallest); a list otherwise
+    value: Any = [args, kwargs] if kwargs else args
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # lambdas, closures, local classes: cloudpickle handles them
+        import cloudpickle
+
+        try:
+            return cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise TypeError(f"task arguments cannot be pickled: {exc}") from exc
+
+
+def loads_args(blob: bytes | None) -> tuple[tuple, dict]:
+    """Inverse of :func:`dumps_args`."""
+    if blob is None:
+        return (), {}
+    value = pickle.loads(blob)
+    if isinstance(value, list):
+        return tuple(value[0]), value[1]
+    return value, {}

@@ -1,0 +1,240 @@
+"""The worker: a process that executes leased tasks and reports how each attempt ended.
+
+The local backend starts workers and feeds them batches over a pipe (:func:`serve_pipe`). A
+worker marks the task it is running in a shared slot (:class:`Slots`), so its coordinator can
+enforce timeouts and show what is running without a message per task.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .states import Outcome
+from .task import CMD, PY, Finished, Lease, Spec
+
+# --- the shared slots -----------------------------------------------------------------------------
+_SLOT = struct.Struct("<qd")  # task id (0: idle), start time
+
+
+class Slots:
+    """One ``(task, started_at)`` cell per worker in a small shared memory file."""
+
+    def __init__(self, path: str | os.PathLike[str], n: int, create: bool = False) -> None:
+        self.path = str(path)
+        size = max(_SLOT.size * n, mmap.PAGESIZE)
+        if create:
+            with open(self.path, "wb") as fh:
+                fh.truncate(size)
+        self._fh = open(self.path, "r+b")  # noqa: SIM115 - lives as long as the mapping
+        self._mm = mmap.mmap(self._fh.fileno(), size)
+
+    def set(self, i: int, task: int, started: float) -> None:
+        # start time first, task id last: a reader that sees the id also sees its start
+        struct.pack_into("<d", self._mm, i * _SLOT.size + 8, started)
+        struct.pack_into("<q", self._mm, i * _SLOT.size, task)
+
+    def clear(self, i: int) -> None:
+        struct.pack_into("<q", self._mm, i * _SLOT.size, 0)
+
+    def get(self, i: int) -> tuple[int, float]:
+        return _SLOT.unpack_from(self._mm, i * _SLOT.size)
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+            self._fh.close()
+        except (ValueError, OSError):
+            pass
+
+
+def slots_path(tag: str) -> str:
+    """Where a coordinator's slots file lives: memory-backed when the host has /dev/shm."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    if base is None:
+        import tempfile
+
+        base = tempfile.gettempdir()
+    return os.path.join(base, f"pipefarm-{tag}.slots")
+
+
+# --- parent death ---------------------------------------------------------------------------------
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux).
+
+    Elsewhere the pipe to the coordinator closing ends the worker between tasks.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+# --- executing one lease --------------------------------------------------------------------------
+class LeaseRunner:
+    """Runs leases of any kind; caches callables and command templates per spec."""
+
+    def __init__(self, run_dir: str | None, worker_id: str, specs: dict[int, Spec]) -> None:
+        self.run_dir = run_dir
+        self.worker_id = worker_id
+        self.specs = specs
+        self._fns: dict[int, Callable[..., Any]] = {}
+        self._cmds: dict[int, Any] = {}
+        self._sink: Any = None
+
+    def __call__(self, lease: Lease, extra_env: dict[str, str] | None = None) -> Finished:
+        spec = self.specs[lease.spec]
+        if spec.kind == PY:
+            from .execute.py import load_callable, run_python
+
+            fn = self._fns.get(lease.spec)
+            if fn is None:
+                try:
+                    fn = self._fns[lease.spec] = load_callable(spec.payload)
+                except Exception as exc:
+                    now = time.time()
+                    return Finished(
+                        lease.task, lease.token, int(Outcome.FAILED), now, now,
+                        error=f"cannot load the task's function here: {type(exc).__name__}: {exc}",
+                        attempt=lease.attempt,
+                    )
+            return run_python(fn, lease)
+        if spec.kind == CMD:
+            return self._run_cmd(spec, lease, extra_env)
+        now = time.time()
+        return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
+                        error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
+
+    def _run_cmd(self, spec: Spec, lease: Lease, extra_env: dict[str, str] | None) -> Finished:
+        from .execute.cmd import decode_command, decode_values, run_command
+        from .execute.output import OutputSink
+
+        cmd = self._cmds.get(lease.spec)
+        if cmd is None:
+            cmd = self._cmds[lease.spec] = decode_command(spec.payload)
+        if self._sink is None:
+            logs = Path(self.run_dir or ".") / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            self._sink = OutputSink(logs, self.worker_id, per_task=cmd.output_per_task)
+        values = decode_values(lease.args) if lease.args else {}
+        res = run_command(
+            cmd, values, timeout=spec.timeout, sink=self._sink, task=lease.task,
+            attempt=lease.attempt, extra_env=extra_env,
+        )
+        if res.timed_out:
+            outcome = Outcome.TIMED_OUT
+            error = f"timed out after {spec.timeout:g} s; its process group was killed"
+        elif res.exit_code == 0:
+            outcome, error = Outcome.SUCCEEDED, None
+        else:
+            outcome = Outcome.FAILED
+            error = f"exit code {res.exit_code}" + (f"\n{res.stderr_tail}" if res.stderr_tail else "")
+        return Finished(
+            lease.task, lease.token, int(outcome), res.started_at, res.ended_at, None,
+            error=error, exit_code=res.exit_code, note=res.note, output=res.output,
+            attempt=lease.attempt,
+        )
+
+
+# --- the local backend's pipe protocol ------------------------------------------------------------
+class Batch(msgspec.Struct, array_like=True):
+    """Coordinator -> worker: leases to run in order, new specs, and environment for them."""
+
+    id: int
+    leases: list[Lease]
+    specs: dict[int, bytes] = {}
+    env: dict[str, str] | None = None
+
+
+class Done(msgspec.Struct, array_like=True):
+    """Worker -> coordinator: how each lease of a batch ended."""
+
+    id: int
+    finished: list[Finished]
+
+
+_batch_decoder = msgspec.msgpack.Decoder(Batch | None)
+_done_encoder = msgspec.msgpack.Encoder()
+
+
+def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None, worker_id: str) -> None:
+    """Run batches from ``rfd`` until it closes or a ``None`` batch arrives."""
+    from multiprocessing.connection import Connection
+
+    conn_in = Connection(rfd, writable=False)
+    conn_out = Connection(wfd, readable=False)
+    specs: dict[int, Spec] = {}
+    run = LeaseRunner(run_dir, worker_id, specs)
+    spec_decoder = msgspec.msgpack.Decoder(Spec)
+    # A reader thread drains the coordinator's pipe at once, so that the coordinator never
+    # blocks sending a batch while this worker blocks sending results (both pipes full).
+    inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                inbox.put(conn_in.recv_bytes())
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=read, name="pipefarm-inbox", daemon=True).start()
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            return
+        batch = _batch_decoder.decode(msg)
+        if batch is None:
+            return
+        for sid, blob in batch.specs.items():
+            specs[sid] = spec_decoder.decode(blob)
+        out = []
+        for lease in batch.leases:
+            slots.set(index, lease.task, time.time())
+            out.append(run(lease, batch.env))
+            slots.clear(index)
+        conn_out.send_bytes(_done_encoder.encode(Done(batch.id, out)))
+
+
+def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: int,
+                      run_dir: str | None, worker_id: str, output: str | None) -> None:
+    """Body of a local worker process, forked or freshly started."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides what Ctrl-C means
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if output:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    slots = Slots(slots_file, n_slots)
+    serve_pipe(rfd, wfd, slots, index, run_dir, worker_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipefarm.worker --local RFD WFD SLOTS N INDEX RUN_DIR WORKER_ID OUTPUT``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--local"]:
+        rfd, wfd, slots_file, n, index, run_dir, worker_id, output = argv[1:9]
+        local_worker_main(int(rfd), int(wfd), slots_file, int(n), int(index),
+                          run_dir or None, worker_id, output or None)
+        return
+    raise SystemExit("usage: python -m pipefarm.worker --local ... (started by pipefarm itself)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The store contract (tests/store_contract.py) run against :class:`SQLiteStore`."""
+
+from __future__ import annotations
+
+from store_contract import ContractExamples, contract_for
+
+from pipefarm.store.sqlite import SQLiteStore
+
+LEASE_S = 10.0
+
+
+def make_store(path: str) -> SQLiteStore:
+    """A store in a fresh run directory (the suite makes and removes one per example)."""
+    return SQLiteStore(path, lease_s=LEASE_S)
+
+
+# property-based: random interleavings of the lease protocol against a model
+TestSQLiteContract = contract_for(make_store, name="SQLiteContract")
+
+
+class TestSQLiteExamples(ContractExamples):
+    make_store = staticmethod(make_store)
+
+
+class TestSQLiteInMemory(ContractExamples):
+    make_store = staticmethod(lambda path: SQLiteStore(":memory:", lease_s=LEASE_S))
