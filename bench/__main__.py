@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None, workloads: dict) -> argparse.Namespace:
         prog="python -m bench",
         description="pipefarm's KPI benchmarks: pipefarm against its peers, in one run.",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes, one repeat (CI smoke, ~2-3 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes, one repeat (CI smoke, ~2-3 min)"
+    )
     p.add_argument(
         "--only",
         metavar="IDS",
@@ -37,8 +39,13 @@ def parse_args(argv: list[str] | None, workloads: dict) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", default=str(core.RESULTS / "latest.json"))
     p.add_argument("--md", metavar="PATH", help="Markdown output (default: --json with .md)")
     p.add_argument("--settle", type=float, default=0.5, help="seconds of calm after each child")
-    p.add_argument("--render-readme", nargs="?", const=str(core.ROOT / "README.md"), metavar="README",
-                   help="also rewrite the bench block of README.md (or the given file)")
+    p.add_argument(
+        "--render-readme",
+        nargs="?",
+        const=str(core.ROOT / "README.md"),
+        metavar="README",
+        help="also rewrite the bench block of README.md (or the given file)",
+    )
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p.parse_args(argv)
@@ -49,15 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, workloads)
     if args.list:
         for wid, wl in workloads.items():
-            print(f"{wid:8} {wl.title}  (~{wl.quick_s:.0f} s quick, ~{wl.full_s:.0f} s full)")
+            print(f"{wl.id:8} {wl.title}  (~{wl.quick_s:.0f} s quick, ~{wl.full_s:.0f} s full)")
         return 0
     selected = list(workloads)
     if args.only:
         want = [w.strip().upper() for w in args.only.split(",") if w.strip()]
         unknown = [w for w in want if w not in workloads]
         if unknown:
-            print(f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(workloads)}",
-                  file=sys.stderr)
+            print(
+                f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(workloads)}",
+                file=sys.stderr,
+            )
             return 2
         selected = [w for w in workloads if w in want]
     systems = None
@@ -82,19 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for wid in selected:
         wl = workloads[wid]
-        ctx.current = wid
-        ctx.log(f"== {wid}: {wl.title}")
+        ctx.current = wl.id
+        ctx.log(f"== {wl.id}: {wl.title}")
         t = time.monotonic()
         try:
             rows += wl.func(ctx)
         except Exception as e:  # a broken workload must not sink the others
             import traceback
 
-            ctx.log(f"  workload {wid} crashed: {e!r}")
-            ctx.errors.append({"workload": wid, "system": "(harness)", "reason": repr(e),
-                               "traceback": traceback.format_exc()})
-            rows.append(core.Row(wid, "(harness)", wl.title, None, "", na=f"crashed: {e!r}"))
-        ctx.log(f"   {wid} took {time.monotonic() - t:.0f} s")
+            ctx.log(f"  workload {wl.id} crashed: {e!r}")
+            ctx.errors.append(
+                {
+                    "workload": wl.id,
+                    "system": "(harness)",
+                    "reason": repr(e),
+                    "traceback": traceback.format_exc(),
+                }
+            )
+            rows.append(core.Row(wl.id, "(harness)", wl.title, None, "", na=f"crashed: {e!r}"))
+        ctx.log(f"   {wl.id} took {time.monotonic() - t:.0f} s")
     meta["duration_s"] = time.monotonic() - started
     meta["load_after"] = core.loadavg()
 
@@ -109,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text(md)
     ctx.log(f"wrote {json_path} and {md_path}")
     if ctx.errors:
-        ctx.log(f"{len(ctx.errors)} measurement(s) failed; tracebacks in {json_path} under 'errors'")
+        ctx.log(
+            f"{len(ctx.errors)} measurement(s) failed; tracebacks in {json_path} under 'errors'"
+        )
     if args.render_readme:
         from .render_readme import render
 

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -183,7 +182,7 @@ def _descendants(pid: int) -> dict[int, float]:
     return out
 
 
-def _kill_leftovers(session: int, seen: dict[int, float]) -> list[str]:
+def _kill_leftovers(session: int, seen: dict[int, float], grace: float = 2.0) -> list[str]:
     """Kill what a finished child left: its session's processes and descendants we saw.
 
     Processes are matched by pid *and* creation time, so a recycled pid is never hit.
@@ -205,15 +204,19 @@ def _kill_leftovers(session: int, seen: dict[int, float]) -> list[str]:
                 victims[p.pid] = p
         except (OSError, psutil.Error):
             pass
-    for pid, p in victims.items():
+    if not victims:
+        return killed
+    # helpers such as resource trackers exit by themselves once their parent is gone: a grace
+    _gone, alive = psutil.wait_procs(list(victims.values()), timeout=grace)
+    for p in alive:
         try:
-            name = p.name()
+            name = " ".join(p.cmdline()[:3])[-60:] or p.name()
             p.kill()
-            killed.append(f"{name}[{pid}]")
+            killed.append(f"{name} [{p.pid}]")
         except psutil.Error:
             pass
-    if victims:
-        psutil.wait_procs(list(victims.values()), timeout=5)
+    if alive:
+        psutil.wait_procs(alive, timeout=5)
     return killed
 
 
@@ -227,7 +230,7 @@ def run_child(target: str, kwargs: dict, timeout: float, log=None) -> dict:
             proc = subprocess.Popen(
                 cmd,
                 cwd=str(ROOT),
-                env=child_env(),
+                env={**child_env(), "PFBENCH_DUMP_AFTER": str(max(1.0, timeout - 3))},
                 stdin=subprocess.DEVNULL,
                 stdout=ferr,
                 stderr=subprocess.STDOUT,
@@ -273,7 +276,7 @@ def run_child(target: str, kwargs: dict, timeout: float, log=None) -> dict:
         raise Unavailable(reason, (payload.get("traceback") or "") + ("\n" + tail if tail else ""))
 
 
-def _tail(path: str, n: int = 4000) -> str:
+def _tail(path: str, n: int = 8000) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -293,6 +296,7 @@ class Context:
     repeats_override: int | None = None
     systems: set[str] | None = None  # None: every system
     settle: float = 0.5  # seconds of calm after each child
+    quick_timeout: float = 90  # with --quick no child may take longer than this
     verbose: bool = True
     errors: list[dict] = field(default_factory=list)
     current: str = ""
@@ -329,8 +333,9 @@ class Context:
                     continue
                 t = time.monotonic()
                 self.log(f"  [{self.current}] {j.label}: repeat {r + 1}/{j.repeats} ...")
+                timeout = min(j.timeout, self.quick_timeout) if self.quick else j.timeout
                 try:
-                    s = run_child(j.target, j.kwargs, j.timeout, log=self.log)
+                    s = run_child(j.target, j.kwargs, timeout, log=self.log)
                     m.samples.append(s)
                     self.log(f"    ok in {time.monotonic() - t:.1f} s")
                 except Unavailable as e:
@@ -367,7 +372,8 @@ def metric_rows(
     key: str | Callable[[dict], float],
     *,
     ref: str = "pipefarm",
-    targets: dict[str, tuple[str, Callable[[float | None, float | None], bool | None]]] | None = None,
+    targets: dict[str, tuple[str, Callable[[float | None, float | None], bool | None]]]
+    | None = None,
     notes: dict[str, str] | None = None,
     n_key: str = "n",
 ) -> list[Row]:

@@ -28,8 +28,10 @@ def replace_block(text: str, table_md: str) -> str:
     return _BLOCK.sub(lambda _m: f"{START}\n{note}\n\n{body}\n\n{END}", text, count=1)
 
 
-def render(results_md: Path | str = HERE / "results" / "latest.md",
-           readme: Path | str = HERE.parent / "README.md") -> bool:
+def render(
+    results_md: Path | str = HERE / "results" / "latest.md",
+    readme: Path | str = HERE.parent / "README.md",
+) -> bool:
     """Rewrite ``readme``'s bench block from ``results_md``; return whether the file changed."""
     readme = Path(readme)
     old = readme.read_text()

@@ -72,6 +72,8 @@ EPS = 1e-6
 BACKOFFS = (0.0, 0.3, 1.3)
 LABELS = [s.label for s in State]
 ENDING_OUTCOMES = (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT)
+#: what the ``work`` rule's worker reports: mostly successes, so that dependencies release
+WORK_OUTCOMES = (Outcome.SUCCEEDED, Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT)
 
 
 def sort_key(priority: int, cost: float, task: int) -> tuple[int, float, int]:
@@ -574,6 +576,25 @@ class StoreMachine(RuleBasedStateMachine):
     def claim(self, w, n):
         self._do_claim(w, n)
 
+    @rule(
+        w=st.sampled_from(WORKERS),
+        n=st.integers(1, 3),
+        outcomes=st.lists(st.sampled_from(WORK_OUTCOMES), min_size=1, max_size=3),
+    )
+    def work(self, w, n, outcomes):
+        """A worker's loop in one step: claim, start everything, finish some (the rest keeps
+        running). Keeps runs moving between the finer-grained rules."""
+        leases = self._do_claim(w, n)
+        self.check_all()
+        if not leases:
+            return
+        good = [self.live[lease.task] for lease in leases]
+        self._do_start(good, [])
+        self.check_all()
+        done = list(zip(good, outcomes))
+        if done:
+            self._do_finish(w, done, [], [])
+
     @precondition(lambda self: any(self.tasks[i].state == State.CLAIMED for i in self.live))
     @rule(picks=st.lists(st.integers(0, 100), min_size=1, max_size=3), stale=st.integers(0, 100))
     def start(self, picks, stale):
@@ -607,6 +628,24 @@ class StoreMachine(RuleBasedStateMachine):
         old = [lease for lease in self.dead if lease.worker == w and lease.task not in good]
         zombies = list({old[s % len(old)].token: old[s % len(old)] for s in stale}.values()) if old else []
         self._do_finish(w, list(good.values()), zombies, [])
+
+    @precondition(lambda self: any(t.state == State.RUNNING for t in self.tasks.values()))
+    @rule(pick=st.integers(0, 1000), n=st.integers(1, 4))
+    def takeover(self, pick, n):
+        """A worker is declared dead while it runs a task; another worker claims; then the first
+        one, a zombie, reports success for the lease it lost."""
+        running = [lease for _, lease in sorted(self.live.items())
+                   if self.tasks[lease.task].state == State.RUNNING]
+        zombie = running[pick % len(running)]
+        self._do_reap([zombie.worker])
+        self.check_all()
+        other = WORKERS[(WORKERS.index(zombie.worker) + 1) % len(WORKERS)]
+        leases = self._do_claim(other, n)
+        self.check_all()
+        if leases:
+            self._do_start([self.live[lease.task] for lease in leases], [])
+            self.check_all()
+        self._do_finish(zombie.worker, [], [zombie], [])
 
     @precondition(lambda self: bool(self.dead))
     @rule(pick=st.integers(0, 1000))

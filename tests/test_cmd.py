@@ -390,27 +390,45 @@ def start_victim(tmp_path: Path, mode: str, direct: bool = False):
         assert time.monotonic() < end, "the worker did not start its command"
         assert worker.poll() is None, "the worker died"
         time.sleep(0.01)
+    # the worker registers the task with its guardian microseconds after the fork; the task
+    # needs milliseconds to write the file, but a loaded machine can reorder anything
+    time.sleep(0.05)
     return worker, [int(x) for x in pids.read_text().split()]
 
 
+@pytest.fixture
+def reap_leftovers():
+    """Kills the task groups a failing test would otherwise leave behind."""
+    groups: list[int] = []
+    yield groups
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
-def test_worker_death_kills_the_task_group(tmp_path, how):
+def test_worker_death_kills_the_task_group(tmp_path, how, reap_leftovers):
     worker, pids = start_victim(tmp_path, "guardian")
+    reap_leftovers.append(pids[0])
     assert all(alive(p) for p in pids)
     worker.send_signal(how)
     worker.wait(5)
     assert wait_dead(pids, pgid=pids[0], within=5.0), "task processes outlived their worker"
 
 
-def test_keyboard_interrupt_in_worker_kills_the_task_group(tmp_path):
+def test_keyboard_interrupt_in_worker_kills_the_task_group(tmp_path, reap_leftovers):
     worker, pids = start_victim(tmp_path, "none")  # no guardian: run_command itself cleans up
+    reap_leftovers.append(pids[0])
     worker.send_signal(signal.SIGINT)
     worker.wait(5)
     assert wait_dead(pids, pgid=pids[0], within=3.0)
 
 
-def test_pdeathsig_mode_kills_the_direct_child(tmp_path):
+def test_pdeathsig_mode_kills_the_direct_child(tmp_path, reap_leftovers):
     worker, pids = start_victim(tmp_path, "pdeathsig", direct=True)
+    reap_leftovers.append(pids[0])
     worker.kill()
     worker.wait(5)
     assert wait_dead(pids, within=3.0)

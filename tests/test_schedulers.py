@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import service_absent
 
 from pipefarm.backends import schedulers as S
 from pipefarm.backends.schedulers import (
@@ -641,7 +642,7 @@ def _sge_up() -> bool:
 @pytest.mark.parametrize("mode", ["exit", "wait"])
 def test_real_slurm_array(fake, mode):
     if not _slurm_up():
-        pytest.skip("no SLURM here (see ../shared/ci/slurm-up.sh)")
+        service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
     _run_on_real("slurm", fake, mode)
 
 
@@ -651,7 +652,7 @@ def test_real_sge_array(fake, mode, monkeypatch):
     for k, v in _SGE_ENV.items():
         monkeypatch.setenv(k, os.environ.get(k, v))
     if not _sge_up():
-        pytest.skip("no Grid Engine here (see ../shared/ci/sge-up.sh)")
+        service_absent("no Grid Engine here (see ../shared/ci/sge-up.sh)")
     _run_on_real("sge", fake, mode)
 
 

@@ -25,20 +25,35 @@ MODULES = {
     "Dask": "distributed",
     "Ray": "ray",
 }
-SYSTEM = {"pipefarm": "pipefarm", "concurrent.futures": "ppe", "joblib": "joblib", "Dask": "dask", "Ray": "ray"}
+SYSTEM = {
+    "pipefarm": "pipefarm",
+    "concurrent.futures": "ppe",
+    "joblib": "joblib",
+    "Dask": "dask",
+    "Ray": "ray",
+}
 
 
 def _time(code: str) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     return time.perf_counter() - t
 
 
 def _importtime(module: str) -> float | None:
     """Cumulative seconds ``-X importtime`` reports for ``module`` itself."""
-    p = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
-                       capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in p.stderr.splitlines():
         parts = line.split("|")
         if len(parts) == 3 and parts[2].strip() == module:
@@ -74,14 +89,26 @@ def child(module: str, repeats: int = 7) -> dict:
 @workload(WL, "import time in a fresh interpreter", quick_s=15, full_s=30)
 def run(ctx: Context) -> list[Row]:
     reps = ctx.reps(7, 3)
-    jobs = [Job(label, TARGET, {"module": mod, "repeats": reps}, 1, 180)
-            for label, mod in MODULES.items() if ctx.wants(SYSTEM[label])]
+    jobs = [
+        Job(label, TARGET, {"module": mod, "repeats": reps}, 1, 180)
+        for label, mod in MODULES.items()
+        if ctx.wants(SYSTEM[label])
+    ]
     ms = ctx.measure(jobs)
     rows = metric_rows(
-        WL, ms, "import time (wall, minus python -c pass)", "s", "import_s",
+        WL,
+        ms,
+        "import time (wall, minus python -c pass)",
+        "s",
+        "import_s",
         targets={"pipefarm": ("< 100 ms", lambda v, r: None if v is None else v < 0.1)},
         notes={"Dask": "import distributed"},
     )
-    rows += metric_rows(WL, {"pipefarm": ms["pipefarm"]}, "import time (-X importtime, cumulative)",
-                        "s", "importtime_s")
+    rows += metric_rows(
+        WL,
+        {"pipefarm": ms["pipefarm"]},
+        "import time (-X importtime, cumulative)",
+        "s",
+        "importtime_s",
+    )
     return rows

@@ -76,6 +76,10 @@ def run(ctx: Context) -> list[Row]:
             "first submit to first task (cluster up)",
             "s",
             "first_after_ready_s",
-            notes={"pipefarm": "from run.map()", "Dask": "from client.map()", "Ray": "from f.remote()"},
+            notes={
+                "pipefarm": "from run.map()",
+                "Dask": "from client.map()",
+                "Ray": "from f.remote()",
+            },
         )
     return rows

@@ -29,8 +29,20 @@ def run(ctx: Context) -> list[Row]:
     n = ctx.size(400, 200)
     jobs = [
         Job("pipefarm", TARGET, {"system": "pipefarm", "n": n}, ctx.reps(3), 120),
-        Job("ProcessPool chunksize=1", TARGET, {"system": "ppe", "n": n, "chunksize": 1}, ctx.reps(3), 120),
-        Job("ProcessPool chunksize=10", TARGET, {"system": "ppe", "n": n, "chunksize": 10}, ctx.reps(2), 120),
+        Job(
+            "ProcessPool chunksize=1",
+            TARGET,
+            {"system": "ppe", "n": n, "chunksize": 1},
+            ctx.reps(3),
+            120,
+        ),
+        Job(
+            "ProcessPool chunksize=10",
+            TARGET,
+            {"system": "ppe", "n": n, "chunksize": 10},
+            ctx.reps(2),
+            120,
+        ),
         Job("joblib", TARGET, {"system": "joblib", "n": n}, ctx.reps(3), 120),
         Job("Dask", TARGET, {"system": "dask", "n": n}, ctx.reps(2), 180),
         Job("Ray", TARGET, {"system": "ray", "n": n}, ctx.reps(2), 180),

@@ -38,11 +38,17 @@ def child(system: str, n: int, workers: int = 2, **opts) -> dict:
 def run(ctx: Context) -> list[Row]:
     n = ctx.size(1_000_000, 200_000)
     n_ppe = ctx.size(1_000_000, 100_000)
-    n_dask = ctx.size(50_000, 5_000)
+    n_dask = ctx.size(20_000, 5_000)
     n_ray = ctx.size(20_000, 5_000)
     jobs = [
         Job("pipefarm", TARGET, {"system": "pipefarm", "n": n}, ctx.reps(1), 600),
-        Job("ProcessPool submit()", TARGET, {"system": "ppe", "n": n_ppe, "mode": "submit"}, ctx.reps(1), 600),
+        Job(
+            "ProcessPool submit()",
+            TARGET,
+            {"system": "ppe", "n": n_ppe, "mode": "submit"},
+            ctx.reps(1),
+            600,
+        ),
         Job("Dask", TARGET, {"system": "dask", "n": n_dask}, ctx.reps(1), 300),
         Job("Ray", TARGET, {"system": "ray", "n": n_ray}, ctx.reps(1), 300),
     ]

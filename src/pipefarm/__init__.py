@@ -32,15 +32,15 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from . import backends
-    from .backends.local import Summary
-    from .errors import (PipefarmError, RunLocked, SubmissionError, TaskFailed, TaskNotFinished,
-                         UnsafeRun)
-    from .executor import Executor
-    from .run import Run
-    from .states import Outcome, State
-    from .store.sqlite import DiskFull
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from . import backends  # noqa: F401
+    from .backends.local import Summary  # noqa: F401
+    from .errors import PipefarmError, RunLocked, SubmissionError, TaskFailed  # noqa: F401
+    from .errors import TaskNotFinished, UnsafeRun  # noqa: F401
+    from .executor import Executor  # noqa: F401
+    from .run import Run  # noqa: F401
+    from .states import Outcome, State  # noqa: F401
+    from .store.sqlite import DiskFull  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

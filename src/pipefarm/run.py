@@ -86,7 +86,7 @@ class Run:
         """Open an existing run to inspect it or resume it."""
         p = Path(path)
         if not (p / "catalog.db").exists():
-            raise FileNotFoundError(f"no run at {p} (no catalog.db); create it with Run.create")
+            raise FileNotFoundError(f"no run at {p} (no catalog.db there)")
         _check_private(p)
         return cls(p, SQLiteStore(p))
 
@@ -162,7 +162,7 @@ class Run:
             raise SubmissionError("map needs at least one iterable")
         sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
                             Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
-        it: Iterable[tuple] = zip(*iterables) if len(iterables) > 1 else ((x,) for x in iterables[0])
+        it: Iterable[tuple] = zip(*iterables, strict=False) if len(iterables) > 1 else ((x,) for x in iterables[0])
         try:
             return self.store.add_tasks(sid, _pickled(it), keys=keys, priority=priority,
                                         cost=cost or 0.0, after=after or ())
@@ -202,6 +202,61 @@ class Run:
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
         """Add one task ``fn(*args, **kwargs)`` with default options; return its id."""
         return self.submit_task(fn, args, kwargs)
+
+    def submit_cmd(
+        self,
+        command: Any,
+        rows: Iterable[dict[str, str]] | None = None,
+        *,
+        keys: Iterable[str | None] | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        priority: int = 0,
+        cost: float | None = None,
+        after: Sequence[int] | None = None,
+        cpus: int = 1,
+        gpus: int = 0,
+        memory: int | None = None,
+        backoff: float = 1.0,
+        max_lost: int = 3,
+        tags: Sequence[str] = (),
+    ) -> range:
+        """Add command tasks: one per row of placeholder values (one task when ``rows`` is None).
+
+        ``command`` is a :class:`~pipefarm.execute.cmd.Command`, an argv list, or a shell line
+        (a ``str``). The template is checked against the first row before anything is written.
+        """
+        from .execute.cmd import Command, TemplateError, encode_command, encode_values, placeholders
+
+        if isinstance(command, str):
+            command = Command(shell=command)
+        elif isinstance(command, (list, tuple)):
+            command = Command(argv=[str(a) for a in command])
+        if retries < 0:
+            raise SubmissionError("retries must be >= 0")
+        if timeout is not None and timeout <= 0:
+            raise SubmissionError("timeout must be > 0 seconds")
+        from .sources import checked
+
+        # rows are checked as they stream into the one transaction below: a bad row (the first
+        # one included) rolls everything back
+        values = checked(rows if rows is not None else [{}], placeholders(command), command)
+        spec = Spec(
+            kind="cmd", payload=encode_command(command), max_attempts=retries + 1,
+            timeout=timeout, backoff=backoff, max_lost=max_lost,
+            resources=Resources(cpus=cpus, gpus=gpus, memory=memory), tags=tuple(tags),
+            name=(command.shell or " ".join(command.argv or []))[:200],
+        )
+        try:
+            with self.store.transaction():
+                sid = self.store.add_spec(spec)
+                ids = self.store.add_tasks(sid, map(encode_values, values), keys=keys,
+                                           priority=priority, cost=cost or 0.0, after=after or ())
+                if not len(ids):
+                    raise ValueError("no tasks: the value source is empty")
+                return ids
+        except (TypeError, ValueError, TemplateError) as exc:
+            raise SubmissionError(f"{exc}; nothing was submitted") from exc
 
     # --- execution -------------------------------------------------------------------------------
     def execute(

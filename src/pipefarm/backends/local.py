@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from ..states import Outcome
-from ..task import Finished, Lease, Resources, Spec
+from ..task import Finished, Resources, Spec
 from ..worker import Batch, Done, Slots, local_worker_main, slots_path
 
 ProgressFn = Callable[[dict[str, int]], None]
@@ -137,14 +137,14 @@ class LocalBackend:
         *,
         run_dir: str | None = None,
         on_progress: ProgressFn | None = None,
-        feed: Callable[[], bool] | None = None,
+        feed: Callable[[float], bool] | None = None,
         on_finished: Callable[[list[Finished]], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Summary:
         """Run every claimable task of ``store`` until none is left.
 
-        ``feed`` (the Executor's) is called every loop turn to add tasks; it returns False once
-        no more will come. ``on_finished`` sees every committed outcome. ``stop`` ends the run
+        ``feed(wait_s)`` (the Executor's) is called every loop turn to add tasks, waiting up to
+        ``wait_s`` for one when idle; it returns False once no more will come. ``on_finished`` sees every committed outcome. ``stop`` ends the run
         like Ctrl-C does.
         """
         return _Coordinator(self, store, run_dir, on_progress, feed, on_finished, stop).run()
@@ -152,7 +152,7 @@ class LocalBackend:
 
 class _Coordinator:
     def __init__(self, cfg: LocalBackend, store: Any, run_dir: str | None,
-                 on_progress: ProgressFn | None, feed: Callable[[], bool] | None,
+                 on_progress: ProgressFn | None, feed: Callable[[float], bool] | None,
                  on_finished: Callable[[list[Finished]], None] | None,
                  stop: threading.Event | None) -> None:
         self.cfg = cfg
@@ -502,7 +502,7 @@ class _Coordinator:
                 self._shutdown(kill=True)
                 return
             if self.feeding:
-                self.feeding = bool(self.feed())
+                self.feeding = bool(self.feed(0.0))
                 self.dry_until = 0.0 if self.feeding else self.dry_until
             claimed_any = False
             for w in self.workers:
@@ -513,7 +513,8 @@ class _Coordinator:
                 if self.pending:
                     continue
                 if self.feeding:
-                    time.sleep(0.002)
+                    self.feeding = bool(self.feed(0.05))  # idle: block on the feed a little
+                    self.dry_until = 0.0
                     continue
                 # nothing in flight and nothing claimable: done, unless tasks wait in backoff
                 nxt = self.store.next_ready_at() if hasattr(self.store, "next_ready_at") else None

@@ -384,9 +384,11 @@ _guard_failed = False
 _guard_lock = threading.Lock()
 
 
-def _guard_watch(pgid: int) -> None:
+def _guard_start() -> None:
+    """Make sure the guardian runs -- before the first task starts, so that a worker killed
+    right after that task's fork already has a guardian listening."""
     global _guard, _guard_failed
-    if CHILD_GUARD != "guardian" or _guard_failed:
+    if _guard is not None or CHILD_GUARD != "guardian" or _guard_failed:
         return
     with _guard_lock:
         if _guard is None:
@@ -396,7 +398,17 @@ def _guard_watch(pgid: int) -> None:
                 # no guardian (no usable sys.executable): children still end with their
                 # timeouts and with run_command; do not retry for every task
                 _guard_failed = True
-                return
+
+
+def _guard_watch(pgid: int) -> None:
+    # The one unguarded moment is between fork and this write (microseconds): a worker
+    # SIGKILLed exactly then leaves that one task running.
+    global _guard
+    if CHILD_GUARD != "guardian" or _guard_failed:
+        return
+    with _guard_lock:
+        if _guard is None:
+            return
         _guard.live.add(pgid)
         try:
             _guard.send(b"+%d\n" % pgid)
@@ -594,6 +606,7 @@ def run_command(
     except TemplateError as exc:
         return _start_failure(out, started, None, f"pipefarm: {exc}")
     env = _child_env(cmd, extra_env, task, attempt)
+    _guard_start()
 
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()

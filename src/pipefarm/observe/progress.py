@@ -59,8 +59,14 @@ class ProgressDisplay:
             print(self._line(counts), file=self.stream, flush=True)
 
     def _render_bar(self, c: dict[str, int]) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         total = sum(v for k, v in c.items() if k != "running")
         if self._bar is None:

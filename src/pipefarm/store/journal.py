@@ -147,6 +147,8 @@ class JournalRead(tuple):
     Extra attributes: ``status`` (``"ok"``, ``"torn"`` or ``"corrupt"``), ``reason`` (why the
     read stopped early, empty when ``ok``) and ``corrupt`` (True when the caller should warn:
     the journal is damaged before its end and will not advance past ``offset`` by itself).
+    On NFS a reader can glimpse a live writer's batch with a later page visible before an
+    earlier one, which reads as ``corrupt`` once; warn when it persists across polls.
     """
 
     status: ReadStatus

@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS tasks(
   exit_code INTEGER, error TEXT, note TEXT, output TEXT,
   result BLOB, result_file TEXT);
 CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id) WHERE state = 1;
-CREATE INDEX IF NOT EXISTS ix_active ON tasks(worker) WHERE state IN (2, 3);
 CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
   PRIMARY KEY(dep, task)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts(
@@ -104,6 +103,7 @@ class SQLiteStore(Store):
         readonly: bool = False,
     ) -> None:
         self.lease_s = lease_s
+        self._depth = 0
         if str(path) == ":memory:":
             self.run_dir: Path | None = None
             db = ":memory:"
@@ -123,6 +123,7 @@ class SQLiteStore(Store):
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             self.db.execute("PRAGMA cache_size=-16000")  # 16 MB: bounded, whatever the run size
             self.db.execute("PRAGMA temp_store=MEMORY")
+            self.db.execute("PRAGMA wal_autocheckpoint=8192")  # fewer, larger checkpoints
             with self._tx():
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -140,8 +141,31 @@ class SQLiteStore(Store):
 
     # --- plumbing --------------------------------------------------------------------------------
     @contextmanager
+    def transaction(self):
+        """Group several write methods into one transaction (all or nothing)."""
+        with self._tx():
+            yield self
+
+    @contextmanager
     def _tx(self):
-        """One write transaction; a full disk becomes :class:`DiskFull`, all rolled back."""
+        """One write transaction; a full disk becomes :class:`DiskFull`, all rolled back.
+
+        Nested use joins the outer transaction.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            yield from self._outer_tx()
+        finally:
+            self._depth = 0
+
+    def _outer_tx(self):
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -318,8 +342,7 @@ class SQLiteStore(Store):
             )
             rows = db.execute(
                 f"UPDATE tasks SET state={int(_S.CLAIMED)}, token=?, worker=?, claimed_at=?,"
-                " attempt=attempt+1, outcome=NULL, started_at=NULL, ended_at=NULL,"
-                " exit_code=NULL, error=NULL, note=NULL, output=NULL"
+                " attempt=attempt+1"
                 " WHERE id IN (SELECT id FROM tasks WHERE state=1"
                 f" AND (ready_at IS NULL OR ready_at <= ?){fit}"
                 " ORDER BY priority DESC, cost DESC, id LIMIT ?)"
@@ -389,19 +412,30 @@ class SQLiteStore(Store):
     ) -> int:
         # A worker reports start and end together: CLAIMED -> RUNNING -> SUCCEEDED in one write.
         src = f"({_S.CLAIMED},{_S.RUNNING})"
-        rows = []
+        # Most outcomes are a small Python result and nothing else: bind five values, not ten.
+        plain, full = [], []
         for f in wins:
-            blob, rfile = self._result_columns(f, files)
-            rows.append(
-                (blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output, f.task, f.token)
-            )
-        cur = db.executemany(
-            f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
-            " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?, note=?, output=?,"
-            f" error=NULL, ready_at=NULL WHERE id=? AND token=? AND state IN {src}",
-            rows,
-        )
-        applied = cur.rowcount
+            if f.exit_code is None and f.note is None and f.output is None and (
+                f.result is None or len(f.result) <= INLINE_RESULT_MAX
+            ):
+                plain.append((f.result, f.started_at, f.ended_at, f.task, f.token))
+            else:
+                blob, rfile = self._result_columns(f, files)
+                full.append((blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output,
+                             f.task, f.token))
+        applied = 0
+        head = f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+        where = f" WHERE id=? AND token=? AND state IN {src}"
+        if plain:
+            applied += db.executemany(
+                head + " result=?, started_at=?, ended_at=?" + where, plain
+            ).rowcount
+        if full:
+            applied += db.executemany(
+                head + " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?, note=?,"
+                " output=?" + where,
+                full,
+            ).rowcount
         if applied != len(wins):
             applied = self._record_stale_among(db, worker, wins, files)
         if self._has_deps:
@@ -494,7 +528,8 @@ class SQLiteStore(Store):
             self._archive_current(db, task)
             db.execute(
                 f"UPDATE tasks SET state={int(_S.READY)}, ready_at=?, token=NULL, worker=NULL,"
-                " outcome=NULL WHERE id=?",
+                " outcome=NULL, started_at=NULL, ended_at=NULL, exit_code=NULL, error=NULL,"
+                " note=NULL, output=NULL WHERE id=?",
                 (ready_at, task),
             )
         else:
@@ -688,6 +723,17 @@ class SQLiteStore(Store):
         db.execute(
             f"UPDATE tasks SET state={int(_S.READY)} WHERE state={int(_S.BLOCKED)} AND ndeps=0"
         )
+
+    def forget(self, ids: Iterable[int]) -> int:
+        """Delete finished tasks (the in-memory Executor store, once their futures are set)."""
+        n = 0
+        with self._tx() as db:
+            for chunk in _chunks(sorted(set(ids))):
+                n += db.execute(
+                    f"DELETE FROM tasks WHERE state IN {_TERMINAL} AND id IN ({_qs(len(chunk))})",
+                    chunk,
+                ).rowcount
+        return n
 
     # --- the query side --------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -1,0 +1,5 @@
+"""``python -m pipefarm``: the command line."""
+
+from .cli import main
+
+main()

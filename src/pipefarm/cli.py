@@ -1,0 +1,363 @@
+"""The ``pipefarm`` command line.
+
+Every verb's ``--help`` has an example. User mistakes print one line on stderr and exit 2;
+``pipefarm run`` exits 0 when every task succeeded and 1 when some did not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_FAILED_TASKS = 1
+EXIT_USAGE = 2
+
+
+def _die(msg: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"pipefarm: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _open(path: str) -> Any:
+    from .run import Run
+
+    return Run.open(path)
+
+
+def _ids(text: str | None) -> list[int] | None:
+    """``"1,5,10-20"`` -> ids."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not an id or a range like 10-20") from None
+    return out
+
+
+class _Main(click.Group):
+    """Turns expected errors into one line and exit status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        from .errors import PipefarmError
+
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _die("aborted", 130)
+        except click.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx else "pipefarm"
+            _die(f"{exc.format_message()} (see: {cmd} --help)")
+        except click.ClickException as exc:
+            _die(exc.format_message())
+        except (PipefarmError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                PermissionError) as exc:
+            _die(str(exc))
+        except KeyError as exc:  # TemplateError and unknown ids
+            _die(str(exc.args[0]) if exc.args else str(exc))
+        except BrokenPipeError:
+            sys.exit(0)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="pipefarm")
+def main() -> None:
+    """Run large numbers of tasks in parallel, durably.
+
+    \b
+    A sweep over a CSV file, in four commands:
+      pipefarm submit runs/sweep --from-csv params.csv -- ./simulate --alpha {alpha} --beta {beta}
+      pipefarm run runs/sweep --workers 8
+      pipefarm status runs/sweep
+      pipefarm results runs/sweep --format parquet -o results.parquet
+
+    Every result is on disk as soon as its task ends: stop at any time (Ctrl-C, a crash, a
+    walltime kill) and `pipefarm run` again resumes what is left.
+    """
+
+
+# --- submit ----------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("run_dir", metavar="RUN")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
+@click.option("--array", "array_spec", metavar="RANGE", help="One task per index: 0-9999, 0-99:2 or 1,5,7. Placeholder {index}.")
+@click.option("--from-file", "from_file", type=click.Path(dir_okay=False), help="One task per line: {line}, and {0} {1} ... for its whitespace-separated fields.")
+@click.option("--from-csv", "from_csv", type=click.Path(dir_okay=False), help="One task per row; the header names the placeholders: {alpha}.")
+@click.option("--from-json", "from_json", type=click.Path(dir_okay=False), help="A JSON list of objects (or JSON lines); keys name the placeholders.")
+@click.option("--shell", is_flag=True, help="Run CMD as one /bin/sh line; substituted values are quoted.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Extra attempts after a failure or timeout.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per attempt; the whole process group is killed past it.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--cost", type=float, help="Expected cost; higher runs first among equal priority.")
+@click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True, help="Worker slots each task takes.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs of its own each task gets (CUDA_VISIBLE_DEVICES).")
+@click.option("--after", metavar="ID,...", help="Task ids (or ranges 1-100) that must succeed first.")
+@click.option("--tag", "tags", multiple=True, help="A label (repeatable).")
+@click.option("--cwd", help="Working directory (may hold placeholders).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable for the tasks (repeatable).")
+@click.option("--key", "key_template", metavar="TEMPLATE", help="A name per task from the placeholders, e.g. 'a{alpha}-b{beta}'.")
+@click.option("--output-cap", type=click.IntRange(min=0), default=1 << 20, show_default=True, help="Bytes of stdout and of stderr kept per attempt.")
+@click.option("--output-per-task", is_flag=True, help="One log file per attempt instead of a few per worker.")
+def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_file: str | None,
+           from_csv: str | None, from_json: str | None, shell: bool, retries: int,
+           timeout: float | None, priority: int, cost: float | None, cpus: int, gpus: int,
+           after: str | None, tags: tuple[str, ...], cwd: str | None, env: tuple[str, ...],
+           key_template: str | None, output_cap: int, output_per_task: bool) -> None:
+    """Add command tasks to RUN (created if needed).
+
+    \b
+    Placeholders in CMD are filled per task from one source:
+      pipefarm submit runs/a --array 0-9999 -- ./sim --seed {index}
+      pipefarm submit runs/b --from-file inputs.txt -- gzip -k {line}
+      pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
+      pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
+    Values are passed as separate arguments (no shell, no injection); with --shell they are
+    quoted. A placeholder with no source column is refused before anything is written.
+    """
+    from . import sources
+    from .execute.cmd import Command, render
+    from .run import Run
+
+    chosen = [s for s in (array_spec, from_file, from_csv, from_json) if s is not None]
+    if len(chosen) > 1:
+        raise click.UsageError("choose at most one of --array, --from-file, --from-csv, --from-json")
+    env_map = {}
+    for item in env:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
+        k, v = item.split("=", 1)
+        env_map[k] = v
+    if shell:
+        cmd = Command(shell=" ".join(command), cwd=cwd, env=env_map, output_cap=output_cap,
+                      output_per_task=output_per_task)
+    else:
+        cmd = Command(argv=list(command), cwd=cwd, env=env_map, output_cap=output_cap,
+                      output_per_task=output_per_task)
+    rows: Any
+    if array_spec is not None:
+        rows = sources.array_source(array_spec)
+    elif from_file is not None:
+        rows = sources.file_source(from_file)
+    elif from_csv is not None:
+        rows = sources.csv_source(from_csv)
+    elif from_json is not None:
+        rows = sources.json_source(from_json)
+    else:
+        rows = None
+    keys = None
+    if key_template is not None:
+        key_cmd = Command(argv=[key_template])
+        rows = list(rows) if rows is not None else [{}]
+        keys = [render(key_cmd, r)[0] for r in rows]
+    run = Run.create(run_dir, exist_ok=True)
+    ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
+                         priority=priority, cost=cost, after=_ids(after), cpus=cpus, gpus=gpus,
+                         tags=tags)
+    span = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+    click.echo(f"added task{'s' if len(ids) > 1 else ''} {span} ({len(ids):,}) to {run_dir}")
+
+
+# --- run -------------------------------------------------------------------------------------------
+@main.command("run")
+@click.argument("run_dir", metavar="RUN")
+@click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes (default: the CPU count).")
+@click.option("--backend", type=click.Choice(["local", "sequential"]), default="local", show_default=True)
+@click.option("--gpus-available", metavar="LIST", help="GPU ids to hand out, e.g. 0,1,2,3 (default: detected).")
+@click.option("--no-progress", is_flag=True, help="No progress display.")
+def run_cmd(run_dir: str, workers: int | None, backend: str, gpus_available: str | None,
+            no_progress: bool) -> int:
+    """Execute RUN (or resume it): every task not finished yet.
+
+    \b
+      pipefarm run runs/sweep --workers 8
+    Progress shows on a terminal as a bar, elsewhere as a line every 10 s. Ctrl-C stops
+    cleanly; run it again to resume. Exit status: 0 all succeeded, 1 some did not.
+    """
+    run = _open(run_dir)
+    options: dict[str, Any] = {}
+    if gpus_available is not None and backend == "local":
+        from .execute.gpus import parse_device_list
+
+        options["gpus_available"] = parse_device_list(gpus_available)
+    try:
+        summary = run.execute(workers=workers, backend=backend, progress=not no_progress, **options)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with: pipefarm run {run_dir}", err=True)
+        return 130
+    click.echo(str(summary), err=True)
+    if not summary.ok:
+        bad = summary.total - summary.succeeded
+        click.echo(f"{bad:,} task(s) did not succeed; see: pipefarm failures {run_dir}", err=True)
+        return EXIT_FAILED_TASKS
+    return 0
+
+
+# --- status ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run_dir: str, as_json: bool) -> None:
+    """Counts by state, throughput, ETA and the latest failures.
+
+    \b
+      pipefarm status runs/sweep
+      pipefarm status runs/sweep --json | jq .counts
+    """
+    from .observe.status import status_report
+
+    rep = status_report(_open(run_dir))
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    c = rep["counts"]
+    click.echo(f"{rep['run']}: {rep['total']:,} tasks, {rep['done']:,} done")
+    click.echo("  " + "  ".join(f"{k} {v:,}" for k, v in c.items() if v))
+    if rep["throughput_per_s"]:
+        eta = f", eta {rep['eta_s']:,.0f} s" if rep["eta_s"] else ""
+        click.echo(f"  throughput {rep['throughput_per_s']:,.1f} tasks/s (last minute){eta}")
+    if rep["last_failures"]:
+        click.echo("  latest failures:")
+        for f in rep["last_failures"]:
+            click.echo(f"    task {f['task_id']}: {f['error'] or '(no message)'}")
+
+
+# --- results ---------------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json"]), default=None, help="Default: from -o's suffix, else csv.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
+def results(run_dir: str, fmt: str | None, output: str | None) -> None:
+    """One row per task: task_id, key, state, attempts, exit_code, result, error, times, worker.
+
+    \b
+      pipefarm results runs/sweep -o results.parquet
+      pipefarm results runs/sweep --format csv > results.csv
+    """
+    if fmt is None:
+        suffix = Path(output).suffix.lower().lstrip(".") if output else ""
+        fmt = suffix if suffix in ("parquet", "csv", "json") else "csv"
+    table = _open(run_dir).results()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        if output is None and sys.stdout.isatty():
+            raise click.UsageError("parquet is binary: give -o FILE or redirect stdout")
+        pq.write_table(table, output or sys.stdout.buffer)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, output or sys.stdout.buffer)
+    else:
+        rows = table.to_pylist()
+        text = "\n".join(json.dumps(r, default=repr) for r in rows) + ("\n" if rows else "")
+        if output:
+            Path(output).write_text(text)
+        else:
+            sys.stdout.write(text)
+    if output:
+        click.echo(f"wrote {table.num_rows:,} rows to {output}", err=True)
+
+
+# --- logs ------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.argument("task", type=int)
+@click.option("--attempt", type=int, help="Which attempt (default: the latest).")
+@click.option("--stderr", "want_stderr", is_flag=True, help="Show stderr instead of stdout.")
+def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> None:
+    """What one attempt of TASK printed, exactly.
+
+    \b
+      pipefarm logs runs/sweep 42
+      pipefarm logs runs/sweep 42 --attempt 1 --stderr
+    """
+    from .execute.output import read_output
+
+    run = _open(run_dir)
+    try:
+        ref = run.store.output_ref(task, attempt)
+    except KeyError:
+        raise click.UsageError(f"no task {task} in {run_dir}") from None
+    data = read_output(run.path, ref, "stderr" if want_stderr else "stdout")
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+# --- retry / cancel --------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--failed", "failed_only", is_flag=True, default=False, help="Only failed tasks (the default without --ids; with --all, also cancelled and skipped ones).")
+@click.option("--all", "everything", is_flag=True, help="Failed, cancelled and skipped tasks.")
+@click.option("--ids", metavar="ID,...", help="Exactly these tasks (ids or ranges 1-100).")
+def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None) -> None:
+    """Give ended tasks a new attempt budget; then `pipefarm run` again.
+
+    \b
+      pipefarm retry runs/sweep            # every failed task
+      pipefarm retry runs/sweep --ids 7,12-20
+    """
+    n = _open(run_dir).retry(_ids(ids), failed_only=not everything)
+    click.echo(f"{n:,} task(s) will run again; now: pipefarm run {run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--ids", metavar="ID,...", help="Only these tasks (ids or ranges); default: every unfinished task.")
+def cancel(run_dir: str, ids: str | None) -> None:
+    """Cancel unfinished tasks; tasks that depend on them are skipped.
+
+    \b
+      pipefarm cancel runs/sweep --ids 100-200
+    """
+    n = _open(run_dir).cancel(_ids(ids))
+    click.echo(f"{n:,} task(s) cancelled")
+
+
+# --- failures --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--top", type=int, default=20, show_default=True, help="Groups to show.")
+def failures(run_dir: str, as_json: bool, top: int) -> None:
+    """Failed tasks grouped by error signature, biggest group first.
+
+    \b
+      pipefarm failures runs/sweep
+    The signature is the exit code and the last stderr line (or the exception type and
+    message) with numbers, paths and quoted values blanked out.
+    """
+    from .observe.failures import failures as groups_of
+
+    groups = groups_of(_open(run_dir))
+    if as_json:
+        import msgspec
+
+        click.echo(msgspec.json.encode(groups[:top]).decode())
+        return
+    if not groups:
+        click.echo("no failed tasks")
+        return
+    total = sum(g.count for g in groups)
+    click.echo(f"{total:,} failed task(s) in {len(groups)} group(s):")
+    for g in groups[:top]:
+        click.echo(f"\n{g.count:>8,}  {g.signature}")
+        example = g.example_error.strip().splitlines()
+        click.echo(f"          e.g. task {g.example_task}: " + (example[-1] if example else ""))
+        more = ", ".join(map(str, g.task_ids[:10]))
+        click.echo(f"          tasks: {more}{' ...' if g.count > 10 else ''}")

@@ -1,0 +1,155 @@
+"""``pf.Executor``: a :class:`concurrent.futures.Executor` on pipefarm's local engine.
+
+Tasks go through the same store and local backend as a durable run. By default the store lives
+in memory (nothing is left behind, like ``ProcessPoolExecutor``); pass ``run_dir`` to keep
+every task and result on disk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import pickle
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import TaskFailed
+from .states import Outcome
+from .task import PY, Finished, Spec, dumps_args
+
+
+class Executor(cf.Executor):
+    """Run callables in ``max_workers`` processes (default: the CPU count).
+
+    ``timeout`` (seconds) applies to each call: an overrunning call fails its future with
+    :class:`pipefarm.TaskFailed` and its worker process is replaced.
+    """
+
+    def __init__(self, max_workers: int | None = None, *, run_dir: str | None = None,
+                 timeout: float | None = None) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._max_workers = max_workers
+        self._run_dir = run_dir
+        self._timeout = timeout
+        self._inbox: queue.SimpleQueue[tuple[cf.Future, Callable, tuple, dict] | None] = queue.SimpleQueue()
+        self._futures: dict[int, cf.Future] = {}
+        self._shutdown = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    # --- the concurrent.futures API ---------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._error is not None:
+                raise RuntimeError(f"the executor's engine failed: {self._error}")
+            fut: cf.Future = cf.Future()
+            self._inbox.put((fut, fn, args, kwargs))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._engine, name="pipefarm-executor",
+                                                daemon=True)
+                self._thread.start()
+            return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._inbox.put(None)
+        if wait and self._thread is not None:
+            self._thread.join()
+
+    # --- the engine thread -----------------------------------------------------------------------
+    def _engine(self) -> None:
+        from .backends.local import LocalBackend
+        from .store.sqlite import SQLiteStore
+
+        store = SQLiteStore(self._run_dir or ":memory:", synchronous="NORMAL")
+        specs: dict[int, tuple[int, Callable]] = {}
+        closing = False
+
+        def spec_for(fn: Callable) -> int:
+            hit = specs.get(id(fn))
+            if hit is not None and hit[1] is fn:
+                return hit[0]
+            import cloudpickle
+
+            payload = cloudpickle.dumps(fn, protocol=5)
+            # every outcome is final: no retries, a dead worker fails the call
+            sid = store.add_spec(Spec(kind=PY, payload=payload, timeout=self._timeout,
+                                      max_attempts=1, max_lost=1))
+            specs[id(fn)] = (sid, fn)
+            return sid
+
+        def feed(wait_s: float = 0.0) -> bool:
+            nonlocal closing
+            batch: list[tuple[cf.Future, Callable, tuple, dict]] = []
+            while True:
+                try:
+                    item = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                wait_s = 0.0
+                if item is None:
+                    closing = True
+                    continue
+                batch.append(item)
+            for fut, fn, args, kwargs in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    sid = spec_for(fn)
+                    tid = store.add_tasks(sid, [dumps_args(args, kwargs)])[0]
+                except BaseException as exc:  # unpicklable function or arguments
+                    fut.set_exception(exc)
+                    continue
+                self._futures[tid] = fut
+            return not (closing and self._inbox.empty())
+
+        def on_finished(done: list[Finished]) -> None:
+            for f in done:
+                fut = self._futures.pop(f.task, None)
+                if fut is None:
+                    continue
+                if f.outcome == Outcome.SUCCEEDED:
+                    try:
+                        fut.set_result(pickle.loads(f.result) if f.result is not None else None)
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+                    continue
+                cause = None
+                if f.result is not None:
+                    try:
+                        cause = pickle.loads(f.result)
+                    except BaseException:
+                        cause = None
+                if isinstance(cause, BaseException):
+                    fut.set_exception(cause)
+                else:
+                    state = Outcome(f.outcome).label
+                    fut.set_exception(TaskFailed(f.task, state, f.error))
+            if self._run_dir is None and done:
+                store.forget([f.task for f in done])
+
+        try:
+            LocalBackend(self._max_workers, capture_output=False).execute(
+                store, run_dir=self._run_dir, feed=feed, on_finished=on_finished, stop=self._stop)
+        except BaseException as exc:
+            self._error = exc
+            for fut in self._futures.values():
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"the executor's engine failed: {exc}"))
+        finally:
+            store.close()

@@ -1,0 +1,40 @@
+"""What a run looks like now: counts, throughput, ETA and the latest failures (read only)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> dict[str, Any]:
+    """The status of ``run`` as a JSON-ready dict (``pipefarm status --json``)."""
+    db = run.store.db
+    counts = run.store.counts()
+    total = sum(counts.values())
+    now = time.time()
+    recent = db.execute(
+        "SELECT count(*), min(ended_at) FROM tasks WHERE state IN (4,5) AND ended_at >= ?",
+        (now - window_s,),
+    ).fetchone()
+    n_recent, first = recent
+    span = (now - first) if first else 0.0
+    rate = n_recent / span if n_recent and span > 0 else 0.0
+    left = sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+    fails = [
+        {"task_id": t, "key": k, "exit_code": code, "error": (err or "").strip().splitlines()[-1:] and
+         (err or "").strip().splitlines()[-1], "ended_at": ended}
+        for t, k, code, err, ended in db.execute(
+            "SELECT id, key, exit_code, error, ended_at FROM tasks WHERE state=5"
+            " ORDER BY ended_at DESC LIMIT ?",
+            (last_failures,),
+        )
+    ]
+    return {
+        "run": str(run.path),
+        "total": total,
+        "counts": counts,
+        "done": counts["succeeded"] + counts["failed"] + counts["skipped"] + counts["cancelled"],
+        "throughput_per_s": round(rate, 3),
+        "eta_s": round(left / rate, 1) if rate > 0 and left else None,
+        "last_failures": fails,
+    }
