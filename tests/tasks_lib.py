@@ -93,8 +93,10 @@ def count_then(counter_path, succeed_on, value):
     return value
 
 
-def fail_first_time(flag_path, value):
-    """Raise the first time (creating ``flag_path``), succeed afterwards."""
+def fail_first_time(flag_path, value, seconds=0.0):
+    """Raise the first time (creating ``flag_path``), succeed afterwards; sleep first."""
+    if seconds:
+        time.sleep(seconds)
     p = Path(flag_path)
     if not p.exists():
         p.write_text("failed once")
@@ -122,14 +124,12 @@ def stuck_in_sigwait(pid_path=None):
     return "sigwait returned"
 
 
-def big_bytes(i, size):
+def big_bytes(i, size, seconds=0.0):
     """``size`` bytes that depend on ``i`` (checked byte for byte by the tests)."""
+    if seconds:
+        time.sleep(seconds)
     unit = (f"{i:08d}".encode() * (size // 8 + 1))
     return unit[:size]
-
-
-def expected_big_bytes(i, size):
-    return big_bytes(i, size)
 
 
 def getpid(_=None):

@@ -220,3 +220,13 @@ def test_read_output_refuses_paths_in_references(tmp_path):
         read_output(sub, "s0+1//../secret", "stdout")
     with pytest.raises(ValueError):
         read_output(sub, "t1/0/../../secret", "stdout")
+
+
+def test_command_can_ask_for_its_own_files(tmp_path):
+    with OutputSink(tmp_path, "w1") as sink:  # a sink for shared files
+        shared = run(Command(shell="echo shared"), sink, task=1)
+        own = run(Command(shell="echo own", output_per_task=True), sink, task=2)
+    assert read_output(tmp_path, shared.output, "stdout") == b"shared\n"
+    assert read_output(tmp_path, own.output, "stdout") == b"own\n"
+    assert (tmp_path / "tasks" / "2.1.w1.out").read_bytes() == b"own\n"
+    assert (tmp_path / "w1.out").read_bytes() == b"shared\n"

@@ -35,8 +35,14 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import backends  # noqa: F401
     from .backends.local import Summary  # noqa: F401
-    from .errors import PipefarmError, RunLocked, SubmissionError, TaskFailed  # noqa: F401
-    from .errors import TaskNotFinished, UnsafeRun  # noqa: F401
+    from .errors import (  # noqa: F401  # noqa: F401
+        PipefarmError,
+        RunLocked,
+        SubmissionError,
+        TaskFailed,
+        TaskNotFinished,
+        UnsafeRun,
+    )
     from .executor import Executor  # noqa: F401
     from .run import Run  # noqa: F401
     from .states import Outcome, State  # noqa: F401

@@ -118,8 +118,15 @@ class Executor(cf.Executor):
                 self._futures[tid] = fut
             return not (closing and self._inbox.empty())
 
-        def on_finished(done: list[Finished]) -> None:
-            for f in done:
+        def on_finished(ok: list[tuple], others: list[Finished]) -> None:
+            for row in ok:
+                fut = self._futures.pop(row[0], None)
+                if fut is not None:
+                    try:
+                        fut.set_result(pickle.loads(row[5]) if row[5] is not None else None)
+                    except BaseException as exc:  # a result that cannot be unpickled here
+                        fut.set_exception(exc)
+            for f in others:
                 fut = self._futures.pop(f.task, None)
                 if fut is None:
                     continue
@@ -138,10 +145,9 @@ class Executor(cf.Executor):
                 if isinstance(cause, BaseException):
                     fut.set_exception(cause)
                 else:
-                    state = Outcome(f.outcome).label
-                    fut.set_exception(TaskFailed(f.task, state, f.error))
-            if self._run_dir is None and done:
-                store.forget([f.task for f in done])
+                    fut.set_exception(TaskFailed(f.task, Outcome(f.outcome).label, f.error))
+            if self._run_dir is None:
+                store.forget([r[0] for r in ok] + [f.task for f in others])
 
         try:
             LocalBackend(self._max_workers, capture_output=False).execute(

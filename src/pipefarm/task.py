@@ -13,6 +13,13 @@ import msgspec
 PY = "py"
 CMD = "cmd"
 
+#: Results larger than this are kept as files under ``RUN/results`` rather than in the catalog.
+INLINE_RESULT_MAX = 64 * 1024
+
+#: A success with a small result and nothing else to record, in the order stores bind it:
+#: ``(task, token, attempt, started_at, ended_at, result)``.
+SuccessRow = tuple[int, int, int, float, float, "bytes | None"]
+
 
 class Resources(msgspec.Struct, frozen=True):
     """What one task needs while it runs."""

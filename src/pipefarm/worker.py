@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from .states import Outcome
-from .task import CMD, PY, Finished, Lease, Spec
+from .task import CMD, INLINE_RESULT_MAX, PY, Finished, Lease, Spec
 
 # --- the shared slots -----------------------------------------------------------------------------
 _SLOT = struct.Struct("<qd")  # task id (0: idle), start time
@@ -120,6 +120,11 @@ class LeaseRunner:
         return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
                         error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
 
+    def sync(self) -> None:
+        """Make the command output written so far durable (before its offsets are reported)."""
+        if self._sink is not None:
+            self._sink.sync()
+
     def _run_cmd(self, spec: Spec, lease: Lease, extra_env: dict[str, str] | None) -> Finished:
         from .execute.cmd import decode_command, decode_values, run_command
         from .execute.output import OutputSink
@@ -162,10 +167,16 @@ class Batch(msgspec.Struct, array_like=True):
 
 
 class Done(msgspec.Struct, array_like=True):
-    """Worker -> coordinator: how each lease of a batch ended."""
+    """Worker -> coordinator: how each lease of a batch ended.
+
+    Plain successes travel as rows ready for the store (:data:`~pipefarm.task.SuccessRow`),
+    everything else as :class:`~pipefarm.task.Finished`; ``busy`` is the time spent in tasks.
+    """
 
     id: int
-    finished: list[Finished]
+    ok: list[tuple[int, int, int, float, float, bytes | None]]
+    others: list[Finished]
+    busy: float
 
 
 _batch_decoder = msgspec.msgpack.Decoder(Batch | None)
@@ -202,12 +213,23 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
             return
         for sid, blob in batch.specs.items():
             specs[sid] = spec_decoder.decode(blob)
-        out = []
+        ok: list[tuple] = []
+        others: list[Finished] = []
+        busy = 0.0
         for lease in batch.leases:
             slots.set(index, lease.task, time.time())
-            out.append(run(lease, batch.env))
+            f = run(lease, batch.env)
             slots.clear(index)
-        conn_out.send_bytes(_done_encoder.encode(Done(batch.id, out)))
+            busy += f.ended_at - f.started_at
+            if (
+                f.outcome == 0 and f.error is None and f.note is None and f.output is None
+                and f.exit_code is None and (f.result is None or len(f.result) <= INLINE_RESULT_MAX)
+            ):
+                ok.append((f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result))
+            else:
+                others.append(f)
+        run.sync()
+        conn_out.send_bytes(_done_encoder.encode(Done(batch.id, ok, others, busy)))
 
 
 def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: int,

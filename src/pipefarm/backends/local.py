@@ -138,13 +138,14 @@ class LocalBackend:
         run_dir: str | None = None,
         on_progress: ProgressFn | None = None,
         feed: Callable[[float], bool] | None = None,
-        on_finished: Callable[[list[Finished]], None] | None = None,
+        on_finished: Callable[[list[tuple], list[Finished]], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Summary:
         """Run every claimable task of ``store`` until none is left.
 
         ``feed(wait_s)`` (the Executor's) is called every loop turn to add tasks, waiting up to
-        ``wait_s`` for one when idle; it returns False once no more will come. ``on_finished`` sees every committed outcome. ``stop`` ends the run
+        ``wait_s`` for one when idle; it returns False once no more will come. ``on_finished(ok_rows, others)`` sees every committed outcome: plain
+        successes as :data:`~pipefarm.task.SuccessRow` rows, the rest as Finished. ``stop`` ends the run
         like Ctrl-C does.
         """
         return _Coordinator(self, store, run_dir, on_progress, feed, on_finished, stop).run()
@@ -153,7 +154,7 @@ class LocalBackend:
 class _Coordinator:
     def __init__(self, cfg: LocalBackend, store: Any, run_dir: str | None,
                  on_progress: ProgressFn | None, feed: Callable[[float], bool] | None,
-                 on_finished: Callable[[list[Finished]], None] | None,
+                 on_finished: Callable[[list[tuple], list[Finished]], None] | None,
                  stop: threading.Event | None) -> None:
         self.cfg = cfg
         self.store = store
@@ -165,7 +166,13 @@ class _Coordinator:
         self.tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         self.host = _host()
         self.workers: list[_Worker] = []
-        self.pending: dict[str, list[Finished]] = collections.defaultdict(list)
+        # committed-but-not-yet outcomes per worker: plain success rows, and everything else
+        self.pending_ok: dict[str, list[tuple]] = collections.defaultdict(list)
+        self.pending_other: dict[str, list[Finished]] = collections.defaultdict(list)
+        self.n_pending = 0
+        # leases live in memory (see SQLiteStore.lease_ready): ids leased and not yet committed
+        self.inflight: set[int] = set()
+        self.cursor: tuple[int, float, int] | None = None
         self.last_commit = time.monotonic()
         self.batch_id = 0
         self.per_task_s: float | None = None  # EWMA of task duration
@@ -283,13 +290,14 @@ class _Coordinator:
                 if w.outstanding or self.cpus_free < 1:
                     return True
                 gpus_free = len(self.gpu_pool.free()) if self.gpu_pool else 0
-                leases = self.store.claim(w.id, 1, Resources(cpus=self.cpus_free, gpus=gpus_free))
+                leases, _ = self.store.lease_ready(
+                    1, self.inflight, None, Resources(cpus=self.cpus_free, gpus=gpus_free))
                 if leases:
                     spec = self._spec(leases[0].spec)
                     held_cpus = max(1, spec.resources.cpus)
                     env, held_gpus = self._devices_for(spec)
             else:
-                leases = self.store.claim(w.id, self._batch_size())
+                leases, self.cursor = self.store.lease_ready(self._batch_size(), self.inflight, self.cursor)
             if not leases:
                 self.dry_until = now + 0.1
                 return False
@@ -301,6 +309,7 @@ class _Coordinator:
                     w.specs_sent.add(lease.spec)
             if self.resourceful and not env:
                 env, held_gpus = self._devices_for(self._spec(leases[0].spec))
+            self.inflight.update(lz.task for lz in leases)
             self.batch_id += 1
             w.conn_out.send_bytes(msgspec.msgpack.encode(Batch(self.batch_id, leases, specs, env)))
             w.outstanding.append((self.batch_id, leases, time.monotonic(), held_cpus, held_gpus))
@@ -331,35 +340,46 @@ class _Coordinator:
             return  # a batch we already gave up on
         _, leases, sent, cpus, gpus = w.outstanding.popleft()
         self._release_resources(cpus, gpus)
-        self.pending[w.id].extend(done.finished)
-        if done.finished:
-            busy = sum(f.ended_at - f.started_at for f in done.finished) / len(done.finished)
-            busy = max(busy, 2e-6)
+        if done.ok:
+            self.pending_ok[w.id].extend(done.ok)
+        if done.others:
+            self.pending_other[w.id].extend(done.others)
+        n = len(done.ok) + len(done.others)
+        self.n_pending += n
+        if n:
+            busy = max(done.busy / n, 2e-6)
             self.per_task_s = busy if self.per_task_s is None else 0.7 * self.per_task_s + 0.3 * busy
 
     def _commit(self, force: bool = False) -> None:
-        if not self.pending:
+        if not self.n_pending:
             return
         now = time.monotonic()
-        n = sum(len(v) for v in self.pending.values())
-        if not force and n < 20000 and now - self.last_commit < self.cfg.commit_every_s:
+        if not force and self.n_pending < 20000 and now - self.last_commit < self.cfg.commit_every_s:
             return
-        committed: list[Finished] = []
-        for wid, outs in list(self.pending.items()):
-            self.store.finish(wid, outs)
-            committed.extend(outs)
-            del self.pending[wid]
+        all_ok: list[tuple] = []
+        all_other: list[Finished] = []
+        with self.store.transaction():
+            for wid in set(self.pending_ok) | set(self.pending_other):
+                ok = self.pending_ok.pop(wid, [])
+                other = self.pending_other.pop(wid, [])
+                self.store.finish_leased(wid, ok, other)
+                all_ok += ok
+                all_other += other
+        self.inflight.difference_update(r[0] for r in all_ok)
+        self.inflight.difference_update(f.task for f in all_other)
+        self.n_pending = 0
         self.last_commit = now
-        self.dry_until = 0.0  # a finish can unblock dependents or schedule a retry
-        self.attempts += len(committed)
-        wins = sum(1 for f in committed if f.outcome == Outcome.SUCCEEDED)
-        if wins == len(committed) and not getattr(self.store, "_has_deps", False) and self.counts:
-            self.counts["succeeded"] += wins
-            self.counts["ready"] = max(0, self.counts["ready"] - wins)
-        else:
+        self.dry_until = 0.0
+        self.attempts += len(all_ok) + len(all_other)
+        has_deps = getattr(self.store, "_has_deps", False)
+        if all_other or has_deps:
+            self.cursor = None  # a retry or an unblocked dependent may be ready before the cursor
             self.counts_stale = True
+        elif self.counts:
+            self.counts["succeeded"] += len(all_ok)
+            self.counts["ready"] = max(0, self.counts["ready"] - len(all_ok))
         if self.on_finished is not None:
-            self.on_finished(committed)
+            self.on_finished(all_ok, all_other)
         self._progress()
 
     def _progress(self, final: bool = False) -> None:
@@ -378,25 +398,29 @@ class _Coordinator:
     # --- failures of workers ---------------------------------------------------------------------
     def _abandon(self, w: _Worker, current_outcome: Outcome | None, note: str) -> None:
         """``w`` is gone: its current task gets ``current_outcome``, the rest are released."""
-        current, started = self.slots.get(w.index) if self.slots else (0, 0.0)
-        self.slots.clear(w.index) if self.slots else None
+        assert self.slots is not None
+        current, started = self.slots.get(w.index)
+        self.slots.clear(w.index)
         now = time.time()
         to_release: list[tuple[int, int]] = []
         for _, leases, _, cpus, gpus in w.outstanding:
             self._release_resources(cpus, gpus)
             for lease in leases:
                 if lease.task == current and current_outcome is not None:
-                    self.pending[w.id].append(
+                    self.pending_other[w.id].append(
                         Finished(lease.task, lease.token, int(current_outcome), started or now, now,
                                  error=note, attempt=lease.attempt)
                     )
+                    self.n_pending += 1
                 else:
                     to_release.append((lease.task, lease.token))
         w.outstanding.clear()
         self._commit(force=True)
-        if to_release:
-            self.store.release(w.id, to_release)
+        # leases only in memory vanish with the batch; ones already marked running go back
+        self.store.release(w.id, [t for t in to_release if t[0] in self.marked])
+        self.inflight.difference_update(t for t, _ in to_release)
         self.counts_stale = True
+        self.cursor = None
         self.dry_until = 0.0
 
     def _replace(self, w: _Worker) -> None:
@@ -510,7 +534,7 @@ class _Coordinator:
             busy = [w for w in self.workers if w.alive and w.outstanding]
             if not busy and not claimed_any:
                 self._commit(force=True)
-                if self.pending:
+                if self.n_pending:
                     continue
                 if self.feeding:
                     self.feeding = bool(self.feed(0.05))  # idle: block on the feed a little
@@ -557,7 +581,7 @@ class _Coordinator:
 
     def _mark_running(self) -> None:
         """Record which leased tasks have started (one per busy worker, from the slots)."""
-        started = []
+        assert self.slots is not None
         for w in self.workers:
             if not (w.alive and w.outstanding):
                 continue
@@ -565,15 +589,14 @@ class _Coordinator:
             if task and task not in self.marked:
                 lease = next((x for _, ls, *_ in w.outstanding for x in ls if x.task == task), None)
                 if lease is not None:
-                    started.append((lease.task, lease.token))
-        if started:
-            self.store.start(started)
-            self.marked.update(t for t, _ in started)
-            if len(self.marked) > 10000:
-                self.marked.clear()
+                    self.store.start_leased(w.id, [lease])
+                    self.marked.add(task)
+        if len(self.marked) > 100_000:
+            self.marked.intersection_update(self.inflight)
 
     def _more_claimable(self) -> bool:
         self.dry_until = 0.0
+        self.cursor = None
         probe = [w for w in self.workers if w.alive]
         return any(self._fill(w) for w in probe[:1])
 

@@ -7,15 +7,16 @@ group, streams its output into an :class:`~pipefarm.execute.output.OutputSink`, 
 timeout on the whole process group and never raises for a failing command: every way a command
 can fail ends up in the returned :class:`CmdResult`.
 
-Children do not outlive their worker. The brief asked for ``PR_SET_PDEATHSIG`` set from a
-``preexec_fn``; measured on the 2-core development machine, a ``preexec_fn`` forces CPython off
-its ``vfork`` fast path onto a full ``fork`` and cut spawn throughput of ``true`` from ~1,100/s
-to ~320/s per worker (and to ~50/s in a worker holding 500 MiB, since ``fork`` copies page
-tables). It also only kills the direct child, not what the child started. So by default each
-worker starts one tiny *guardian* process (see :data:`CHILD_GUARD`) that learns every task's
-process group through a pipe and, when the worker dies (the pipe reaches EOF), kills those
-whole groups. ``PIPEFARM_CHILD_GUARD=pdeathsig`` selects the ``prctl`` way instead, ``none``
-turns both off.
+Children do not outlive their worker. ``PR_SET_PDEATHSIG`` needs a ``preexec_fn``, and a
+``preexec_fn`` forces CPython off its ``vfork`` fast path onto a full ``fork`` (posix_spawn is
+already ruled out by ``start_new_session``): measured on the 2-core development machine it cut
+spawn throughput of ``true`` from ~1,100/s to ~320/s per worker, and to ~50/s in a worker
+holding 500 MiB (``fork`` copies page tables). PDEATHSIG also kills only the direct child, not
+what it started, and fires when the spawning *thread* exits. So by default each worker process
+starts one tiny *guardian* process (see :data:`CHILD_GUARD`) that learns every task's process
+group through a pipe and, when the worker dies (the pipe reaches EOF), stops those whole
+groups (SIGTERM, grace, SIGKILL); its cost does not show in the spawn rate.
+``PIPEFARM_CHILD_GUARD=pdeathsig`` selects the ``prctl`` way instead, ``none`` neither.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class Command(msgspec.Struct, omit_defaults=True):
     spec applied to the value as a number when it looks like one (``{index:05d}``).
     In ``argv`` mode a value becomes part of exactly one argv element; no shell is involved.
     In ``shell`` mode each value is quoted with :func:`shlex.quote` before it goes into the
-    line, which runs under ``/bin/sh -c`` -- so do not put placeholders inside quotes there.
+    line, which runs under ``/bin/sh -c`` -- so do not put placeholders inside quotes there,
+    and write the shell's own ``${VAR}`` as ``${{VAR}}`` (``$VAR`` needs nothing).
     ``cwd`` may contain placeholders too (a per-task working directory); ``env`` is literal.
     """
 
@@ -599,7 +601,7 @@ def run_command(
     import subprocess
 
     started = time.time()
-    out = sink.attempt(task, attempt, cmd.output_cap)
+    out = sink.attempt(task, attempt, cmd.output_cap, True if cmd.output_per_task else None)
     try:
         argv = render(cmd, values)
         cwd = render_cwd(cmd, values)

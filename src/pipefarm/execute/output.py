@@ -59,9 +59,16 @@ class OutputSink:
         self._locks = (threading.Lock(), threading.Lock())
         self._dirs: set[Path] = set()
 
-    def attempt(self, task: int, attempt: int, cap: int) -> AttemptOutput:
-        """Start collecting one attempt's output; at most ``cap`` bytes per stream are kept."""
-        return AttemptOutput(self, task, attempt, cap)
+    def attempt(
+        self, task: int, attempt: int, cap: int, per_task: bool | None = None
+    ) -> AttemptOutput:
+        """Start collecting one attempt's output; at most ``cap`` bytes per stream are kept.
+
+        ``per_task`` overrides the sink's mode for this attempt (a Command that asks for its
+        own files gets them even from a worker whose sink was made for shared files).
+        """
+        mode = self.per_task if per_task is None else per_task
+        return AttemptOutput(self, task, attempt, cap, mode)
 
     def _mkdir(self, path: Path) -> None:
         if path not in self._dirs:
@@ -118,11 +125,14 @@ class OutputSink:
 class AttemptOutput:
     """The output of one attempt on its way to disk; the cap is enforced as bytes arrive."""
 
-    __slots__ = ("sink", "task", "attempt", "cap", "seen", "kept", "errors",
+    __slots__ = ("sink", "task", "attempt", "cap", "per_task", "seen", "kept", "errors",
                  "_bufs", "_extents", "_fds", "_stem", "_written")
 
-    def __init__(self, sink: OutputSink, task: int, attempt: int, cap: int) -> None:
+    def __init__(
+        self, sink: OutputSink, task: int, attempt: int, cap: int, per_task: bool = False
+    ) -> None:
         self.sink = sink
+        self.per_task = per_task
         self.task = task
         self.attempt = attempt
         self.cap = cap
@@ -171,7 +181,7 @@ class AttemptOutput:
 
     def _write(self, stream: int, data: bytes | memoryview) -> None:
         try:
-            if self.sink.per_task:
+            if self.per_task:
                 fd = self._fds[stream]
                 if fd is None:
                     folder = self.sink.log_dir / TASKS_DIRNAME
@@ -188,7 +198,7 @@ class AttemptOutput:
                 self.sink._append(stream, data, self._extents[stream])
         except OSError as exc:  # disk full, quota: keep running, say what was not kept
             self.errors[stream] = exc.strerror or str(exc)
-            if not self.sink.per_task:
+            if not self.per_task:
                 self._written[stream] = sum(e[1] for e in self._extents[stream])
             self.kept[stream] = self._written[stream]
             self._bufs[stream].clear()
@@ -214,7 +224,7 @@ class AttemptOutput:
         note = "; ".join(notes) or None
         if not (self.kept[0] or self.kept[1]):
             return None, note
-        if self.sink.per_task:
+        if self.per_task:
             ref = f"t{self.kept[0]}/{self.kept[1]}/{self._stem}"
         else:
             ext = [",".join(f"{o}+{n}" for o, n in self._extents[s]) for s in (0, 1)]

@@ -12,6 +12,7 @@ spends microseconds per task. Transitions are restricted in SQL to the source st
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import sqlite3
@@ -23,13 +24,11 @@ from typing import Any
 
 from .. import states
 from ..states import Outcome, State
-from ..task import Finished, Lease, Resources, Spec
+from ..task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
 from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
 
 SCHEMA_VERSION = 1
 
-#: Results larger than this are written as files under ``RUN/results`` instead of inline.
-INLINE_RESULT_MAX = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
@@ -55,7 +54,7 @@ CREATE TABLE IF NOT EXISTS tasks(
   outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
   exit_code INTEGER, error TEXT, note TEXT, output TEXT,
   result BLOB, result_file TEXT);
-CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = 1;
 CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
   PRIMARY KEY(dep, task)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts(
@@ -352,6 +351,135 @@ class SQLiteStore(Store):
         rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
         return [Lease(r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
+    # --- leases held in the coordinator's memory (the local backend) ----------------------------
+    # The local backend's coordinator is the run's only writer (it holds the run lock) and its
+    # workers die with it, so it can keep leases in memory: a task costs one write when it ends
+    # (plus one when it is seen running), not one more when it is leased. Tokens still guard
+    # every commit: a task the user cancelled meanwhile, or one that was already committed,
+    # turns the outcome into a stale attempt.
+
+    def lease_ready(
+        self,
+        n: int,
+        inflight: set[int],
+        cursor: tuple[int, float, int] | None = None,
+        resources: Resources | None = None,
+        now: float | None = None,
+    ) -> tuple[list[Lease], tuple[int, float, int] | None]:
+        """Up to ``n`` ready tasks in claim order, leased in memory: nothing is written.
+
+        ``inflight`` holds the ids the caller already leases (passed over). ``cursor`` is the
+        order key of the caller's last lease: the search continues within that priority and
+        cost from there, and from the top when that is used up (pass None after anything became
+        ready again). Returns the leases and the new cursor.
+        """
+        now = self._now(now)
+        fit, fit_params = "", []
+        if resources is not None:
+            fit = " AND spec IN (SELECT id FROM specs WHERE cpus <= ? AND gpus <= ?)"
+            fit_params = [resources.cpus, resources.gpus]
+        rows: list[tuple] = []
+        if cursor is not None:
+            rows = self.db.execute(
+                "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
+                f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
+                " ORDER BY id LIMIT ?",
+                [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
+            ).fetchall()
+        if len(rows) < n:
+            taken = {r[2] for r in rows}
+            picked: list[int] = []
+            scan = self.db.execute(
+                "SELECT id FROM tasks INDEXED BY ix_ready WHERE state=1"
+                f" AND (ready_at IS NULL OR ready_at<=?){fit} ORDER BY priority DESC, cost DESC, id",
+                [now, *fit_params],
+            )
+            want = n - len(rows)
+            for (tid,) in scan:  # passes over at most the tasks in flight
+                if tid in inflight or tid in taken:
+                    continue
+                picked.append(tid)
+                if len(picked) >= want:
+                    break
+            scan.close()
+            for chunk in _chunks(picked):
+                rows += self.db.execute(
+                    "SELECT priority, cost, id, attempt, spec, args FROM tasks"
+                    f" WHERE id IN ({_qs(len(chunk))})",
+                    chunk,
+                ).fetchall()
+            rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
+        if not rows:
+            return [], cursor
+        token = secrets.randbits(62)
+        last = rows[-1]
+        return [Lease(r[2], token, r[3] + 1, r[4], r[5]) for r in rows], (last[0], last[1], last[2])
+
+    def start_leased(self, worker: str, leases: Iterable[Lease], now: float | None = None) -> int:
+        """Record that leases held in memory have started (READY -> CLAIMED -> RUNNING)."""
+        now = self._now(now)
+        with self._tx() as db:
+            return db.executemany(
+                f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
+                " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
+                ((lz.token, worker, lz.attempt, now, now, lz.task) for lz in leases),
+            ).rowcount
+
+    def finish_leased(
+        self,
+        worker: str,
+        succeeded: Sequence[Sequence[Any]],
+        others: Sequence[Finished] = (),
+        now: float | None = None,
+    ) -> int:
+        """Commit outcomes of leases held in memory; returns how many took effect.
+
+        ``succeeded`` rows are ``(task, token, attempt, started_at, ended_at, result)`` of
+        successes with a small result and nothing else to record; ``others`` are every other
+        outcome. A task that is no longer ready-and-unleased nor running under this token
+        gets a stale attempt instead.
+        """
+        now = self._now(now)
+        files: list[Path] = []
+        applied = 0
+        try:
+            with self._tx() as db:
+                if succeeded:
+                    applied += db.executemany(
+                        f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+                        " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
+                        f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
+                        f" OR (state={int(_S.RUNNING)} AND token=?2))",
+                        [(*row, worker) for row in succeeded],
+                    ).rowcount
+                    if applied != len(succeeded):
+                        applied = self._record_stale_among(
+                            db, worker,
+                            [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2])
+                             for r in succeeded],
+                            files,
+                        )
+                    if self._has_deps:
+                        self._release_dependents(db, [r[0] for r in succeeded])
+                if others:
+                    # the lease becomes a real one first, then the ordinary path applies
+                    db.executemany(
+                        f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
+                        " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
+                        ((f.token, worker, f.attempt, now, f.started_at, f.task) for f in others),
+                    )
+                    wins = [f for f in others if f.outcome == Outcome.SUCCEEDED]
+                    if wins:
+                        applied += self._finish_succeeded(db, worker, wins, now, files)
+                    for f in others:
+                        if f.outcome != Outcome.SUCCEEDED:
+                            applied += self._finish_unsuccessful(db, worker, f, now)
+        except BaseException:
+            for p in files:
+                p.unlink(missing_ok=True)
+            raise
+        return applied
+
     def heartbeat(self, worker: str, now: float | None = None) -> None:
         now = self._now(now)
         with self._tx():
@@ -396,14 +524,23 @@ class SQLiteStore(Store):
         if f.result is None or len(f.result) <= INLINE_RESULT_MAX or self.run_dir is None:
             return f.result, None
         rdir = self.run_dir / "results"
-        rdir.mkdir(exist_ok=True)
         name = f"{f.task}-{f.token:x}.pkl"
         tmp = rdir / (name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(f.result)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, rdir / name)
+        try:
+            rdir.mkdir(exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(f.result)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, rdir / name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"the disk holding {self.run_dir} is full (writing a result file): nothing of"
+                    " this write was saved; free some space and run again to resume"
+                ) from exc
+            raise
         files.append(rdir / name)
         return None, f"results/{name}"
 
@@ -509,12 +646,14 @@ class SQLiteStore(Store):
         nxt = states.after_attempt(outcome, failures, max_attempts, lost, max_lost)
         states.check(State.RUNNING, nxt)
         ready_at = now + states.backoff_delay(backoff, failures) if nxt == State.READY else None
+        # a failure's result is the pickled exception (kept so callers get the original back)
+        blob = f.result if f.result is None or len(f.result) <= INLINE_RESULT_MAX else None
         db.execute(
             "UPDATE tasks SET outcome=?, started_at=coalesce(?, started_at), ended_at=?,"
-            " exit_code=?, error=?, note=?, output=?, failures=?, lost=? WHERE id=?",
+            " exit_code=?, error=?, note=?, output=?, failures=?, lost=?, result=? WHERE id=?",
             (
                 int(outcome), f.started_at, f.ended_at, f.exit_code, f.error, f.note, f.output,
-                failures, lost, f.task,
+                failures, lost, blob, f.task,
             ),
         )
         self._end_attempt(db, f.task, nxt, ready_at)
@@ -529,7 +668,7 @@ class SQLiteStore(Store):
             db.execute(
                 f"UPDATE tasks SET state={int(_S.READY)}, ready_at=?, token=NULL, worker=NULL,"
                 " outcome=NULL, started_at=NULL, ended_at=NULL, exit_code=NULL, error=NULL,"
-                " note=NULL, output=NULL WHERE id=?",
+                " note=NULL, output=NULL, result=NULL WHERE id=?",
                 (ready_at, task),
             )
         else:
