@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = core.load_workloads()
     args = parse_args(argv, workloads)
     if args.list:
-        for wid, wl in workloads.items():
+        for wl in workloads.values():
             print(f"{wl.id:8} {wl.title}  (~{wl.quick_s:.0f} s quick, ~{wl.full_s:.0f} s full)")
         return 0
     selected = list(workloads)
@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     md_path = Path(args.md) if args.md else json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "rows": [r.to_dict() for r in rows], "errors": ctx.errors}
+    doc = {
+        "meta": meta,
+        "rows": [r.to_dict() for r in rows],
+        "errors": ctx.errors,
+        "measurements": ctx.raw,
+    }
     json_path.write_text(json.dumps(doc, indent=1, default=repr) + "\n")
     md_path.write_text(md)
     ctx.log(f"wrote {json_path} and {md_path}")

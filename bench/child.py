@@ -26,7 +26,11 @@ def main(argv: list[str]) -> int:
     try:
         mod_name, func_name = target.split(":")
         func = getattr(importlib.import_module(mod_name), func_name)
+        load0 = os.getloadavg()[0]
         result = func(**kwargs)
+        if isinstance(result, dict):  # how noisy the machine was, to read the numbers by
+            result.setdefault("load1_before", load0)
+            result.setdefault("load1_after", os.getloadavg()[0])
         payload = {"ok": True, "result": result}
         code = 0
     except BaseException as e:  # noqa: BLE001 -- report everything, KeyboardInterrupt included

@@ -37,6 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- rows -----------------------------------------------------------------------------------------
 
+#: Which way is good, by unit (a workload may say otherwise on its rows).
+BETTER = {"tasks/s": "higher", "%": "higher", "s": "lower", "ms": "lower", "B/task": "lower"}
+
 
 @dataclass
 class Row:
@@ -52,6 +55,11 @@ class Row:
     note: str | None = None
     samples: list[float] = field(default_factory=list)
     na: str | None = None  # why there is no value ("not installed", a timeout, an error)
+    better: str | None = None  # "higher" or "lower": which way is good for this metric
+
+    def __post_init__(self):
+        if self.better is None:
+            self.better = BETTER.get(self.unit)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,6 +307,7 @@ class Context:
     quick_timeout: float = 90  # with --quick no child may take longer than this
     verbose: bool = True
     errors: list[dict] = field(default_factory=list)
+    raw: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # every sample, for JSON
     current: str = ""
 
     def log(self, msg: str) -> None:
@@ -315,7 +324,9 @@ class Context:
 
     def wants(self, system: str) -> bool:
         """Whether ``system`` (a peers.SYSTEMS name) was selected with ``--systems``."""
-        return self.systems is None or system in self.systems or system == "pipefarm"
+        if system == "pipefarm" or system.startswith("pf-"):
+            return True  # pipefarm's own rows are always run
+        return self.systems is None or system in self.systems
 
     def measure(self, jobs: Iterable[Job]) -> dict[str, Measurement]:
         """Run ``jobs`` interleaved by repeat; return ``{label: Measurement}``.
@@ -337,6 +348,9 @@ class Context:
                 try:
                     s = run_child(j.target, j.kwargs, timeout, log=self.log)
                     m.samples.append(s)
+                    self.raw.setdefault(self.current, {}).setdefault(j.label, []).append(
+                        {"kwargs": j.kwargs, **s} if isinstance(s, dict) else {"value": s}
+                    )
                     self.log(f"    ok in {time.monotonic() - t:.1f} s")
                 except Unavailable as e:
                     m.errors.append(e)
@@ -475,7 +489,8 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         if r.n and r.na is None:
             value += f" (n={r.n:,})"
         met = {True: "✅", False: "❌", None: ""}[r.met]
-        metric = r.metric + (f" — {r.note}" if r.note else "")
+        arrow = {"higher": " ↑", "lower": " ↓"}.get(r.better or "", "")
+        metric = r.metric + arrow + (f" — {r.note}" if r.note else "")
         lines.append(
             f"| {r.workload} | {_cell(r.system)} | {_cell(metric)} | {_cell(value)} | "
             f"{fmt_ratio(r.ratio_vs)} | {_cell(r.target or '')} | {met} |"
@@ -485,7 +500,8 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         f"({meta.get('cpu_model', '')}), Python {meta.get('python', '')}, "
         f"load {meta.get('load_before', '?')} → {meta.get('load_after', '?')}, "
         f"{meta.get('duration_s', 0):.0f} s. Values are medians of the repeats; "
-        f"pipefarm / peer is pipefarm's value divided by the peer's for the same metric._"
+        f"pipefarm / peer is pipefarm's value divided by the peer's for the same metric "
+        f"(↑: higher is better, so a ratio above 1 favours pipefarm; ↓: lower is better)._"
     )
     return head + "\n\n" + "\n".join(lines) + "\n"
 

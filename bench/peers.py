@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-SYSTEMS = ("pipefarm", "ppe", "joblib", "dask", "ray")
+SYSTEMS = ("pipefarm", "pf-executor", "ppe", "joblib", "dask", "ray")
 
 #: Ray's object store for the benchmarks: small, the tasks pass tiny objects (Ray's minimum is 75 MiB).
 RAY_OBJECT_STORE = 100 * 1024 * 1024
@@ -200,6 +200,29 @@ def _pipefarm(fn, args, workers, mem, opts):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _pf_executor(fn, args, workers, mem, opts):
+    """``pf.Executor``: pipefarm's concurrent.futures face (in-memory store by default)."""
+    import pipefarm as pf
+
+    if not hasattr(pf, "Executor"):
+        raise ImportError("pipefarm core not written yet (no pipefarm.Executor)")
+    watch = None
+    t0 = time.time()
+    ex = pf.Executor(max_workers=workers)
+    try:
+        t_ready = time.time()
+        if mem:
+            watch = RSSWatch().start()
+        it = ex.map(fn, args)  # concurrent.futures' map: one future per task, submitted eagerly
+        t_submitted = time.time()
+        n = sum(1 for _ in it)
+        t_done = time.time()
+        extra = watch.stop() if watch else {}
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    return _result(t0, t_ready, t_submitted, t_done, n, **extra)
+
+
 def _ppe(fn, args, workers, mem, opts):
     from concurrent.futures import ProcessPoolExecutor
 
@@ -329,7 +352,10 @@ def _ray(fn, args, workers, mem, opts):
     return _result(t0, t_ready, t_submitted, t_done, n, **extra)
 
 
-_IMPL = {"pipefarm": _pipefarm, "ppe": _ppe, "joblib": _joblib, "dask": _dask, "ray": _ray}
+_IMPL = {
+    "pipefarm": _pipefarm,
+    "pf-executor": _pf_executor,
+    "ppe": _ppe, "joblib": _joblib, "dask": _dask, "ray": _ray}
 
 
 def run_map(

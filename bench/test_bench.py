@@ -39,7 +39,9 @@ def test_measure_skips_an_unavailable_system_and_takes_medians():
     ctx = core.Context(verbose=False, settle=0)
     ms = ctx.measure(
         [
-            core.Job("ok", "bench.workloads.import_time:child", {"module": "json", "repeats": 1}, 2),
+            core.Job(
+                "ok", "bench.workloads.import_time:child", {"module": "json", "repeats": 1}, 2
+            ),
             core.Job("gone", "bench.no_such_module:f", {}, 3),
         ]
     )

@@ -61,7 +61,8 @@ def _importtime(module: str) -> float | None:
     return None
 
 
-def child(module: str, repeats: int = 7) -> dict:
+def child(module: str, repeats: int = 7, also: str = "") -> dict:
+    """Import time of ``module``; ``also``: code to run after the import, timed with it."""
     if module == "pipefarm":  # fail as "not available" rather than time an empty package
         import pipefarm
 
@@ -69,15 +70,18 @@ def child(module: str, repeats: int = 7) -> dict:
             raise ImportError("pipefarm core not written yet (no pipefarm.Run)")
     else:
         __import__(module)  # not installed: report it, not a CalledProcessError
-    _time(f"import {module}")  # warm the file cache and the bytecode cache
+    code = f"import {module}" + (f"; {also}" if also else "")
+    _time(code)  # warm the file cache and the bytecode cache
     diffs, base, full = [], [], []
     for _ in range(repeats):
         b = _time("pass")
-        f = _time(f"import {module}")
+        f = _time(code)
         base.append(b)
         full.append(f)
         diffs.append(f - b)
-    it = [x for x in (_importtime(module) for _ in range(min(repeats, 3))) if x is not None]
+    it = []
+    if not also:
+        it = [x for x in (_importtime(module) for _ in range(min(repeats, 3))) if x is not None]
     return {
         "import_s": statistics.median(diffs),
         "diffs": diffs,

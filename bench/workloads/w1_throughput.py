@@ -34,6 +34,7 @@ def run(ctx: Context) -> list[Row]:
     n_slow = ctx.size(10_000, 2_000)  # Dask, Ray
     jobs = [
         Job("pipefarm", TARGET, {"system": "pipefarm", "n": n}, ctx.reps(3), 240),
+        Job("pipefarm Executor", TARGET, {"system": "pf-executor", "n": n}, ctx.reps(3), 240),
         Job(
             "ProcessPool chunksize=1",
             TARGET,
@@ -79,7 +80,12 @@ def run(ctx: Context) -> list[Row]:
             "joblib": ("≥ 1×", ratio_at_least(1.0)),
             "Dask": ("≥ 100×", ratio_at_least(100.0)),
         },
-        notes={"Dask": slow_note, "Ray": slow_note, "pipefarm": check},
+        notes={
+            "Dask": slow_note,
+            "Ray": slow_note,
+            "pipefarm": check,
+            "pipefarm Executor": "pf.Executor().map, in-memory store",
+        },
     )
     # pipefarm's own row: met when every ratio target is met
     sub = [

@@ -167,16 +167,23 @@ class Batch(msgspec.Struct, array_like=True):
 
 
 class Done(msgspec.Struct, array_like=True):
-    """Worker -> coordinator: how each lease of a batch ended.
+    """Worker -> coordinator: how leases of a batch ended.
 
     Plain successes travel as rows ready for the store (:data:`~pipefarm.task.SuccessRow`),
     everything else as :class:`~pipefarm.task.Finished`; ``busy`` is the time spent in tasks.
+    ``final`` is False for a report sent while a long task of the batch is still running.
     """
 
     id: int
     ok: list[tuple[int, int, int, float, float, bytes | None]]
     others: list[Finished]
     busy: float
+    final: bool = True
+
+
+#: A task running longer than this has the outcomes finished before it reported at once, so
+#: they are committed (durable) without waiting for the end of the batch.
+FLUSH_AFTER_S = 0.05
 
 
 _batch_decoder = msgspec.msgpack.Decoder(Batch | None)
@@ -204,32 +211,77 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
             inbox.put(None)
 
     threading.Thread(target=read, name="pipefarm-inbox", daemon=True).start()
+    report = _Reporter(conn_out)
+    threading.Thread(target=report.flush_loop, name="pipefarm-flush", daemon=True).start()
     while True:
         msg = inbox.get()
         if msg is None:
+            report.stop = True
             return
         batch = _batch_decoder.decode(msg)
         if batch is None:
+            report.stop = True
             return
         for sid, blob in batch.specs.items():
             specs[sid] = spec_decoder.decode(blob)
-        ok: list[tuple] = []
-        others: list[Finished] = []
-        busy = 0.0
+        report.begin(batch.id)
         for lease in batch.leases:
-            slots.set(index, lease.task, time.time())
+            t0 = time.time()
+            slots.set(index, lease.task, t0)
+            report.running_since = t0
             f = run(lease, batch.env)
+            report.running_since = 0.0
             slots.clear(index)
-            busy += f.ended_at - f.started_at
+            report.add(f)
+        run.sync()
+        report.send(final=True)
+
+
+class _Reporter:
+    """Collects a batch's outcomes and sends them; a thread sends early during a long task."""
+
+    def __init__(self, conn_out: Any) -> None:
+        self.conn_out = conn_out
+        self.lock = threading.Lock()
+        self.batch = 0
+        self.ok: list[tuple] = []
+        self.others: list[Finished] = []
+        self.busy = 0.0
+        self.running_since = 0.0
+        self.stop = False
+
+    def begin(self, batch: int) -> None:
+        with self.lock:
+            self.batch = batch
+
+    def add(self, f: Finished) -> None:
+        with self.lock:
+            self.busy += f.ended_at - f.started_at
             if (
                 f.outcome == 0 and f.error is None and f.note is None and f.output is None
                 and f.exit_code is None and (f.result is None or len(f.result) <= INLINE_RESULT_MAX)
             ):
-                ok.append((f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result))
+                self.ok.append((f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result))
             else:
-                others.append(f)
-        run.sync()
-        conn_out.send_bytes(_done_encoder.encode(Done(batch.id, ok, others, busy)))
+                self.others.append(f)
+
+    def send(self, final: bool) -> None:
+        with self.lock:
+            if not final and not (self.ok or self.others):
+                return
+            msg = _done_encoder.encode(Done(self.batch, self.ok, self.others, self.busy, final))
+            self.ok, self.others, self.busy = [], [], 0.0
+            self.conn_out.send_bytes(msg)
+
+    def flush_loop(self) -> None:
+        while not self.stop:
+            time.sleep(FLUSH_AFTER_S / 2)
+            since = self.running_since
+            if since and time.time() - since > FLUSH_AFTER_S and (self.ok or self.others):
+                try:
+                    self.send(final=False)
+                except OSError:
+                    return
 
 
 def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: int,

@@ -263,7 +263,7 @@ class _Coordinator:
     # --- batches ---------------------------------------------------------------------------------
     def _batch_size(self) -> int:
         if self.per_task_s is None:
-            return 4
+            return 1  # nothing measured yet: one task, then sized from what it took
         n = int(self.cfg.batch_target_s / max(self.per_task_s, 1e-7))
         return max(1, min(self.cfg.max_batch, n))
 
@@ -277,19 +277,26 @@ class _Coordinator:
                 self.resourceful = True
         return spec
 
-    def _fill(self, w: _Worker) -> bool:
-        """Send ``w`` work until it has two batches; False when nothing was claimable."""
+    def _depth(self) -> int:
+        """Batches in flight per worker: a second one hides the round trip for short tasks;
+        for long (or not yet measured) tasks it would only hold work back from idle workers."""
+        if self.resourceful or self.per_task_s is None or self.per_task_s > 0.5:
+            return 1
+        return 2
+
+    def _fill(self, w: _Worker, depth: int) -> bool:
+        """Send ``w`` work until it has ``depth`` batches; False when it has none and nothing
+        was claimable."""
         now = time.monotonic()
         if now < self.dry_until or self.interrupted or not w.alive:
             return False
-        depth = 1 if self.resourceful else 2
         while len(w.outstanding) < depth:
             env = None
             held_cpus, held_gpus = 1, []
             if self.resourceful:
                 if w.outstanding or self.cpus_free < 1:
                     return True
-                gpus_free = len(self.gpu_pool.free()) if self.gpu_pool else 0
+                gpus_free = self.gpu_pool.free_count() if self.gpu_pool else 0
                 leases, _ = self.store.lease_ready(
                     1, self.inflight, None, Resources(cpus=self.cpus_free, gpus=gpus_free))
                 if leases:
@@ -300,7 +307,7 @@ class _Coordinator:
                 leases, self.cursor = self.store.lease_ready(self._batch_size(), self.inflight, self.cursor)
             if not leases:
                 self.dry_until = now + 0.1
-                return False
+                return bool(w.outstanding)  # whatever was sent before still counts
             specs = {}
             for lease in leases:
                 if lease.spec not in w.specs_sent:
@@ -318,15 +325,13 @@ class _Coordinator:
         return True
 
     def _devices_for(self, spec: Spec) -> tuple[dict[str, str] | None, list[str]]:
+        """GPUs for one task and the environment that confines it to them."""
         if self.gpu_pool is None:
             return None, []
-        from ..execute.gpus import device_env
-
         devs: list[str] = []
         if spec.resources.gpus > 0:
-            got = self.gpu_pool.acquire(spec.resources.gpus)
-            devs = list(got or [])
-        return device_env(devs, self.gpu_pool.vendor), devs
+            devs = list(self.gpu_pool.acquire(spec.resources.gpus) or [])
+        return self.gpu_pool.env(devs), devs
 
     def _release_resources(self, held_cpus: int, held_gpus: list[str]) -> None:
         if self.resourceful:
@@ -338,8 +343,9 @@ class _Coordinator:
     def _on_done(self, w: _Worker, done: Done) -> None:
         if not w.outstanding or w.outstanding[0][0] != done.id:
             return  # a batch we already gave up on
-        _, leases, sent, cpus, gpus = w.outstanding.popleft()
-        self._release_resources(cpus, gpus)
+        if done.final:
+            _, leases, sent, cpus, gpus = w.outstanding.popleft()
+            self._release_resources(cpus, gpus)
         if done.ok:
             self.pending_ok[w.id].extend(done.ok)
         if done.others:
@@ -509,13 +515,14 @@ class _Coordinator:
         return summary
 
     def _setup_gpus(self) -> None:
-        try:
-            from ..execute.gpus import DevicePool, detect_gpus
-        except ImportError:
-            return
-        devs = self.cfg.gpus_available if self.cfg.gpus_available is not None else detect_gpus()
+        from ..execute.gpus import DevicePool, detect
+
+        if self.cfg.gpus_available is not None:
+            vendor, devs = "nvidia", list(self.cfg.gpus_available)
+        else:
+            vendor, devs = detect()
         if devs:
-            self.gpu_pool = DevicePool(devs)
+            self.gpu_pool = DevicePool(devs, vendor)
 
     def _loop(self) -> None:
         last_hb = last_running = time.monotonic()
@@ -529,8 +536,9 @@ class _Coordinator:
                 self.feeding = bool(self.feed(0.0))
                 self.dry_until = 0.0 if self.feeding else self.dry_until
             claimed_any = False
-            for w in self.workers:
-                claimed_any |= self._fill(w)
+            for depth in range(1, self._depth() + 1):  # every worker one batch before any two
+                for w in self.workers:
+                    claimed_any |= self._fill(w, depth)
             busy = [w for w in self.workers if w.alive and w.outstanding]
             if not busy and not claimed_any:
                 self._commit(force=True)
@@ -598,7 +606,7 @@ class _Coordinator:
         self.dry_until = 0.0
         self.cursor = None
         probe = [w for w in self.workers if w.alive]
-        return any(self._fill(w) for w in probe[:1])
+        return any(self._fill(w, 1) for w in probe[:1])
 
     def _shutdown(self, kill: bool) -> None:
         if kill:

@@ -259,6 +259,11 @@ class DevicePool:
             for d, k in need.items():
                 self._holders[d] -= k
 
+    def free_count(self) -> int:
+        """How many devices could be handed to a new holder right now."""
+        with self._lock:
+            return sum(1 for d in self.devices if self.slots is None or self._holders[d] < self.slots)
+
     def in_use(self) -> dict[str, int]:
         """Holders per device right now."""
         with self._lock:

@@ -326,9 +326,11 @@ class SQLiteStore(Store):
         if n <= 0:
             return []
         now = self._now(now)
-        token = secrets.randbits(62)
+        # one random base per claim; each lease's token is base XOR its task id (SQLite has no
+        # XOR operator: a ^ b == (a | b) - (a & b)), so tokens differ per lease and per claim
+        base = secrets.randbits(62)
         fit = ""
-        params: list[Any] = [token, worker, now, now]
+        params: list[Any] = [base, worker, now, now]
         if resources is not None:
             fit = " AND spec IN (SELECT id FROM specs WHERE cpus <= ? AND gpus <= ?)"
             params += [resources.cpus, resources.gpus]
@@ -340,7 +342,8 @@ class SQLiteStore(Store):
                 (worker, now, now),
             )
             rows = db.execute(
-                f"UPDATE tasks SET state={int(_S.CLAIMED)}, token=?, worker=?, claimed_at=?,"
+                f"UPDATE tasks SET state={int(_S.CLAIMED)}, token=(?1 | id) - (?1 & id),"
+                " worker=?2, claimed_at=?3,"
                 " attempt=attempt+1"
                 " WHERE id IN (SELECT id FROM tasks WHERE state=1"
                 f" AND (ready_at IS NULL OR ready_at <= ?){fit}"
@@ -380,12 +383,15 @@ class SQLiteStore(Store):
             fit_params = [resources.cpus, resources.gpus]
         rows: list[tuple] = []
         if cursor is not None:
-            rows = self.db.execute(
-                "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
-                f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
-                " ORDER BY id LIMIT ?",
-                [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
-            ).fetchall()
+            rows = [
+                r for r in self.db.execute(
+                    "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
+                    f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
+                    " ORDER BY id LIMIT ?",
+                    [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
+                )
+                if r[2] not in inflight  # the cursor can trail a task leased after a reset
+            ]
         if len(rows) < n:
             taken = {r[2] for r in rows}
             picked: list[int] = []
@@ -411,9 +417,12 @@ class SQLiteStore(Store):
             rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
         if not rows:
             return [], cursor
-        token = secrets.randbits(62)
+        base = secrets.randbits(62)
         last = rows[-1]
-        return [Lease(r[2], token, r[3] + 1, r[4], r[5]) for r in rows], (last[0], last[1], last[2])
+        return (
+            [Lease(r[2], base ^ r[2], r[3] + 1, r[4], r[5]) for r in rows],
+            (last[0], last[1], last[2]),
+        )
 
     def start_leased(self, worker: str, leases: Iterable[Lease], now: float | None = None) -> int:
         """Record that leases held in memory have started (READY -> CLAIMED -> RUNNING)."""
