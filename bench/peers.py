@@ -355,7 +355,11 @@ def _ray(fn, args, workers, mem, opts):
 _IMPL = {
     "pipefarm": _pipefarm,
     "pf-executor": _pf_executor,
-    "ppe": _ppe, "joblib": _joblib, "dask": _dask, "ray": _ray}
+    "ppe": _ppe,
+    "joblib": _joblib,
+    "dask": _dask,
+    "ray": _ray,
+}
 
 
 def run_map(

@@ -9,9 +9,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+from .backends import make_backend
+from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
 from .errors import RunLocked, SubmissionError, TaskFailed, TaskNotFinished, UnsafeRun
 from .store.sqlite import SQLiteStore
 from .task import PY, Resources, Spec, dumps_args
@@ -162,10 +165,21 @@ class Run:
             raise SubmissionError("map needs at least one iterable")
         sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
                             Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
-        it: Iterable[tuple] = zip(*iterables, strict=False) if len(iterables) > 1 else ((x,) for x in iterables[0])
-        try:
-            return self.store.add_tasks(sid, _pickled(it), keys=keys, priority=priority,
+        def add(blobs: Iterable[bytes]) -> range:
+            return self.store.add_tasks(sid, blobs, keys=keys, priority=priority,
                                         cost=cost or 0.0, after=after or ())
+
+        try:
+            if all(isinstance(x, (list, tuple, range)) for x in iterables) and (
+                keys is None or isinstance(keys, (list, tuple, range))
+            ):
+                # re-iterable input: pickle in C at full speed; on a failure nothing was written,
+                # so go again item by item with the cloudpickle fallback
+                try:
+                    return add(map(pickle.dumps, zip(*iterables, strict=False), repeat(5)))
+                except (pickle.PicklingError, TypeError, AttributeError):
+                    pass
+            return add(_pickled(zip(*iterables, strict=False)))
         except (TypeError, ValueError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
 
@@ -273,8 +287,6 @@ class Run:
         once. Ctrl-C stops cleanly (running tasks are released, not charged) and raises
         :class:`KeyboardInterrupt`; the run can be resumed.
         """
-        from .backends import make_backend
-
         be = make_backend(backend, workers=workers, **backend_options)
         lock = _RunLock(self.path)
         lock.acquire()

@@ -484,7 +484,8 @@ class _Coordinator:
         self.slots = Slots(slots_path(self.tag), self.cfg.n, create=True)
         try:
             self._setup_gpus()
-            self.workers = [self._spawn(i) for i in range(self.cfg.n)]
+            with self.store.transaction():  # one commit for every worker's registration
+                self.workers = [self._spawn(i) for i in range(self.cfg.n)]
             self.counts = self.store.counts()
             self.counts_stale = False
             self._loop()

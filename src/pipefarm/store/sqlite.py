@@ -13,6 +13,7 @@ spends microseconds per task. Transitions are restricted in SQL to the source st
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
 import sqlite3
@@ -283,20 +284,22 @@ class SQLiteStore(Store):
                     ndeps = sum(1 for s in found.values() if s != _S.SUCCEEDED)
                     if ndeps:
                         state = int(_S.BLOCKED)
-            counter = iter(range(first, 1 << 62))
+            # rows are built by zip in C (no Python frame per task); per-call constants go into
+            # the statement itself
+            consts = f"{int(spec_id)}, {int(state)}, {int(priority)}, {float(cost)!r}, {int(ndeps)}"
             if keys is None:
-                rows = ((next(counter), spec_id, a, None, state, priority, cost, ndeps) for a in args)
-            else:
-                rows = (
-                    (next(counter), spec_id, a, k, state, priority, cost, ndeps)
-                    for a, k in zip(args, keys, strict=True)
+                db.executemany(
+                    "INSERT INTO tasks(args, id, spec, state, priority, cost, ndeps)"
+                    f" VALUES (?, ?, {consts})",
+                    zip(args, itertools.count(first)),
                 )
-            db.executemany(
-                "INSERT INTO tasks(id, spec, args, key, state, priority, cost, ndeps)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                rows,
-            )
-            last = next(counter)  # one past the last id used
+            else:
+                db.executemany(
+                    "INSERT INTO tasks(id, args, key, spec, state, priority, cost, ndeps)"
+                    f" VALUES (?, ?, ?, {consts})",
+                    ((i, a, k) for i, (a, k) in enumerate(zip(args, keys, strict=True), first)),
+                )
+            last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
             ids = range(first, last)
             if after and len(ids):
                 db.executemany(
