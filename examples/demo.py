@@ -17,7 +17,7 @@ from pathlib import Path
 import pipefarm as pf
 
 
-def lyapunov(r: float, n: int = 5_000, burn_in: int = 500) -> float:
+def lyapunov(r: float, n: int = 10_000, burn_in: int = 500) -> float:
     """Lyapunov exponent of the logistic map at growth rate r."""
     x = 0.5
     for _ in range(burn_in):

@@ -13,8 +13,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from .backends import make_backend
 from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
+from .backends import make_backend
 from .errors import RunLocked, SubmissionError, TaskFailed, TaskNotFinished, UnsafeRun
 from .store.sqlite import SQLiteStore
 from .task import PY, Resources, Spec, dumps_args
