@@ -68,8 +68,8 @@ WORKERS = ("w0", "w1", "w2")
 DRAINER = "drainer"
 T0 = 1_000_000.0
 EPS = 1e-6
-#: backoff bases whose delays never land on the clock's grid (see _settle_clock)
-BACKOFFS = (0.0, 0.3, 1.3)
+#: backoff bases, in lease times
+BACKOFFS = (0.0, 0.13, 0.37)
 LABELS = [s.label for s in State]
 ENDING_OUTCOMES = (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT)
 #: what the ``work`` rule's worker reports: mostly successes, so that dependencies release
@@ -251,7 +251,7 @@ class StoreMachine(RuleBasedStateMachine):
             payload=pickle.dumps("fn"),
             max_attempts=max_attempts,
             max_lost=max_lost,
-            backoff=backoff,
+            backoff=backoff * self.lease_s,
             name=f"spec{len(self.specs)}",
         )
         sid = self.store.add_spec(spec)

@@ -222,6 +222,14 @@ def test_future_cancel_on_pending_call(kind, tmp_path):
 
 
 # --- WaitTests / AsCompletedTests ------------------------------------------------------------------
+def test_20369(executor):
+    # https://bugs.python.org/issue20369: the same future twice in wait()
+    future = executor.submit(operator.mul, 1, 2)
+    done, not_done = cf.wait([future, future], return_when=cf.ALL_COMPLETED)
+    assert done == {future}
+    assert not_done == set()
+
+
 def test_wait_first_completed(executor):
     fixed = _fixed()
     future1 = executor.submit(operator.mul, 21, 2)

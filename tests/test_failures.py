@@ -460,11 +460,51 @@ def test_disk_full_clear_error_then_resume(tmp_path):
         for tid in range(1, n + 1):
             assert run.result(tid) == T.big_bytes(tid - 1, size)
         assert _integrity(run_dir) == "ok"
-        # result files of uncommitted (failed) writes do not linger
-        referenced = {p for (p,) in _ro(run_dir).execute(
-            "SELECT result_file FROM tasks WHERE result_file IS NOT NULL")}
-        on_disk = {f"results/{p.name}" for p in (run_dir / "results").iterdir()}
-        assert on_disk == referenced, on_disk - referenced
+        run.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill_disk(where: Path) -> Path:
+    filler = where / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: when a commit that groups several workers' "
+                   "outcomes (LocalBackend._commit: store.transaction() around finish_leased per "
+                   "worker) fails on a full disk, result files written by the earlier, rolled-back "
+                   "finish_leased calls are never removed")
+def test_disk_full_rolled_back_commit_leaves_no_result_files(tmp_path):
+    from pipefarm.task import Finished
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "4m")
+    try:
+        run = pf.Run.create(mnt / "run")
+        run.map(T.ident, [1, 2])
+        store = run.store
+        leases, _ = store.lease_ready(2, set())
+        assert len(leases) == 2
+        now = time.time()
+        big = [Finished(x.task, x.token, int(pf.Outcome.SUCCEEDED), now, now, b"r" * 300_000,
+                        attempt=x.attempt) for x in leases]
+        filler = None
+        with pytest.raises(pf.DiskFull):
+            with store.transaction():
+                store.finish_leased("worker-a", [], [big[0]])
+                filler = _fill_disk(mnt)
+                store.finish_leased("worker-b", [], [big[1]])
+        filler.unlink()
+        assert run.status()["ready"] == 2  # nothing was committed...
+        left = sorted(p.name for p in (mnt / "run" / "results").iterdir())
+        assert left == [], f"result files of a rolled-back commit remain: {left}"
         run.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

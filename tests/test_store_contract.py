@@ -24,3 +24,19 @@ class TestSQLiteExamples(ContractExamples):
 
 class TestSQLiteInMemory(ContractExamples):
     make_store = staticmethod(lambda path: SQLiteStore(":memory:", lease_s=LEASE_S))
+
+
+# --- the shared-filesystem store (store/fsjournal.py): the same contract ---------------------------
+from pipefarm.store.fsjournal import FsJournalStore  # noqa: E402
+
+
+def make_fs_store(path: str) -> FsJournalStore:
+    """A shared-filesystem store (journals + claim files, folded into a catalog) in ``path``."""
+    return FsJournalStore(path, lease_s=LEASE_S, synchronous="OFF")
+
+
+TestFsJournalContract = contract_for(make_fs_store, name="FsJournalContract", max_examples=40)
+
+
+class TestFsJournalExamples(ContractExamples):
+    make_store = staticmethod(make_fs_store)

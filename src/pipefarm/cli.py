@@ -149,17 +149,18 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     else:
         cmd = Command(argv=list(command), cwd=cwd, env=env_map, output_cap=output_cap,
                       output_per_task=output_per_task)
-    rows: Any
-    if array_spec is not None:
-        rows = sources.array_source(array_spec)
-    elif from_file is not None:
-        rows = sources.file_source(from_file)
-    elif from_csv is not None:
-        rows = sources.csv_source(from_csv)
-    elif from_json is not None:
-        rows = sources.json_source(from_json)
-    else:
-        rows = None
+    rows: Any = None
+    try:
+        if array_spec is not None:
+            rows = sources.array_source(array_spec)
+        elif from_file is not None:
+            rows = sources.file_source(from_file)
+        elif from_csv is not None:
+            rows = sources.csv_source(from_csv)
+        elif from_json is not None:
+            rows = sources.json_source(from_json)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     keys = None
     if key_template is not None:
         key_cmd = Command(argv=[key_template])
@@ -235,6 +236,10 @@ def status(run_dir: str, as_json: bool) -> None:
         click.echo("  latest failures:")
         for f in rep["last_failures"]:
             click.echo(f"    task {f['task_id']}: {f['error'] or '(no message)'}")
+    if rep["last_notes"]:
+        click.echo("  latest notes:")
+        for n in rep["last_notes"]:
+            click.echo(f"    task {n['task_id']}: {n['note']}")
 
 
 # --- results ---------------------------------------------------------------------------------------

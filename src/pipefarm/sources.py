@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .execute.cmd import Command, TemplateError, shell_var_hint, templates
+from .execute.cmd import Command, TemplateError, render, shell_var_hint, templates
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape"}
 _MAX_ELEMENT = 1 << 26  # characters one JSON element may span before we call it malformed
@@ -275,6 +275,8 @@ def checked(
     check_template(placeholders, first, command)
     if first is None:
         return
+    if command is not None:
+        render(command, first)  # a bad format spec ({index:zz}) fails here, not in every task
     yield first
     for n, row in enumerate(it, start=2):
         if not placeholders <= row.keys():

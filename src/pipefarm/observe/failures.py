@@ -37,13 +37,13 @@ def signature(exit_code: int | None, error: str | None) -> str:
     """``exit N: <normalised last stderr line>`` or ``<Exception>: <normalised message>``."""
     lines = [ln for ln in (error or "").strip().splitlines() if ln.strip()]
     last = lines[-1].strip() if lines else "(no message)"
+    if lines and lines[0].startswith("timed out"):
+        return "timed out"  # one cause, whatever signal finally ended the process
     if exit_code is not None:
         # a command: "exit code N" heads the error, the stderr tail follows
         tail = [ln for ln in lines if not ln.startswith("exit code")]
         msg = normalise(tail[-1]) if tail else "(no stderr)"
         return f"exit {exit_code}: {msg}"
-    if last.startswith("timed out"):
-        return "timed out"
     return normalise(last)
 
 

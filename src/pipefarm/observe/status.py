@@ -29,6 +29,13 @@ def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> d
             (last_failures,),
         )
     ]
+    notes = [
+        {"task_id": t, "note": note}
+        for t, note in db.execute(
+            "SELECT id, note FROM tasks WHERE note IS NOT NULL ORDER BY ended_at DESC LIMIT ?",
+            (last_failures,),
+        )
+    ]
     return {
         "run": str(run.path),
         "total": total,
@@ -37,4 +44,5 @@ def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> d
         "throughput_per_s": round(rate, 3),
         "eta_s": round(left / rate, 1) if rate > 0 and left else None,
         "last_failures": fails,
+        "last_notes": notes,  # e.g. output cut at its cap
     }

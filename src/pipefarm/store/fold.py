@@ -1,0 +1,879 @@
+"""The catalog side of the shared-filesystem protocol: fold journals, export waves, fence blocks.
+
+Only the process that holds the catalog (``RUN/catalog.db``) runs this module; workers never
+open the catalog (see :mod:`.fsjournal` for the files and the worker side).
+
+Catalog tables added here (``CREATE TABLE IF NOT EXISTS``; sqlite.py is not changed):
+
+``fs_export(task, block)``
+    the block a task is offered in, while it is there: inserted at export, kept while the task
+    is claimed, running, lost and adopted, or released by a worker's drain (the next claimant of
+    the block adopts it); deleted when an attempt ends in it (succeeded, failed, timed out: a
+    retry is exported again in a later wave, after its backoff), when the block is fenced, or
+    when the task is cancelled.
+``fs_blocks(id, epoch, holder, n, cpus, gpus, written, closed, wave, created)``
+    every block exported: its latest folded epoch and holder; ``closed`` once no task is left
+    in it (then ``claims/<b>.<e>.done`` is created too) or once fenced.
+``fs_cursors(journal, offset)``
+    how far each journal has been folded: updated in the same transaction as the records it
+    covers, so a fold is idempotent and a folder killed mid-way loses nothing.
+``fs_specs(id)``
+    specs written to ``fs/specs``.
+
+Folding (:func:`fold`) reads every journal from its cursor (a torn tail stops the read there;
+its owner truncates it when it reopens), decodes the records and applies them in one
+transaction, through the SQLite store's own methods (``finish``, ``release``) or SQL restricted
+to the sources :mod:`pipefarm.states` allows:
+
+1. :class:`~.fsjournal.Claimed` records of the pass first, in ``(block, epoch)`` order: the
+   earlier holder's attempt of each adopted task ends (``lost`` when the claimant saw it
+   started, released otherwise), then the task is claimed with the new token. Applying claims
+   first makes a zombie's late ``Ended`` in the same pass stale.
+2. ``Started``: claimed -> running where the token matches.
+3. ``Ended``, per journal, through ``SQLiteStore.finish`` (compare-and-set on the token; a
+   mismatch becomes a ``stale`` attempt). Large results arrive as files (``result_file``).
+4. ``Released``, per journal, through ``SQLiteStore.release`` (no budget spent).
+
+Across passes the catalog is the serialisation point: a zombie's ``Ended`` folded *before* the
+takeover's ``Claimed`` is visible is the task's result, and the takeover's later result of the
+same task is recorded as stale. Either way exactly one result is kept and never overwritten.
+
+Only one process folds at a time (:class:`FoldLock`: exclusive-create lock files
+``fs/fold/<n>``, never deleted while current; a stale one is superseded by creating ``n+1``,
+judged by its mtime against the folder's own freshly touched heartbeat, or at once when its
+holder was a process on this host that no longer exists).
+
+Exporting (:func:`export`) moves ready tasks that are in no block into new blocks, in claim
+order (priority, cost, id), grouped by resource class, sized by :func:`plan_blocks`. The catalog
+rows are committed first, then the spec and block files are written, then ``fs/wave``; blocks
+whose files were never written (a crash in between) are written by the next export before
+anything else. Dependent tasks become ready as the fold records their dependencies' success,
+and go out in a later wave.
+
+Fencing (:func:`reap_blocks`, :func:`recall_blocks`): the catalog holder takes a block back by
+winning the exclusive create of its next epoch with a tombstone (``!fence ...``) plus a
+``.done`` marker; the block's claimed and running tasks become released and ``lost`` attempts
+and leave the block. A race with a worker taking the same epoch is decided by the create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from .. import states
+from ..states import Outcome, State
+from ..task import Finished, Resources
+from .fsjournal import (
+    MAX_EPOCH,
+    BlockFile,
+    Claimed,
+    Layout,
+    Wave,
+    create_excl,
+    decode,
+    mtime_ns,
+    read_small,
+    split_token,
+    stale,
+    token_of,
+    touch,
+    write_atomic,
+)
+from .journal import Ended, Released, Started, read_journal
+from .sqlite import SQLiteStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS fs_export(task INTEGER PRIMARY KEY, block INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_fs_export_block ON fs_export(block);
+CREATE TABLE IF NOT EXISTS fs_blocks(
+  id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL DEFAULT -1, holder TEXT,
+  n INTEGER NOT NULL, cpus INTEGER NOT NULL DEFAULT 1, gpus INTEGER NOT NULL DEFAULT 0,
+  written INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0, wave INTEGER,
+  created REAL);
+CREATE INDEX IF NOT EXISTS ix_fs_blocks_open ON fs_blocks(id) WHERE closed = 0;
+CREATE TABLE IF NOT EXISTS fs_cursors(journal TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fs_specs(id INTEGER PRIMARY KEY);
+"""
+
+_CHUNK = 500
+_ACTIVE = (int(State.CLAIMED), int(State.RUNNING))
+
+
+def _chunks(seq: Sequence, n: int = _CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _qs(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def ensure_schema(catalog: SQLiteStore) -> None:
+    """Add the protocol's tables to a catalog (idempotent)."""
+    if getattr(catalog, "_fs_schema", False):
+        return
+    with catalog.transaction():
+        db = catalog.db
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+    catalog._fs_schema = True  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------ the lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FoldLock:
+    """Who may fold: the holder of the highest ``fs/fold/<n>`` (content ``holder host pid``).
+
+    Taken by creating ``n+1`` exclusively when ``n`` is released (``<n>.released``), stale
+    (mtime more than ``lease_s`` older than the taker's own freshly touched heartbeat file), or
+    held by a dead process on this host. The holder touches its file at least every
+    ``lease_s / 4`` while it folds (:meth:`refresh`) and checks that no ``n+1`` appeared when
+    it may have lapsed.
+    """
+
+    def __init__(self, layout: Layout, holder: str, lease_s: float) -> None:
+        self.layout = layout
+        self.dir = layout.foldlock
+        self.holder = holder
+        self.lease_s = lease_s
+        self.n: int | None = None
+        self._touched = float("-inf")
+        self._verified = float("-inf")
+
+    @property
+    def held(self) -> bool:
+        return self.n is not None
+
+    def _path(self, n: int) -> str:
+        return f"{self.dir}/{n}"
+
+    def _scan(self) -> tuple[int, bool]:
+        top, released = 0, set()
+        for name in os.listdir(self.dir):
+            parts = name.split(".")
+            try:
+                n = int(parts[0])
+            except ValueError:
+                continue
+            if len(parts) == 1:
+                top = max(top, n)
+            elif parts[1:] == ["released"]:
+                released.add(n)
+        return top, top in released
+
+    def _stale(self, n: int, content: str) -> bool:
+        parts = content.split()
+        if len(parts) >= 3 and parts[1] == socket.gethostname():
+            with contextlib.suppress(ValueError):
+                if not _pid_alive(int(parts[2])):
+                    return True
+        hb = self.layout.hb_of(self.holder)
+        touch(hb)
+        ref = mtime_ns(hb) or time.time_ns()
+        return stale(mtime_ns(self._path(n)), ref, self.lease_s)
+
+    def _try(self) -> bool:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        top, released = self._scan()
+        if top and not released:
+            data = read_small(self._path(top)) or b""
+            content = data.decode(errors="replace").strip()
+            if content.split()[:1] == [self.holder]:
+                self.n = top
+                self._touched = self._verified = time.monotonic()
+                return True
+            if not self._stale(top, content):
+                return False
+        me = f"{self.holder} {socket.gethostname()} {os.getpid()}\n".encode()
+        if not create_excl(self._path(top + 1), me):
+            return False
+        self.n = top + 1
+        self._touched = self._verified = time.monotonic()
+        for name in os.listdir(self.dir):  # tidy: keep the last two
+            with contextlib.suppress(ValueError, OSError):
+                if int(name.split(".")[0]) < self.n - 1:
+                    os.unlink(f"{self.dir}/{name}")
+        return True
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        """Take the lock, waiting up to ``wait`` seconds; whether it is held."""
+        if self.n is not None:
+            return True
+        deadline = time.monotonic() + wait
+        delay = 0.02
+        while True:
+            if self._try():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(0.5, delay * 1.5)
+
+    def refresh(self) -> bool:
+        """Keep the lock alive; False (and not held any more) when someone took it over."""
+        if self.n is None:
+            return False
+        mono = time.monotonic()
+        lapsed = mono - self._touched >= self.lease_s / 2
+        if mono - self._touched >= self.lease_s / 4:
+            try:
+                os.utime(self._path(self.n), None)
+            except FileNotFoundError:
+                self.n = None
+                return False
+            self._touched = mono
+        if lapsed or mono - self._verified >= self.lease_s / 2:
+            if os.path.exists(self._path(self.n + 1)):
+                self.n = None
+                return False
+            self._verified = mono
+        return True
+
+    def release(self) -> None:
+        if self.n is not None:
+            create_excl(self._path(self.n) + ".released")
+            self.n = None
+
+
+# ------------------------------------------------------------------------------------- folding
+@dataclass
+class FoldStats:
+    """What one :func:`fold` did. ``ended`` counts ends that took effect (token matched)."""
+
+    journals: int = 0
+    records: int = 0
+    bytes: int = 0
+    claimed: int = 0  # tasks claimed by Claimed records
+    started: int = 0
+    ended: int = 0
+    stale: int = 0
+    released: int = 0
+    lost: int = 0  # in-flight attempts ended as lost by a takeover
+    unknown: int = 0  # records that could not be decoded or name an unknown block
+    closed: int = 0  # blocks with nothing left in them
+    torn: list[str] = field(default_factory=list)  # journals whose tail is (for now) torn
+    corrupt: list[str] = field(default_factory=list)  # journals damaged before their tail
+    skipped: bool = False  # another process holds the fold lock: nothing done
+
+
+def fold(
+    run_dir: str | os.PathLike[str],
+    catalog: SQLiteStore,
+    *,
+    now: float | None = None,
+    lock: FoldLock | None = None,
+    wait: float = 30.0,
+    holder: str | None = None,
+) -> FoldStats:
+    """Bring ``catalog`` up to date with every journal of ``run_dir``; idempotent.
+
+    Takes the fold lock for the call unless ``lock`` (already held, e.g. by a store) is given;
+    when another process holds it past ``wait`` seconds, returns ``FoldStats(skipped=True)``.
+    ``now`` is the catalog's clock for backoff (``ready_at``); records carry their own times.
+    """
+    layout = Layout(run_dir)
+    ensure_schema(catalog)
+    own = lock is None
+    if own:
+        from .fsjournal import new_worker_id
+
+        lease = float(getattr(catalog, "lease_s", 60.0))
+        lock = FoldLock(layout, holder or new_worker_id("fold-"), lease)
+        if not lock.acquire(wait):
+            return FoldStats(skipped=True)
+    try:
+        if not lock.refresh():
+            return FoldStats(skipped=True)
+        return _fold_locked(layout, catalog, time.time() if now is None else now)
+    finally:
+        if own:
+            lock.release()
+
+
+def _fold_locked(layout: Layout, catalog: SQLiteStore, now: float) -> FoldStats:
+    stats = FoldStats()
+    try:
+        names = sorted(n for n in os.listdir(layout.journal) if n.endswith(".log"))
+    except FileNotFoundError:
+        return stats
+    with catalog.transaction():
+        db = catalog.db
+        cursors = dict(db.execute("SELECT journal, offset FROM fs_cursors").fetchall())
+        batch: list[tuple[str, object]] = []
+        moved: list[tuple[str, int]] = []
+        for name in names:
+            start = cursors.get(name, 0)
+            jr = read_journal(os.path.join(layout.journal, name), start)
+            stats.journals += 1
+            if jr.status == "torn":
+                stats.torn.append(name)
+            elif jr.status == "corrupt":
+                stats.corrupt.append(name)
+            if jr.offset == start:
+                continue
+            worker = name[:-4]
+            for raw in jr.records:
+                try:
+                    batch.append((worker, decode(raw)))
+                except msgspec.DecodeError:
+                    stats.unknown += 1
+            stats.bytes += jr.offset - start
+            moved.append((name, jr.offset))
+        stats.records = len(batch)
+        if batch:
+            _apply(layout, catalog, batch, now, stats)
+        if moved:
+            db.executemany(
+                "INSERT INTO fs_cursors(journal, offset) VALUES (?, ?)"
+                " ON CONFLICT(journal) DO UPDATE SET offset=excluded.offset",
+                moved,
+            )
+    return stats
+
+
+def _apply(layout: Layout, catalog: SQLiteStore, batch: list, now: float, stats: FoldStats) -> None:
+    db = catalog.db
+    touched: set[int] = set()
+    claims = sorted(
+        ((rec.block, rec.epoch, i, w, rec) for i, (w, rec) in enumerate(batch)
+         if isinstance(rec, Claimed)),
+        key=lambda x: x[:3],
+    )
+    for b, _, _, w, rec in claims:
+        _apply_claimed(catalog, rec, w, now, stats)
+        touched.add(b)
+    started = [(rec.t, rec.task, rec.token) for _, rec in batch if isinstance(rec, Started)]
+    if started:
+        stats.started += db.executemany(
+            f"UPDATE tasks SET state={int(State.RUNNING)}, started_at=?"
+            f" WHERE id=? AND token=? AND state IN {states.sql_in(State.RUNNING)}",
+            started,
+        ).rowcount
+    ended: dict[str, list[Ended]] = {}
+    released: dict[str, list[Released]] = {}
+    for w, rec in batch:
+        if isinstance(rec, Ended):
+            ended.setdefault(w, []).append(rec)
+        elif isinstance(rec, Released):
+            released.setdefault(w, []).append(rec)
+    for w, recs in ended.items():
+        touched.update(_apply_ended(catalog, w, recs, now, stats))
+    for w, recs in released.items():
+        stats.released += catalog.release(w, [(r.task, r.token) for r in recs], now=now)
+    _close_settled(layout, catalog, touched, stats)
+
+
+def _current(db, ids: Iterable[int]) -> dict[int, tuple]:
+    out: dict[int, tuple] = {}
+    for chunk in _chunks(sorted(set(ids))):
+        for r in db.execute(
+            f"SELECT id, state, token, worker, started_at FROM tasks WHERE id IN ({_qs(len(chunk))})",
+            chunk,
+        ):
+            out[r[0]] = r[1:]
+    return out
+
+
+def _lose(catalog: SQLiteStore, task: int, row: tuple, now: float, why: str) -> None:
+    """End the attempt held in ``row`` (state, token, worker, started_at) as lost."""
+    _, token, worker, started_at = row
+    catalog.finish(
+        worker or "?",
+        [Finished(task, token, int(Outcome.LOST), started_at if started_at is not None else now,
+                  now, error=why)],
+        now=now,
+    )
+
+
+def _apply_claimed(catalog: SQLiteStore, rec: Claimed, worker: str, now: float,
+                   stats: FoldStats) -> None:
+    db = catalog.db
+    b, e = rec.block, rec.epoch
+    row = db.execute("SELECT epoch FROM fs_blocks WHERE id=?", (b,)).fetchone()
+    if row is None:
+        stats.unknown += 1  # a block this catalog never exported
+        return
+    if e < row[0]:
+        return  # superseded before it was folded (a newer epoch or a fence is known)
+    if e > row[0]:
+        db.execute("UPDATE fs_blocks SET epoch=?, holder=? WHERE id=?", (e, worker, b))
+    if rec.tasks is None:
+        tasks = [t for (t,) in db.execute("SELECT task FROM fs_export WHERE block=?", (b,))]
+    else:
+        tasks = list(rec.tasks)
+    if e > 0:
+        lost = set(rec.lost)
+        for t, cur in _current(db, set(tasks) | lost).items():
+            state, tok = cur[0], cur[1]
+            if state not in _ACTIVE or tok is None:
+                continue
+            tb, te = split_token(tok, t)
+            if tb != b or te >= e:
+                continue
+            if t in lost:
+                _lose(catalog, t, cur, now,
+                      f"lost: its worker stopped heartbeating; block {b} taken over by {worker}")
+                stats.lost += 1
+            else:
+                catalog.release(cur[2] or worker, [(t, tok)], now=now)
+    cur = db.executemany(
+        f"UPDATE tasks SET state={int(State.CLAIMED)}, token=?, worker=?, claimed_at=?,"
+        " attempt=attempt+1, ready_at=NULL"
+        f" WHERE id=? AND state IN {states.sql_in(State.CLAIMED)}"
+        " AND coalesce((SELECT block FROM fs_export WHERE task=tasks.id), ?)=?",
+        [(token_of(b, e, t), worker, now, t, b, b) for t in tasks],
+    )
+    stats.claimed += cur.rowcount
+    if cur.rowcount:
+        db.execute("UPDATE fs_blocks SET closed=0 WHERE id=? AND closed=1", (b,))
+    if e > 0:
+        db.executemany(
+            "INSERT OR IGNORE INTO fs_export(task, block) SELECT id, ? FROM tasks"
+            " WHERE id=? AND token=?",
+            [(b, t, token_of(b, e, t)) for t in tasks],
+        )
+
+
+def _apply_ended(catalog: SQLiteStore, worker: str, recs: list[Ended], now: float,
+                 stats: FoldStats) -> set[int]:
+    db = catalog.db
+    cur = _current(db, (r.task for r in recs))
+    effective: list[Ended] = []
+    seen: set[tuple[int, int]] = set()
+    for r in recs:
+        c = cur.get(r.task)
+        if c is not None and c[1] == r.token and c[0] in _ACTIVE and (r.task, r.token) not in seen:
+            effective.append(r)
+            seen.add((r.task, r.token))
+    fins = [
+        Finished(r.task, r.token, r.outcome, r.started_at, r.ended_at, r.result, error=r.error,
+                 exit_code=r.exit_code, note=r.note, output=r.output, attempt=r.attempt)
+        for r in recs
+    ]
+    catalog.finish(worker, fins, now=now)
+    # what took effect: the token was current and the lease live (SQLite's own count also
+    # counts a repeated report of a lease that already succeeded)
+    stats.ended += len(effective)
+    stats.stale += len(recs) - len(effective)
+    files = [(r.result_file, r.task, r.token) for r in effective if r.result_file]
+    if files:
+        db.executemany(
+            f"UPDATE tasks SET result_file=? WHERE id=? AND token=? AND state={int(State.SUCCEEDED)}",
+            files,
+        )
+    leave = [(r.task, split_token(r.token, r.task)[0]) for r in effective
+             if r.outcome != int(Outcome.RELEASED)]
+    if leave:
+        db.executemany("DELETE FROM fs_export WHERE task=? AND block=?", leave)
+    return {split_token(r.token, r.task)[0] for r in effective}
+
+
+def _close_settled(layout: Layout, catalog: SQLiteStore, blocks: Iterable[int],
+                   stats: FoldStats) -> None:
+    """Blocks with no task left in them are closed; their latest epoch gets a done marker."""
+    db = catalog.db
+    for b in sorted(blocks):
+        row = db.execute("SELECT epoch, closed FROM fs_blocks WHERE id=?", (b,)).fetchone()
+        if row is None or row[1]:
+            continue
+        if db.execute("SELECT 1 FROM fs_export WHERE block=? LIMIT 1", (b,)).fetchone():
+            continue
+        db.execute("UPDATE fs_blocks SET closed=1 WHERE id=?", (b,))
+        stats.closed += 1
+        if row[0] >= 0:
+            create_excl(f"{layout.claim(b, row[0])}.done")
+
+
+def drop_terminal_exports(catalog: SQLiteStore) -> int:
+    """Terminal tasks leave their blocks (after a cancel, or before a retry)."""
+    return catalog.db.execute(
+        "DELETE FROM fs_export WHERE task IN (SELECT e.task FROM fs_export e JOIN tasks t"
+        " ON t.id = e.task WHERE t.state IN (4,5,6,7))"
+    ).rowcount
+
+
+# ------------------------------------------------------------------------------------- export
+def pick_ready(catalog: SQLiteStore, n: int | None, resources: Resources | None,
+               now: float) -> list[int]:
+    """Ready tasks in no block, claimable at ``now``, in claim order (at most ``n``)."""
+    fit, params = "", [now]
+    if resources is not None:
+        fit = " AND t.spec IN (SELECT id FROM specs WHERE cpus <= ? AND gpus <= ?)"
+        params += [resources.cpus, resources.gpus]
+    lim = ""
+    if n is not None:
+        lim = " LIMIT ?"
+        params.append(n)
+    return [
+        t for (t,) in catalog.db.execute(
+            f"SELECT t.id FROM tasks t WHERE t.state={int(State.READY)}"
+            " AND (t.ready_at IS NULL OR t.ready_at <= ?)"
+            f" AND NOT EXISTS (SELECT 1 FROM fs_export e WHERE e.task = t.id){fit}"
+            f" ORDER BY t.priority DESC, t.cost DESC, t.id{lim}",
+            params,
+        )
+    ]
+
+
+def _write_specs(layout: Layout, catalog: SQLiteStore, sids: Iterable[int]) -> None:
+    db = catalog.db
+    for sid in sorted(set(sids)):
+        if db.execute("SELECT 1 FROM fs_specs WHERE id=?", (sid,)).fetchone():
+            continue
+        write_atomic(layout.spec(sid), msgspec.msgpack.encode(catalog.spec(sid)))
+        db.execute("INSERT OR IGNORE INTO fs_specs(id) VALUES (?)", (sid,))
+
+
+def _block_rows(db, ids: Sequence[int]) -> list[tuple]:
+    rows: dict[int, tuple] = {}
+    for chunk in _chunks(list(ids)):
+        for r in db.execute(
+            "SELECT t.id, t.spec, t.args, t.attempt, t.lost, s.cpus, s.gpus FROM tasks t"
+            f" JOIN specs s ON s.id = t.spec WHERE t.id IN ({_qs(len(chunk))})",
+            chunk,
+        ):
+            rows[r[0]] = r
+    return [rows[t] for t in ids if t in rows]
+
+
+def _new_blocks(layout: Layout, catalog: SQLiteStore, groups: list[list[tuple]], now: float,
+                wave: int | None) -> list[tuple[int, BlockFile]]:
+    """Insert catalog rows for blocks of ``groups`` (rows of :func:`_block_rows`)."""
+    db = catalog.db
+    first = (db.execute("SELECT max(id) FROM fs_blocks").fetchone()[0] or 0) + 1
+    out = []
+    for i, rows in enumerate(groups):
+        b = first + i
+        cpus, gpus = rows[0][5], rows[0][6]
+        bf = BlockFile(b, cpus, gpus, [(r[0], r[1], r[2], r[3], r[4]) for r in rows])
+        out.append((b, bf))
+    db.executemany(
+        "INSERT INTO fs_blocks(id, n, cpus, gpus, wave, created) VALUES (?,?,?,?,?,?)",
+        [(b, len(bf.entries), bf.cpus, bf.gpus, wave, now) for b, bf in out],
+    )
+    db.executemany(
+        "INSERT INTO fs_export(task, block) VALUES (?, ?)",
+        [(e[0], b) for b, bf in out for e in bf.entries],
+    )
+    return out
+
+
+def _write_block(layout: Layout, bf: BlockFile, fsync: bool = True) -> None:
+    write_atomic(layout.block(bf.block), msgspec.msgpack.encode(bf), fsync=fsync)
+
+
+def export_block(layout: Layout, catalog: SQLiteStore, ids: Sequence[int], now: float) -> int:
+    """One block of exactly ``ids`` (in that order), written at once; its id. Call inside a
+    catalog transaction (the store's ``claim``)."""
+    rows = _block_rows(catalog.db, ids)
+    _write_specs(layout, catalog, {r[1] for r in rows})
+    ((b, bf),) = _new_blocks(layout, catalog, [rows], now, None)
+    _write_block(layout, bf, fsync=False)
+    catalog.db.execute("UPDATE fs_blocks SET written=1 WHERE id=?", (b,))
+    return b
+
+
+def plan_blocks(weights: Sequence[float], workers: int, min_block: int = 16,
+                max_block: int = 4096) -> list[int]:
+    """Block sizes for tasks of these weights (costs), in order.
+
+    A block targets ``total / (workers * 8)`` of the weight, so that each worker takes about
+    eight blocks (claims stay far below one metadata operation per task), between
+    ``min_block`` and ``max_block`` tasks. The tail is balanced: once less than a quarter is
+    left, blocks shrink to ``remaining / (2 * workers)``, down to ``min_block``.
+    """
+    n = len(weights)
+    total = float(sum(weights))
+    workers = max(1, workers)
+    target = total / (workers * 8)
+    sizes: list[int] = []
+    i, remaining = 0, total
+    while i < n:
+        cap = min(target, remaining / (2 * workers))
+        acc, j = 0.0, i
+        while j < n and j - i < max_block and (j - i < min_block or acc < cap):
+            acc += weights[j]
+            j += 1
+        sizes.append(j - i)
+        remaining -= acc
+        i = j
+    return sizes
+
+
+@dataclass
+class ExportStats:
+    blocks: int = 0
+    tasks: int = 0
+    repaired: int = 0  # blocks whose files an earlier export had not written
+    final: bool = False
+    wave: int = 0
+    first: int = 0  # ids of the new blocks: first..last
+    last: int = 0
+
+
+def export(
+    layout: Layout,
+    catalog: SQLiteStore,
+    *,
+    workers: int = 8,
+    now: float | None = None,
+    min_block: int = 16,
+    max_block: int = 4096,
+    limit: int | None = None,
+) -> ExportStats:
+    """One wave: every ready task in no block becomes part of a new block; ``fs/wave`` is
+    rewritten (``final`` when nothing is blocked or waiting for its backoff)."""
+    ensure_schema(catalog)
+    now = time.time() if now is None else now
+    stats = ExportStats()
+    db = catalog.db
+    stats.repaired = _repair_unwritten(layout, catalog)
+    with catalog.transaction():
+        ids = pick_ready(catalog, limit, None, now)
+        seq = int(catalog.meta("fs_wave", 0) or 0) + 1
+        made: list[tuple[int, BlockFile]] = []
+        if ids:
+            rows = _block_rows(db, ids)
+            by_class: dict[tuple[int, int], list[tuple]] = {}
+            for r in rows:
+                by_class.setdefault((r[5], r[6]), []).append(r)
+            costs = dict(_cost_rows(db, ids))
+            known = [c for c in costs.values() if c > 0]
+            mean = sum(known) / len(known) if known else 1.0
+            groups: list[list[tuple]] = []
+            for rows_c in by_class.values():
+                weights = [costs.get(r[0], 0.0) or mean for r in rows_c]
+                k = 0
+                for size in plan_blocks(weights, workers, min_block, max_block):
+                    groups.append(rows_c[k : k + size])
+                    k += size
+            rank = {t: i for i, t in enumerate(ids)}
+            groups.sort(key=lambda g: rank[g[0][0]])
+            _write_specs(layout, catalog, {r[1] for r in rows})
+            made = _new_blocks(layout, catalog, groups, now, seq)
+        db.execute("INSERT OR REPLACE INTO meta VALUES('fs_wave', ?)", (seq,))
+    for _, bf in made:
+        _write_block(layout, bf)
+    if made:
+        _fsync_dir(layout.blocks)
+        with catalog.transaction():
+            db.execute("UPDATE fs_blocks SET written=1 WHERE id BETWEEN ? AND ?",
+                       (made[0][0], made[-1][0]))
+        stats.first, stats.last = made[0][0], made[-1][0]
+    stats.blocks = len(made)
+    stats.tasks = sum(len(bf.entries) for _, bf in made)
+    stats.wave = seq
+    stats.final = _write_wave(layout, catalog, seq)
+    return stats
+
+
+def _cost_rows(db, ids: Sequence[int]) -> list[tuple[int, float]]:
+    out = []
+    for chunk in _chunks(list(ids)):
+        out += db.execute(f"SELECT id, cost FROM tasks WHERE id IN ({_qs(len(chunk))})",
+                          chunk).fetchall()
+    return out
+
+
+def _write_wave(layout: Layout, catalog: SQLiteStore, seq: int) -> bool:
+    db = catalog.db
+    top = db.execute("SELECT max(id) FROM fs_blocks WHERE written=1").fetchone()[0] or 0
+    pending = db.execute(
+        f"SELECT 1 FROM tasks t WHERE t.state={int(State.BLOCKED)} OR (t.state={int(State.READY)}"
+        " AND NOT EXISTS (SELECT 1 FROM fs_export e WHERE e.task=t.id)) LIMIT 1"
+    ).fetchone()
+    classes: list[tuple[int, int, int, int]] = []
+    for b, cpus, gpus in db.execute(
+        "SELECT id, cpus, gpus FROM fs_blocks WHERE cpus > 1 OR gpus > 0 ORDER BY id"
+    ):
+        if classes and classes[-1][1] == b - 1 and classes[-1][2:] == (cpus, gpus):
+            classes[-1] = (classes[-1][0], b, cpus, gpus)
+        else:
+            classes.append((b, b, cpus, gpus))
+    final = pending is None
+    write_atomic(layout.wave, msgspec.msgpack.encode(Wave(top, final, seq, classes)))
+    return final
+
+
+def _repair_unwritten(layout: Layout, catalog: SQLiteStore) -> int:
+    """Write the files of blocks committed to the catalog by an export that then crashed."""
+    db = catalog.db
+    todo = [r for r in db.execute(
+        "SELECT id, cpus, gpus FROM fs_blocks WHERE written=0 AND closed=0")]
+    n = 0
+    for b, cpus, gpus in todo:
+        if not os.path.exists(layout.block(b)):
+            ids = [t for (t,) in db.execute(
+                "SELECT e.task FROM fs_export e JOIN tasks t ON t.id = e.task WHERE e.block=?"
+                " ORDER BY t.priority DESC, t.cost DESC, t.id", (b,))]
+            rows = _block_rows(db, ids)
+            with catalog.transaction():
+                _write_specs(layout, catalog, {r[1] for r in rows})
+            _write_block(layout, BlockFile(b, cpus, gpus,
+                                           [(r[0], r[1], r[2], r[3], r[4]) for r in rows]))
+            n += 1
+        with catalog.transaction():
+            db.execute("UPDATE fs_blocks SET written=1 WHERE id=?", (b,))
+    return n
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ fencing
+def _fence_effects(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, now: float) -> int:
+    """The catalog side of a fence: leases in block ``b`` end, its tasks leave it."""
+    db = catalog.db
+    rows = db.execute(
+        "SELECT t.id, t.state, t.token, t.worker, t.started_at, t.lost, s.max_lost FROM tasks t"
+        " JOIN fs_export e ON e.task = t.id JOIN specs s ON s.id = t.spec"
+        f" WHERE e.block=? AND t.state IN {_ACTIVE}",
+        (b,),
+    ).fetchall()
+    n = 0
+    for tid, state, tok, worker, started_at, lost, max_lost in rows:
+        if tok is None or split_token(tok, tid)[0] != b:
+            continue
+        n += 1
+        if state == State.CLAIMED:
+            catalog.release(worker or "?", [(tid, tok)], now=now)
+        else:
+            why = ("lost: its worker stopped heartbeating (killed, or its host lost)"
+                   if lost + 1 < max_lost else f"lost {lost + 1} times: its worker died each time")
+            _lose(catalog, tid, (state, tok, worker, started_at), now, why)
+    db.execute("DELETE FROM fs_export WHERE block=?", (b,))
+    db.execute("UPDATE fs_blocks SET closed=1, epoch=max(epoch, ?), holder='!fence' WHERE id=?",
+               (epoch, b))
+    create_excl(f"{layout.claim(b, epoch)}.done")
+    return n
+
+
+def _fence(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, *, dead, now: float,
+           me: str) -> int | None:
+    """Take block ``b`` back, starting at ``epoch`` (its latest known epoch + 1). ``dead(h)``
+    says whether holder ``h`` has expired. Returns the leases ended, or None when a live
+    worker holds a newer epoch."""
+    k = epoch
+    while k <= MAX_EPOCH:
+        if create_excl(layout.claim(b, k), f"!fence {me}".encode()):
+            return _fence_effects(layout, catalog, b, k, now)
+        data = read_small(layout.claim(b, k), 4096)
+        holder = (data or b"").decode(errors="replace").strip()
+        if holder.startswith("!"):
+            return _fence_effects(layout, catalog, b, k, now)  # an earlier fence, half done
+        if holder:
+            if not dead(holder):
+                return None
+        elif data is None or not dead(None, layout.claim(b, k)):
+            return None
+        k += 1
+    return None
+
+
+def _expiry(layout: Layout, ref_ns: int, lease_s: float, forced: set[str]):
+    cache: dict[str, bool] = {}
+
+    def dead(holder: str | None, claim_path: str | None = None) -> bool:
+        if holder is None:
+            return stale(mtime_ns(claim_path), ref_ns, lease_s) if claim_path else True
+        if holder in forced:
+            return True
+        if holder not in cache:
+            cache[holder] = stale(mtime_ns(layout.hb_of(holder)), ref_ns, lease_s)
+        return cache[holder]
+
+    return dead
+
+
+def reap_blocks(
+    layout: Layout,
+    catalog: SQLiteStore,
+    *,
+    lease_s: float,
+    ref_ns: int,
+    now: float | None = None,
+    workers: Iterable[str] | None = None,
+    me: str = "catalog",
+) -> int:
+    """Fence every open block whose holder expired (heartbeat mtime more than ``lease_s``
+    before ``ref_ns``) or is in ``workers`` and that still has leases; return the number of
+    leases ended (lost or released). Call inside a catalog transaction, after a fold."""
+    now = time.time() if now is None else now
+    dead = _expiry(layout, ref_ns, lease_s, set(workers or ()))
+    db = catalog.db
+    n = 0
+    for b, e, holder in db.execute(
+        "SELECT id, epoch, holder FROM fs_blocks WHERE closed=0 AND epoch >= 0"
+    ).fetchall():
+        if not dead(holder):
+            continue
+        if not db.execute(
+            "SELECT 1 FROM fs_export e JOIN tasks t ON t.id = e.task WHERE e.block=?"
+            f" AND t.state IN {_ACTIVE} LIMIT 1",
+            (b,),
+        ).fetchone():
+            continue
+        got = _fence(layout, catalog, b, e + 1, dead=dead, now=now, me=me)
+        n += got or 0
+    return n
+
+
+def recall_blocks(
+    layout: Layout,
+    catalog: SQLiteStore,
+    *,
+    lease_s: float,
+    ref_ns: int,
+    now: float | None = None,
+    me: str = "catalog",
+) -> int:
+    """Fence every open block that no live worker holds (never claimed, released, expired):
+    its tasks return to the catalog. Returns the number of tasks taken back."""
+    now = time.time() if now is None else now
+    dead = _expiry(layout, ref_ns, lease_s, set())
+    db = catalog.db
+    n = 0
+    for b, e in db.execute("SELECT id, epoch FROM fs_blocks WHERE closed=0").fetchall():
+        k = e
+        while os.path.exists(layout.claim(b, k + 1)):
+            k += 1
+        if k >= 0 and not os.path.exists(f"{layout.claim(b, k)}.released"):
+            holder = (read_small(layout.claim(b, k), 4096) or b"").decode().strip()
+            if holder.startswith("!"):
+                _fence_effects(layout, catalog, b, k, now)
+                continue
+            if holder and not dead(holder):
+                continue
+            if not holder and not dead(None, layout.claim(b, k)):
+                continue
+        left = db.execute("SELECT count(*) FROM fs_export WHERE block=?", (b,)).fetchone()[0]
+        if _fence(layout, catalog, b, k + 1, dead=dead, now=now, me=me) is not None:
+            n += left
+    return n

@@ -1,0 +1,1175 @@
+"""The shared-filesystem store: many hosts, one run directory, no server, no cross-host locks.
+
+Workers on other hosts never open ``catalog.db``. The process that holds the catalog (the
+submitter, ``pipefarm array``'s element 0, ``pipefarm status``) *exports* ready tasks as immutable
+blocks and *folds* what the workers journal back into the catalog (:mod:`.fold`). Workers only
+create small files, append to their own journal and touch their own heartbeat file.
+
+Layout (under ``RUN/fs``)
+-------------------------
+``config``                   msgpack :class:`Config` (``lease_s``), written once.
+``specs/<spec>.spec``        msgpack :class:`~pipefarm.task.Spec`, written once, before any block
+                             that uses it.
+``blocks/<block>.blk``       msgpack :class:`BlockFile`: immutable, written tmp + rename. Entries
+                             ``(task, spec, args, attempt_base, lost_base)`` in claim order.
+``wave``                     msgpack :class:`Wave`, replaced by rename at every export: the highest
+                             block id offered, whether the exporter expects to offer more
+                             (``final``) and the resource class of blocks that need more than one
+                             cpu or any gpu.
+``claims/<block>.<epoch>``   created with ``O_CREAT|O_EXCL`` (atomic on NFSv3+, Lustre, GPFS);
+                             content: the holder's worker id. Epoch 0 is the first claim; a
+                             takeover creates the next epoch. Content ``!...`` is a *tombstone*
+                             (the catalog holder fenced the block and took its tasks back).
+``claims/<block>.<epoch>.done``      the holder of that epoch settled every task it adopted.
+``claims/<block>.<epoch>.released``  the holder handed the block back (drain, walltime): anyone
+                             may take the next epoch at once, without waiting for the lease.
+``journal/<worker>.log``     one append-only framed journal per worker (:mod:`.journal`).
+``hb/<worker>``              the worker's heartbeat: its *mtime*, set with ``os.utime(path, None)``
+                             so that the file server stamps it.
+``fold/<n>``                 the fold lock (see :class:`~pipefarm.store.fold.FoldLock`).
+Nothing is ever deleted by the protocol, so no name is ever reused and no delete can race with a
+create. Nothing is ever locked with flock/fcntl, and nothing lists or stats every task.
+
+Tokens
+------
+A lease's token is ``token_of(block, epoch, task) = (block << 20 | epoch) XOR mix(task)``
+(``mix`` a fixed bijection of 62-bit integers): the claim file *is* the token, so the
+compare-and-set is natural, and tokens still differ per lease. A task's current token in the catalog is the token of
+the latest claim that *adopted* it (below); an ``Ended`` with any other token is stale: it is
+recorded as a ``stale`` attempt and never becomes the task's result.
+
+Claiming
+--------
+* Fresh blocks: a worker keeps a cursor over block ids ``1..wave.blocks`` and creates
+  ``claims/<b>.0``; ``EEXIST`` means someone else has it. It lists ``claims/`` once per claim
+  (one readdir, not one call per task) to skip claimed blocks and to see markers.
+* Released blocks (``.released`` on the latest epoch) are taken at once: ``claims/<b>.<e+1>``.
+* Stale blocks: at most every ``lease_s / 4`` a worker touches its own heartbeat file, stats it,
+  and compares every live holder's heartbeat mtime with *that* mtime. Both were stamped by the
+  file server, so node clock skew does not matter: a holder is stale when its heartbeat is more
+  than ``lease_s`` older than the claimer's own fresh one. A missing heartbeat file is stale;
+  an empty claim file (its writer died between create and write) is judged by its own mtime.
+* A takeover reads the journals of the holders of every earlier epoch of that block (their ids
+  are in the claim files; a task of a block is only ever run under a claim of that block, so no
+  other journal can hold its records), and *adopts* each task that is not settled: settled means
+  an ``Ended`` (succeeded, failed, timed out) under the epoch that last adopted it. A task whose
+  attempt was in flight (started, never ended) counts as ``lost``; it is adopted only while its
+  ``lost_base`` plus the losses recorded in the block stay under the spec's ``max_lost``.
+  The adopter journals a :class:`Claimed` record (adopted tasks, lost tasks) before it runs
+  anything; the fold applies it *before* the other records of the same pass, so a zombie's late
+  ``Ended`` of an adopted task is stale.
+
+Running
+-------
+One journal append per task: the ``Ended`` of the previous task and the ``Started`` of the next
+go out in one write (``Started`` must be on disk before the task runs, so that a task that kills
+its worker every time spends its lost budget). The journal is fsynced at most every
+``fsync_interval`` seconds and before every ``.done``/``.released`` marker. Large results go to
+``RUN/results/<task>-<token>.pkl`` (fsynced, renamed) before the ``Ended`` that names them.
+
+Zombies: before starting a task, a worker stats ``claims/<b>.<e+1>`` when its last heartbeat
+touch is older than ``lease_s / 2`` (monotonic clock, which runs on through SIGSTOP), when the
+heartbeat thread saw a gap, or at least every ``lease_s / 4``. If the next epoch exists it drops
+the block; what it journals late is stale. (A takeover can only happen when the holder's
+heartbeat is ``lease_s`` old, so a holder whose touches are recent needs no stat: metadata stays
+far below one operation per task.) On NFS a negative lookup may be cached for up to
+``acdirmax`` seconds, which delays a zombie's discovery, never the correctness of the results.
+
+Drain: :func:`work_loop` stops claiming when its ``stop`` event is set (or one of its
+``drain_signals`` arrives), finishes the running task, journals ``Released`` for the unstarted
+tasks of its block and creates ``claims/<b>.<e>.released``: the block's remaining tasks stay in
+the block, the next claimant adopts them at once, and no budget is spent.
+
+The catalog side (folding, exporting waves, fencing stale blocks, the fold lock) lives in
+:mod:`pipefarm.store.fold`. :class:`FsJournalStore` puts both sides behind the
+:class:`~pipefarm.store.base.Store` interface (see its docstring for where it differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..states import Outcome
+from ..task import Finished, Lease, Resources, Spec
+from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
+from .journal import Ended, JournalWriter, Released, Started, read_journal
+from .sqlite import INLINE_RESULT_MAX, SQLiteStore, StoreError
+
+# --------------------------------------------------------------------------------------- tokens
+EPOCH_BITS = 20
+MAX_EPOCH = (1 << EPOCH_BITS) - 1
+_MASK62 = (1 << 62) - 1
+_MIX = 0x9E3779B97F4A7C15 & _MASK62  # odd: multiplying by it is a bijection mod 2**62
+
+
+def _mix(task: int) -> int:
+    return (task * _MIX) & _MASK62
+
+
+def token_of(block: int, epoch: int, task: int) -> int:
+    """The lease token of ``task`` adopted by claim ``<block>.<epoch>``: distinct per task and
+    per claim, and ``(block, epoch)`` can be read back from it with the task id."""
+    return ((block << EPOCH_BITS) | epoch) ^ _mix(task)
+
+
+def split_token(token: int, task: int) -> tuple[int, int]:
+    """``(block, epoch)`` of ``task``'s lease token (garbage for a token that is not one)."""
+    v = token ^ _mix(task)
+    return v >> EPOCH_BITS, v & MAX_EPOCH
+
+
+#: outcomes that settle a task in its block (the next claimant skips it)
+FINAL_OUTCOMES = frozenset(
+    {int(Outcome.SUCCEEDED), int(Outcome.FAILED), int(Outcome.TIMED_OUT), int(Outcome.LOST)}
+)
+
+
+# -------------------------------------------------------------------------------------- records
+class Claimed(msgspec.Struct, array_like=True, tag=4):
+    """A worker took claim ``<block>.<epoch>``.
+
+    ``tasks`` are the tasks it adopted (``None``: every task of the block, for epoch 0);
+    ``lost`` the tasks whose previous attempt was in flight when the block was taken over.
+    """
+
+    block: int
+    epoch: int
+    worker: str
+    t: float
+    tasks: list[int] | None = None
+    lost: list[int] = []
+
+
+Record = Started | Ended | Released | Claimed
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Record)
+
+
+def encode(record: Record) -> bytes:
+    """msgpack bytes of one journal record (journal.py's three types plus :class:`Claimed`)."""
+    return _encoder.encode(record)
+
+
+def decode(data: bytes) -> Record:
+    """Inverse of :func:`encode`; raises ``msgspec.DecodeError`` on bad input."""
+    return _decoder.decode(data)
+
+
+# ------------------------------------------------------------------------------ files on disk
+class BlockFile(msgspec.Struct, array_like=True):
+    """An immutable block: tasks in claim order, all of one resource class."""
+
+    block: int
+    cpus: int
+    gpus: int
+    entries: list[tuple[int, int, bytes | None, int, int]]  # task, spec, args, attempt, lost
+
+
+class Wave(msgspec.Struct):
+    """What the exporter offers: blocks ``1..blocks``."""
+
+    blocks: int = 0
+    final: bool = False  # the exporter has nothing more to offer right now
+    seq: int = 0
+    classes: list[tuple[int, int, int, int]] = []  # (first, last, cpus, gpus), non-default only
+
+
+class Config(msgspec.Struct):
+    lease_s: float = DEFAULT_LEASE_S
+    version: int = 1
+
+
+class Layout:
+    """Paths of one run directory's shared-filesystem protocol."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run = os.fspath(run_dir)
+        self.fs = os.path.join(self.run, "fs")
+        self.specs = os.path.join(self.fs, "specs")
+        self.blocks = os.path.join(self.fs, "blocks")
+        self.claims = os.path.join(self.fs, "claims")
+        self.journal = os.path.join(self.fs, "journal")
+        self.hb = os.path.join(self.fs, "hb")
+        self.foldlock = os.path.join(self.fs, "fold")
+        self.results = os.path.join(self.run, "results")
+        self.wave = os.path.join(self.fs, "wave")
+        self.config = os.path.join(self.fs, "config")
+
+    def make(self) -> None:
+        for d in (self.fs, self.specs, self.blocks, self.claims, self.journal, self.hb,
+                  self.foldlock):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    def claim(self, block: int, epoch: int) -> str:
+        return f"{self.claims}/{block}.{epoch}"
+
+    def block(self, block: int) -> str:
+        return f"{self.blocks}/{block}.blk"
+
+    def spec(self, spec: int) -> str:
+        return f"{self.specs}/{spec}.spec"
+
+    def journal_of(self, worker: str) -> str:
+        return f"{self.journal}/{worker}.log"
+
+    def hb_of(self, worker: str) -> str:
+        return f"{self.hb}/{worker}"
+
+
+def new_worker_id(prefix: str = "") -> str:
+    """``[prefix-]host-pid-random``: unique per process, safe as a file name."""
+    host = socket.gethostname().split(".")[0] or "host"
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in host)
+    return f"{prefix}{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def check_worker_id(worker: str) -> None:
+    if (
+        not worker
+        or worker[0] in ".!-"
+        or any(not (c.isalnum() or c in "-_.@+") for c in worker)
+        or len(worker) > 200
+    ):
+        raise ValueError(f"worker id {worker!r} is not usable as a file name")
+
+
+def write_atomic(path: str, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``path`` as a whole: a temporary file in the same directory, then rename."""
+    tmp = f"{path}.tmp.{os.getpid()}.{secrets.token_hex(3)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def create_excl(path: str, content: bytes = b"") -> bool:
+    """Create ``path`` exclusively with ``content``; False when it already exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        if content:
+            os.write(fd, content)
+    finally:
+        os.close(fd)
+    return True
+
+
+def read_small(path: str, limit: int = 1 << 16) -> bytes | None:
+    """The first ``limit`` bytes of ``path``; None when it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def to_ns(t: float) -> int:
+    return int(round(t * 1e9))
+
+
+def touch(path: str, now: float | None = None) -> None:
+    """Set ``path``'s mtime: the file server's clock, or ``now`` (simulated clocks in tests)."""
+    for _ in range(2):
+        try:
+            if now is None:
+                os.utime(path, None)
+            else:
+                os.utime(path, ns=(to_ns(now), to_ns(now)))
+            return
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    raise FileNotFoundError(path)
+
+
+def mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def stale(mtime: int | None, ref_ns: int, lease_s: float) -> bool:
+    """Whether a heartbeat stamped ``mtime`` has expired by ``ref_ns`` (both ns, one clock)."""
+    return mtime is None or mtime < ref_ns - to_ns(lease_s)
+
+
+def read_config(layout: Layout) -> Config | None:
+    data = read_small(layout.config)
+    return None if not data else msgspec.msgpack.decode(data, type=Config)
+
+
+def write_config(layout: Layout, lease_s: float) -> None:
+    if not os.path.exists(layout.config):
+        write_atomic(layout.config, msgspec.msgpack.encode(Config(lease_s=float(lease_s))))
+
+
+def read_wave(layout: Layout) -> Wave:
+    data = read_small(layout.wave, 1 << 26)
+    return Wave() if not data else msgspec.msgpack.decode(data, type=Wave)
+
+
+@dataclass
+class BlockState:
+    """What ``claims/`` says about a block: its latest epoch and that epoch's markers."""
+
+    epoch: int
+    done: bool = False
+    released: bool = False
+
+
+def list_claims(layout: Layout) -> dict[int, BlockState]:
+    """One readdir of ``claims/``: every claimed block's latest epoch and markers."""
+    latest: dict[int, BlockState] = {}
+    marks: list[tuple[int, int, str]] = []
+    for name in os.listdir(layout.claims):
+        parts = name.split(".")
+        try:
+            b, e = int(parts[0]), int(parts[1])
+        except (ValueError, IndexError):
+            continue
+        if len(parts) == 2:
+            st = latest.get(b)
+            if st is None:
+                latest[b] = BlockState(e)
+            elif e > st.epoch:
+                st.epoch = e
+        elif len(parts) == 3:
+            marks.append((b, e, parts[2]))
+    for b, e, kind in marks:
+        st = latest.get(b)
+        if st is not None and st.epoch == e:
+            if kind == "done":
+                st.done = True
+            elif kind == "released":
+                st.released = True
+    return latest
+
+
+def holder_of(layout: Layout, block: int, epoch: int) -> str | None:
+    """The worker id in ``claims/<block>.<epoch>``: '' while being written, None if absent."""
+    data = read_small(layout.claim(block, epoch), 4096)
+    return None if data is None else data.decode(errors="replace").strip()
+
+
+def result_file_for(layout: Layout, task: int, token: int, blob: bytes) -> str:
+    """Write a large result under ``RUN/results``; return its path relative to the run."""
+    os.makedirs(layout.results, mode=0o700, exist_ok=True)
+    name = f"{task}-{token & ((1 << 64) - 1):x}.pkl"
+    write_atomic(os.path.join(layout.results, name), blob)
+    return f"results/{name}"
+
+
+def ended_record(layout: Layout, f: Finished) -> Ended:
+    """The journal record of an attempt's end (a large result goes to a file first)."""
+    result, rfile = f.result, None
+    if result is not None and len(result) > INLINE_RESULT_MAX:
+        rfile = result_file_for(layout, f.task, f.token, result)
+        result = None
+    return Ended(
+        task=f.task, token=f.token, attempt=f.attempt, outcome=int(f.outcome),
+        started_at=f.started_at, ended_at=f.ended_at, result=result, result_file=rfile,
+        error=f.error, exit_code=f.exit_code, note=f.note, output=f.output,
+    )
+
+
+# ------------------------------------------------------------------------------- worker side
+@dataclass
+class Entry:
+    """One task of a held block, ready to run."""
+
+    task: int
+    spec: int
+    args: bytes | None
+    attempt: int
+
+
+@dataclass
+class HeldBlock:
+    """A block this worker holds under claim ``<block>.<epoch>``."""
+
+    block: int
+    epoch: int
+    entries: list[Entry]
+
+    def token(self, task: int) -> int:
+        return token_of(self.block, self.epoch, task)
+
+
+@dataclass
+class WorkStats:
+    """What one worker did (returned by :func:`work_loop`)."""
+
+    worker: str = ""
+    blocks: int = 0  # claims taken (fresh and takeovers)
+    takeovers: int = 0  # of which takeovers of stale or released blocks
+    tasks: int = 0  # attempts run
+    released: int = 0  # unstarted tasks handed back
+    abandoned: int = 0  # blocks dropped because a newer epoch appeared (zombie)
+    verifies: int = 0  # stats of claims/<b>.<e+1>
+    scans: int = 0
+    exit: str = ""
+
+
+class FsWorker:
+    """The worker side of the protocol: claims blocks, journals, heartbeats.
+
+    Use :func:`work_loop` for the whole loop; this class is its parts, for callers (the CLI,
+    backends) that need their own loop. Not thread-safe except :meth:`beat`.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        worker_id: str | None = None,
+        *,
+        lease_s: float | None = None,
+        resources: Resources | None = None,
+        fsync: bool = True,
+        fsync_interval: float = 0.5,
+    ) -> None:
+        self.layout = Layout(run_dir)
+        self.id = worker_id or new_worker_id()
+        check_worker_id(self.id)
+        cfg = read_config(self.layout)
+        self.lease_s = float(lease_s if lease_s is not None else (cfg.lease_s if cfg else DEFAULT_LEASE_S))
+        self.resources = resources
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.specs: dict[int, Spec] = {}
+        self.journal: JournalWriter | None = None
+        self.stats = WorkStats(worker=self.id)
+        self._hb = self.layout.hb_of(self.id)
+        self._wave = Wave()
+        self._wave_at = float("-inf")
+        self._cursor = 1
+        self._holders: dict[tuple[int, int], str] = {}
+        self._taken: set[tuple[int, int]] = set()  # claims made by this process
+        self._last_touch = float("-inf")  # monotonic time a successful touch began
+        self._gap = False  # the heartbeat lapsed for a while: verify before the next task
+        self._last_verify = time.monotonic()
+        self._last_stale_scan = time.monotonic()  # the first stale scan after lease_s / 4
+        self._listing: dict[int, BlockState] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Create the heartbeat file and open (and repair) this worker's journal."""
+        for d in (self.layout.hb, self.layout.journal):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.beat()
+        self.journal = JournalWriter(
+            self.layout.journal_of(self.id), fsync=self.fsync, fsync_interval=self.fsync_interval
+        )
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+    def beat(self) -> None:
+        """Touch the heartbeat file (the file server stamps it). Safe from another thread."""
+        t0 = time.monotonic()
+        touch(self._hb)
+        if t0 - self._last_touch > self.lease_s / 2 and self._last_touch != float("-inf"):
+            self._gap = True
+        self._last_touch = t0
+
+    def _ref_ns(self) -> int:
+        """Touch our own heartbeat and read back its mtime: "now" on the file server's clock."""
+        self.beat()
+        m = mtime_ns(self._hb)
+        return m if m is not None else time.time_ns()
+
+    # --- claiming --------------------------------------------------------------------------------
+    def _read_wave(self, max_age: float = 0.1) -> Wave:
+        mono = time.monotonic()
+        if mono - self._wave_at >= max_age:
+            self._wave = read_wave(self.layout)
+            self._wave_at = mono
+        return self._wave
+
+    def _fits(self, block: int, wave: Wave) -> bool:
+        if self.resources is None:
+            return True
+        for first, last, cpus, gpus in wave.classes:
+            if first <= block <= last:
+                return cpus <= self.resources.cpus and gpus <= self.resources.gpus
+        return self.resources.cpus >= 1
+
+    def _holder(self, block: int, epoch: int) -> str:
+        key = (block, epoch)
+        h = self._holders.get(key)
+        if h is None:
+            h = holder_of(self.layout, block, epoch) or ""
+            if h:
+                self._holders[key] = h  # a written claim never changes
+        return h
+
+    def claim_block(self) -> HeldBlock | None:
+        """Take one block: released ones first, then (at most every ``lease_s / 4``) stale
+        ones, then fresh ones. None when nothing is claimable now."""
+        self.stats.scans += 1
+        listing = self._listing = list_claims(self.layout)
+        for b in sorted(listing):
+            st = listing[b]
+            if st.released and not st.done:
+                blk = self._take_over(b, st.epoch)
+                if blk is not None:
+                    return blk
+        mono = time.monotonic()
+        if mono - self._last_stale_scan >= self.lease_s / 4:
+            self._last_stale_scan = mono
+            blk = self._stale_scan(listing)
+            if blk is not None:
+                return blk
+        while self._cursor in listing:
+            self._cursor += 1
+        wave = self._wave
+        if self._cursor > wave.blocks:
+            wave = self._read_wave()
+        for b in range(self._cursor, wave.blocks + 1):
+            if b in listing or not self._fits(b, wave):
+                continue
+            if create_excl(self.layout.claim(b, 0), self.id.encode()):
+                self._taken.add((b, 0))
+                return self._start_fresh(b)
+            listing[b] = BlockState(0)
+        return None
+
+    def _stale_scan(self, listing: dict[int, BlockState]) -> HeldBlock | None:
+        ref = None
+        beats: dict[str, int | None] = {}
+        for b in sorted(listing):
+            st = listing[b]
+            if st.done or st.released or (b, st.epoch) in self._taken:
+                continue
+            holder = self._holder(b, st.epoch)
+            if holder.startswith("!"):
+                continue  # fenced by the catalog holder
+            if ref is None:
+                ref = self._ref_ns()
+            if holder == self.id:
+                dead = True  # a claim of ours from an earlier life (same id, restarted)
+            elif not holder:
+                dead = stale(mtime_ns(self.layout.claim(b, st.epoch)), ref, self.lease_s)
+            else:
+                if holder not in beats:
+                    beats[holder] = mtime_ns(self.layout.hb_of(holder))
+                dead = stale(beats[holder], ref, self.lease_s)
+            if dead:
+                blk = self._take_over(b, st.epoch)
+                if blk is not None:
+                    return blk
+        return None
+
+    def _spec(self, sid: int) -> Spec:
+        spec = self.specs.get(sid)
+        if spec is None:
+            spec = self.specs[sid] = msgspec.msgpack.decode(read_all(self.layout.spec(sid)), type=Spec)
+        return spec
+
+    def _read_block(self, b: int) -> BlockFile:
+        return msgspec.msgpack.decode(read_all(self.layout.block(b)), type=BlockFile)
+
+    def _journal_claim(self, rec: Claimed) -> None:
+        assert self.journal is not None, "register() first"
+        self.journal.append([encode(rec)])
+        self.journal.sync()
+
+    def _start_fresh(self, b: int) -> HeldBlock | None:
+        try:
+            bf = self._read_block(b)
+        except FileNotFoundError:
+            # a claim on a block whose file was never written (an exporter crashed): drop it
+            create_excl(self.layout.claim(b, 0) + ".done")
+            return None
+        self._journal_claim(Claimed(b, 0, self.id, time.time()))
+        self.stats.blocks += 1
+        return HeldBlock(b, 0, [Entry(t, s, a, att + 1) for t, s, a, att, _ in bf.entries])
+
+    def _take_over(self, b: int, e: int) -> HeldBlock | None:
+        """Create ``claims/<b>.<e+1>``, adopt what earlier epochs left unsettled."""
+        if e + 1 > MAX_EPOCH or not create_excl(self.layout.claim(b, e + 1), self.id.encode()):
+            return None
+        self._taken.add((b, e + 1))
+        try:
+            bf = self._read_block(b)
+        except FileNotFoundError:
+            create_excl(self.layout.claim(b, e + 1) + ".done")
+            return None
+        adopted, lost = self._adopt(bf, e)
+        self._journal_claim(
+            Claimed(b, e + 1, self.id, time.time(), tasks=[x.task for x in adopted], lost=lost)
+        )
+        self.stats.blocks += 1
+        self.stats.takeovers += 1
+        if not adopted:
+            create_excl(self.layout.claim(b, e + 1) + ".done")
+            return None
+        return HeldBlock(b, e + 1, adopted)
+
+    def _history(self, b: int, e: int) -> Iterator[Record]:
+        """Every journal record about block ``b`` written under epochs ``0..e``."""
+        holders = {self._holder(b, k) for k in range(e + 1)}
+        if self.journal is not None:
+            self.journal.sync()
+        for h in sorted(x for x in holders if x and not x.startswith("!")):
+            for raw in read_journal(self.layout.journal_of(h)).records:
+                try:
+                    rec = decode(raw)
+                except msgspec.DecodeError:
+                    continue
+                if isinstance(rec, Claimed):
+                    if rec.block == b and rec.epoch <= e:
+                        yield rec
+                else:
+                    rb, re_ = split_token(rec.token, rec.task)
+                    if rb == b and re_ <= e:
+                        yield rec
+
+    def _adopt(self, bf: BlockFile, e: int) -> tuple[list[Entry], list[int]]:
+        """Which tasks of block ``bf`` the claimant of epoch ``e + 1`` runs (see the module
+        docstring), and which tasks' in-flight attempts are lost."""
+        b = bf.block
+        owned: dict[int, set[int] | None] = {}  # epoch -> adopted tasks (None: all)
+        lost_at: dict[int, set[int]] = {}
+        started: set[tuple[int, int]] = set()
+        ended: dict[tuple[int, int], int] = {}
+        released: set[tuple[int, int]] = set()
+        for rec in self._history(b, e):
+            if isinstance(rec, Claimed):
+                owned[rec.epoch] = None if rec.tasks is None else set(rec.tasks)
+                lost_at[rec.epoch] = set(rec.lost)
+            else:
+                key = (rec.task, split_token(rec.token, rec.task)[1])
+                if isinstance(rec, Started):
+                    started.add(key)
+                elif isinstance(rec, Ended):
+                    ended.setdefault(key, rec.outcome)
+                else:
+                    released.add(key)
+        epochs = sorted(owned)
+        adopted: list[Entry] = []
+        lost: list[int] = []
+        for task, sid, args, attempt_base, lost_base in bf.entries:
+            mine = [k for k in epochs if owned[k] is None or task in owned[k]]  # type: ignore[operator]
+            owner = mine[-1] if mine else None
+            inflight = False
+            if owner is not None:
+                key = (task, owner)
+                if ended.get(key) in FINAL_OUTCOMES:
+                    continue  # settled
+                inflight = (
+                    key in started
+                    and key not in ended
+                    and key not in released
+                    and not any(task in lost_at[k] for k in epochs if k > owner)
+                )
+            lost_before = sum(task in lost_at[k] for k in epochs)
+            spec = self._spec(sid)
+            if inflight:
+                lost.append(task)
+                if lost_base + lost_before + 1 >= spec.max_lost:
+                    continue  # its lost budget is spent: the fold fails it
+            elif lost_before and lost_base + lost_before >= spec.max_lost:
+                continue
+            runs = sum((task, k) in started for k in mine)
+            adopted.append(Entry(task, sid, args, attempt_base + 1 + runs))
+        return adopted, lost
+
+    # --- running ---------------------------------------------------------------------------------
+    def _need_verify(self) -> bool:
+        mono = time.monotonic()
+        return (
+            self._gap
+            or mono - self._last_verify >= self.lease_s / 4
+            or mono - self._last_touch >= self.lease_s / 2
+        )
+
+    def superseded(self, blk: HeldBlock) -> bool:
+        """Whether a newer epoch of ``blk`` exists (one stat); clears the heartbeat gap."""
+        self.stats.verifies += 1
+        gone = os.path.exists(self.layout.claim(blk.block, blk.epoch + 1))
+        if not gone:
+            self._last_verify = time.monotonic()
+            self._gap = False
+        return gone
+
+    def run_block(
+        self,
+        blk: HeldBlock,
+        runner: Callable[[Lease], Finished],
+        stop: threading.Event | None = None,
+    ) -> str:
+        """Run ``blk``'s tasks in order. Returns ``"done"``, ``"released"`` (stopped: the
+        unstarted tasks were handed back) or ``"abandoned"`` (a newer epoch took it over)."""
+        journal = self.journal
+        assert journal is not None, "register() first"
+        pending: list[bytes] = []
+        remaining: list[Entry] = []
+        outcome = "done"
+        for i, ent in enumerate(blk.entries):
+            if stop is not None and stop.is_set():
+                remaining = blk.entries[i:]
+                outcome = "released"
+                break
+            if self._need_verify() and self.superseded(blk):
+                outcome = "abandoned"
+                break
+            try:
+                self._spec(ent.spec)
+            except (OSError, msgspec.DecodeError):
+                pass  # the runner reports the missing spec as the task's failure
+            token = blk.token(ent.task)
+            lease = Lease(ent.task, token, ent.attempt, ent.spec, ent.args)
+            pending.append(encode(Started(ent.task, token, ent.attempt, self.id, time.time())))
+            journal.append(pending)
+            pending = []
+            try:
+                fin = runner(lease)
+            except Exception as exc:  # noqa: BLE001 - the runner failed, not the worker
+                now = time.time()
+                fin = Finished(ent.task, token, int(Outcome.FAILED), now, now,
+                               error=f"worker error: {type(exc).__name__}: {exc}",
+                               attempt=ent.attempt)
+            pending.append(encode(ended_record(self.layout, fin)))
+            self.stats.tasks += 1
+        if outcome == "released":
+            pending += [encode(Released(x.task, blk.token(x.task))) for x in remaining]
+            self.stats.released += len(remaining)
+        journal.append(pending)
+        journal.sync()
+        if outcome == "abandoned":
+            self.stats.abandoned += 1
+        else:
+            create_excl(f"{self.layout.claim(blk.block, blk.epoch)}.{outcome}")
+        return outcome
+
+    def finished(self) -> bool:
+        """Whether nothing is left: the exporter's last wave is final and every block offered
+        is done (uses the listing of the last :meth:`claim_block`)."""
+        wave = self._read_wave(0.0)
+        if not wave.final:
+            return False
+        listing = self._listing
+        for b in range(1, wave.blocks + 1):
+            st = listing.get(b)
+            if st is None or not st.done:
+                if st is not None and self._holder(b, st.epoch).startswith("!"):
+                    continue  # fenced: the catalog took its tasks back
+                return False
+        return True
+
+
+def work_loop(
+    run_dir: str | os.PathLike[str],
+    worker_id: str | None = None,
+    runner: Callable[[Lease], Finished] | None = None,
+    *,
+    stop: threading.Event | None = None,
+    drain_signals: Iterable[int] = (),
+    lease_s: float | None = None,
+    resources: Resources | None = None,
+    idle_exit: float | None = None,
+    poll: float = 0.2,
+    max_poll: float = 2.0,
+    fsync_interval: float = 0.5,
+    on_block: Callable[[HeldBlock], None] | None = None,
+) -> WorkStats:
+    """Claim blocks of ``run_dir`` and run them until nothing is left; return what was done.
+
+    ``runner`` executes one lease (default: :class:`pipefarm.worker.LeaseRunner` over the
+    specs this worker loads from ``fs/specs``). ``stop`` (an event) or any of ``drain_signals``
+    (handlers installed only when called from the main thread, restored on return) makes the
+    worker stop claiming, finish the running task, hand the rest of its block back and return.
+    The loop returns when the exporter's wave is final and every block offered is done, or
+    after ``idle_exit`` seconds with nothing to claim. A worker waits (polling every ``poll``
+    to ``max_poll`` seconds) while other live workers hold blocks, so that it can take them over
+    if their holders die.
+    """
+    stop = stop if stop is not None else threading.Event()
+    w = FsWorker(run_dir, worker_id, lease_s=lease_s, resources=resources,
+                 fsync_interval=fsync_interval)
+    w.register()
+    if runner is None:
+        from ..worker import LeaseRunner
+
+        runner = LeaseRunner(os.fspath(run_dir), w.id, w.specs)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in drain_signals:
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    hb_stop = threading.Event()
+
+    def heartbeat() -> None:
+        period = max(0.02, w.lease_s / 4)
+        while not hb_stop.wait(period):
+            with contextlib.suppress(OSError):
+                w.beat()
+
+    hb = threading.Thread(target=heartbeat, name=f"pipefarm-hb-{w.id}", daemon=True)
+    hb.start()
+    try:
+        idle_since: float | None = None
+        delay = poll
+        while not stop.is_set():
+            blk = w.claim_block()
+            if blk is not None:
+                idle_since, delay = None, poll
+                if on_block is not None:
+                    on_block(blk)
+                w.run_block(blk, runner, stop)
+                continue
+            if w.finished():
+                w.stats.exit = "finished"
+                break
+            mono = time.monotonic()
+            idle_since = mono if idle_since is None else idle_since
+            if idle_exit is not None and mono - idle_since >= idle_exit:
+                w.stats.exit = "idle"
+                break
+            stop.wait(delay)
+            delay = min(max_poll, delay * 1.5)
+        else:
+            w.stats.exit = "stopped"
+    finally:
+        hb_stop.set()
+        hb.join()
+        w.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return w.stats
+
+
+# ------------------------------------------------------------------------------- the store
+class FsJournalStore(Store):
+    """The :class:`Store` interface over the shared-filesystem protocol, in the process that
+    holds the catalog (``RUN/catalog.db``, an :class:`SQLiteStore`).
+
+    Every worker named in the lease protocol is simulated faithfully: it has its own journal and
+    heartbeat file; :meth:`claim` exports a block and creates its claim file; :meth:`start`,
+    :meth:`finish` and :meth:`release` append journal records; and every call then folds the
+    journals into the catalog, which answers the queries and makes every decision with the
+    SQLite store's state machine. Real workers (:func:`work_loop`, on any host) use the same
+    files, so both can run against one run directory.
+
+    Where it differs from the letter of the protocol, to keep the contract exact:
+
+    * :meth:`claim` ``(worker, n)`` hands out exactly the best ``n`` claimable tasks as one new
+      block claimed at epoch 0; tasks already offered in exported blocks are left to workers
+      (use :meth:`recall` to take unclaimed, released and stale blocks back).
+    * :meth:`release` takes the leases out of their block (they are claimable here at once),
+      where a worker's drain leaves them in the block for the next claimant.
+    * :meth:`reap` fences stale blocks (creates the next epoch as a tombstone) and turns their
+      leases into ``lost``/released attempts in the catalog at once.
+    * ``now``: heartbeats are stamped with ``now`` (``os.utime``) and expiry compares with
+      ``now``; without it the file server's clock is used (our own heartbeat, freshly touched).
+    * Simulated workers' journals are not fsynced: their records are folded into the catalog
+      (``synchronous=FULL``) before the call returns.
+
+    The catalog side for array runs: :meth:`pump` (fold, reap, export a wave) from the
+    coordinator's loop; ``workers`` sizes the blocks.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        workers: int = 8,
+        fold_interval: float = 1.0,
+        synchronous: str = "FULL",
+    ) -> None:
+        from . import fold as _fold
+
+        self._f = _fold
+        self.run_dir = Path(run_dir)
+        self.lease_s = float(lease_s)
+        self.workers = max(1, int(workers))
+        self.fold_interval = fold_interval
+        self.layout = Layout(run_dir)
+        self.layout.make()
+        self.catalog = SQLiteStore(run_dir, lease_s=lease_s, synchronous=synchronous)
+        _fold.ensure_schema(self.catalog)
+        write_config(self.layout, self.lease_s)
+        self.me = new_worker_id("catalog-")
+        self._lock = _fold.FoldLock(self.layout, self.me, self.lease_s)
+        self._writers: dict[str, JournalWriter] = {}
+        self._dirty = True
+        self._last_fold = float("-inf")
+        self.last_fold: Any = None
+
+    # --- plumbing --------------------------------------------------------------------------------
+    def _append(self, worker: str, records: list[bytes]) -> None:
+        if not records:
+            return
+        w = self._writers.get(worker)
+        if w is None:
+            check_worker_id(worker)
+            w = self._writers[worker] = JournalWriter(self.layout.journal_of(worker), fsync=False)
+        w.append(records)
+        self._dirty = True
+
+    def _fold(self, now: float | None = None, *, force: bool = False, need: bool = True) -> Any:
+        if not (force or self._dirty or time.monotonic() - self._last_fold >= self.fold_interval):
+            return None
+        if not self._lock.held and not self._lock.acquire(wait=2 * self.lease_s if need else 0.0):
+            if need:
+                raise StoreError(
+                    f"another process folds {self.run_dir} (see {self.layout.foldlock}); "
+                    "only one process may hold the catalog of a shared-filesystem run"
+                )
+            return None
+        stats = self._f.fold(self.layout.run, self.catalog, now=now, lock=self._lock)
+        if stats.skipped and need:
+            raise StoreError(f"lost the fold lock of {self.run_dir} to another process")
+        self._dirty = False
+        self._last_fold = time.monotonic()
+        self.last_fold = stats
+        return stats
+
+    def _ref_ns(self, now: float | None) -> int:
+        if now is not None:
+            return to_ns(now)
+        hb = self.layout.hb_of(self.me)
+        touch(hb)
+        m = mtime_ns(hb)
+        return m if m is not None else time.time_ns()
+
+    def _rows(self, ids: Iterable[int]) -> dict[int, tuple]:
+        out: dict[int, tuple] = {}
+        ids = sorted(set(ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            for r in self.catalog.db.execute(
+                "SELECT id, token, state, worker, attempt FROM tasks WHERE id IN"
+                f" ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[r[0]] = r[1:]
+        return out
+
+    # --- submission ------------------------------------------------------------------------------
+    def add_spec(self, spec: Spec) -> int:
+        return self.catalog.add_spec(spec)
+
+    def spec(self, spec_id: int) -> Spec:
+        return self.catalog.spec(spec_id)
+
+    def add_tasks(self, spec_id, args, *, keys=None, priority=0, cost=0.0, after=()) -> range:
+        return self.catalog.add_tasks(
+            spec_id, args, keys=keys, priority=priority, cost=cost, after=after
+        )
+
+    # --- the lease protocol ----------------------------------------------------------------------
+    def register_worker(self, worker: str, host: str, pid: int, now: float | None = None) -> None:
+        check_worker_id(worker)
+        self.catalog.register_worker(worker, host, pid, now=now)
+        touch(self.layout.hb_of(worker), now)
+
+    def heartbeat(self, worker: str, now: float | None = None) -> None:
+        check_worker_id(worker)
+        touch(self.layout.hb_of(worker), now)
+
+    def claim(
+        self, worker: str, n: int, resources: Resources | None = None, now: float | None = None
+    ) -> list[Lease]:
+        if n <= 0:
+            return []
+        self.heartbeat(worker, now)
+        self._fold(now)
+        t = time.time() if now is None else now
+        with self.catalog.transaction():
+            ids = self._f.pick_ready(self.catalog, n, resources, t)
+            if not ids:
+                return []
+            b = self._f.export_block(self.layout, self.catalog, ids, t)
+        if not create_excl(self.layout.claim(b, 0), worker.encode()):
+            raise StoreError(f"block {b} of {self.run_dir} was claimed by someone else")
+        self._append(worker, [encode(Claimed(b, 0, worker, t))])
+        self._fold(now, force=True)
+        chunk = ",".join("?" * len(ids))
+        rows = [
+            r for r in self.catalog.db.execute(
+                "SELECT priority, cost, id, token, attempt, spec, args FROM tasks"
+                f" WHERE id IN ({chunk}) AND state=2",
+                ids,
+            ) if r[3] == token_of(b, 0, r[2])
+        ]
+        rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
+        return [Lease(r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def start(self, leases: Iterable[tuple[int, int]], now: float | None = None) -> int:
+        pairs = list(leases)
+        if not pairs:
+            return 0
+        self._fold(now)
+        rows = self._rows(t for t, _ in pairs)
+        t = time.time() if now is None else now
+        by_worker: dict[str, list[bytes]] = {}
+        seen = set()
+        for task, token in pairs:
+            r = rows.get(task)
+            if r is None or r[0] != token or r[1] != 2 or task in seen or not r[2]:
+                continue
+            seen.add(task)
+            by_worker.setdefault(r[2], []).append(encode(Started(task, token, r[3], r[2], t)))
+        if not by_worker:
+            return 0
+        for w, recs in by_worker.items():
+            self._append(w, recs)
+        return self._fold(now, force=True).started
+
+    def finish(self, worker: str, outcomes: Iterable[Finished], now: float | None = None) -> int:
+        outs = list(outcomes)
+        if not outs:
+            return 0
+        self._fold(now)
+        self._append(worker, [encode(ended_record(self.layout, f)) for f in outs])
+        return self._fold(now, force=True).ended
+
+    def release(self, worker: str, leases: Iterable[tuple[int, int]], now: float | None = None) -> int:
+        pairs = list(leases)
+        if not pairs:
+            return 0
+        self._fold(now)
+        rows = self._rows(t for t, _ in pairs)
+        live = [t for t, tok in pairs if (r := rows.get(t)) is not None and r[0] == tok
+                and r[1] in (2, 3)]
+        self._append(worker, [encode(Released(t, tok)) for t, tok in pairs])
+        n = self._fold(now, force=True).released
+        if live:
+            # handed back to the catalog, not to the block: claimable here at once
+            with self.catalog.transaction():
+                db = self.catalog.db
+                db.executemany(
+                    "DELETE FROM fs_export WHERE task=? AND (SELECT state FROM tasks WHERE id=?)=1",
+                    [(t, t) for t in live],
+                )
+        return n
+
+    def reap(self, now: float | None = None, *, workers: Iterable[str] | None = None) -> int:
+        self._fold(now)
+        ref = self._ref_ns(now)
+        with self.catalog.transaction():
+            n = self._f.reap_blocks(
+                self.layout, self.catalog, lease_s=self.lease_s, ref_ns=ref, now=now,
+                workers=workers, me=self.me,
+            )
+        return n
+
+    # --- the catalog side (array runs) -----------------------------------------------------------
+    def fold(self, now: float | None = None) -> Any:
+        """Fold new journal records into the catalog now; returns a :class:`FoldStats`."""
+        return self._fold(now, force=True)
+
+    def export(self, now: float | None = None, *, workers: int | None = None, **kw: Any) -> Any:
+        """Offer every claimable ready task as blocks (one wave); returns an ExportStats."""
+        return self._f.export(self.layout, self.catalog, workers=workers or self.workers,
+                              now=now, **kw)
+
+    def pump(self, now: float | None = None, **kw: Any) -> Any:
+        """The coordinator's periodic step: fold, reap stale blocks, export a wave."""
+        self._fold(now, force=True)
+        self.reap(now)
+        return self.export(now, **kw)
+
+    def recall(self, now: float | None = None) -> int:
+        """Take back every block that nobody holds alive (never claimed, released, stale):
+        their tasks return to the catalog, claimable through :meth:`claim`."""
+        self._fold(now)
+        ref = self._ref_ns(now)
+        with self.catalog.transaction():
+            return self._f.recall_blocks(self.layout, self.catalog, lease_s=self.lease_s,
+                                         ref_ns=ref, now=now, me=self.me)
+
+    # --- user actions ----------------------------------------------------------------------------
+    def cancel(self, ids: Iterable[int] | None = None) -> int:
+        self._fold()
+        with self.catalog.transaction():
+            n = self.catalog.cancel(ids)
+            self._f.drop_terminal_exports(self.catalog)
+        return n
+
+    def retry(self, ids: Iterable[int] | None = None, *, failed_only: bool = True) -> int:
+        self._fold()
+        with self.catalog.transaction():
+            self._f.drop_terminal_exports(self.catalog)
+            return self.catalog.retry(ids, failed_only=failed_only)
+
+    # --- the query side --------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        self._fold(need=False)
+        return self.catalog.counts()
+
+    def tasks(self, state: str | None = None, ids: Iterable[int] | None = None,
+              limit: int | None = None) -> list[TaskRow]:
+        self._fold(need=False)
+        return self.catalog.tasks(state, ids, limit)
+
+    def attempts(self, task: int) -> list[AttemptRow]:
+        self._fold(need=False)
+        return self.catalog.attempts(task)
+
+    def result(self, task: int) -> tuple[str, bytes | None, str | None]:
+        self._fold(need=False)
+        return self.catalog.result(task)
+
+    def results(self) -> Iterable[tuple[Any, ...]]:
+        self._fold(need=False)
+        return self.catalog.results()
+
+    def output_ref(self, task: int, attempt: int | None = None) -> str | None:
+        self._fold(need=False)
+        return self.catalog.output_ref(task, attempt)
+
+    def size(self) -> int:
+        return self.catalog.size()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            with contextlib.suppress(OSError):
+                w.close()
+        self._writers.clear()
+        with contextlib.suppress(OSError):
+            self._lock.release()
+        self.catalog.close()
