@@ -472,7 +472,9 @@ def fmt_ratio(r: float | None) -> str:
         return f"{r:,.0f}×"
     if r >= 10:
         return f"{r:.1f}×"
-    return f"{r:.2f}×"
+    if r >= 0.1:
+        return f"{r:.2f}×"
+    return f"{r:.2g}×"
 
 
 def _cell(s: str) -> str:

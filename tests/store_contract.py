@@ -684,10 +684,14 @@ class StoreMachine(RuleBasedStateMachine):
         zombies = [old[stale % len(old)]] if old and stale % 2 else []
         self._do_release(w, good, zombies)
 
-    @rule(dt=st.sampled_from((0.0, 0.5, 1.2, 2.5)))
-    def reap(self, dt):
-        """Advance the clock by ``dt`` lease times and reap: workers that did not heartbeat lose."""
-        self._advance(dt * self.lease_s)
+    @rule(dt=st.sampled_from((0.0, 0.5, 1.2, 2.5)), alive=st.sets(st.sampled_from(WORKERS)))
+    def reap(self, dt, alive):
+        """``dt`` lease times pass, the ``alive`` workers heartbeat half-way, then reap: leases
+        of workers silent for more than a lease time are lost (or released, if unstarted)."""
+        self._advance(dt / 2 * self.lease_s)
+        for w in sorted(alive):
+            self._beat(w)
+        self._advance(dt / 2 * self.lease_s)
         self._do_reap(None)
 
     @rule(w=st.sampled_from(WORKERS))
@@ -830,8 +834,8 @@ class StoreMachine(RuleBasedStateMachine):
 def contract_for(
     factory: StoreFactory,
     *,
-    max_examples: int = 60,
-    steps: int = 40,
+    max_examples: int = 100,
+    steps: int = 50,
     name: str = "StoreContract",
 ) -> type[unittest.TestCase]:
     """A ``unittest.TestCase`` running the stateful contract suite on stores from ``factory``.

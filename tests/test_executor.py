@@ -213,9 +213,7 @@ def _cancel_pending(executor_type, tmp_path):
 
 @pytest.mark.parametrize("kind", [
     "stdlib",
-    pytest.param("pipefarm", marks=pytest.mark.xfail(
-        strict=True, reason="product bug: pf.Executor marks a future running as soon as its "
-        "engine moves it into the store, so a queued call can no longer be cancelled")),
+    "pipefarm",
 ])
 def test_future_cancel_on_pending_call(kind, tmp_path):
     _cancel_pending(EXECUTORS[kind], tmp_path)

@@ -477,10 +477,6 @@ def _fill_disk(where: Path) -> Path:
     return filler
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: when a commit that groups several workers' "
-                   "outcomes (LocalBackend._commit: store.transaction() around finish_leased per "
-                   "worker) fails on a full disk, result files written by the earlier, rolled-back "
-                   "finish_leased calls are never removed")
 def test_disk_full_rolled_back_commit_leaves_no_result_files(tmp_path):
     from pipefarm.task import Finished
 

@@ -302,9 +302,7 @@ def test_sequential_matches_local(tmp_path):
 
 @pytest.mark.parametrize("backend", [
     "local",
-    pytest.param("sequential", marks=pytest.mark.xfail(
-        strict=True, reason="product bug: the sequential backend's _Timeout is caught by "
-        "run_python (except BaseException) and recorded as a failed attempt, not timed_out")),
+    "sequential",
 ])
 def test_timeout_outcome_same_on_both_backends(tmp_path, backend):
     with pf.Run.create(tmp_path / "run") as run:

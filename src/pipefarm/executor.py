@@ -19,6 +19,21 @@ from .states import Outcome
 from .task import PY, Finished, Spec, dumps_args
 
 
+class _Future(cf.Future):
+    """A future that tells its executor when it is cancelled before it ran."""
+
+    def __init__(self, cancels: queue.SimpleQueue[int]) -> None:
+        super().__init__()
+        self._pf_cancels = cancels
+        self._pf_task: int | None = None
+
+    def cancel(self) -> bool:
+        ok = super().cancel()
+        if ok and self._pf_task is not None:
+            self._pf_cancels.put(self._pf_task)  # the engine cancels the queued task
+        return ok
+
+
 class Executor(cf.Executor):
     """Run callables in ``max_workers`` processes (default: the CPU count).
 
@@ -40,6 +55,7 @@ class Executor(cf.Executor):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._cancels: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     # --- the concurrent.futures API ---------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
@@ -48,7 +64,7 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._error is not None:
                 raise RuntimeError(f"the executor's engine failed: {self._error}")
-            fut: cf.Future = cf.Future()
+            fut: cf.Future = _Future(self._cancels)
             self._inbox.put((fut, fn, args, kwargs))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._engine, name="pipefarm-executor",
@@ -67,6 +83,8 @@ class Executor(cf.Executor):
                         break
                     if item is not None:
                         item[0].cancel()
+                for fut in list(self._futures.values()):
+                    fut.cancel()  # only those no worker has started
             self._inbox.put(None)
         if wait and self._thread is not None:
             self._thread.join()
@@ -107,28 +125,48 @@ class Executor(cf.Executor):
                     continue
                 batch.append(item)
             for fut, fn, args, kwargs in batch:
-                if not fut.set_running_or_notify_cancel():
+                if fut.cancelled():
                     continue
                 try:
                     sid = spec_for(fn)
                     tid = store.add_tasks(sid, [dumps_args(args, kwargs)])[0]
                 except BaseException as exc:  # unpicklable function or arguments
+                    fut.set_running_or_notify_cancel()
                     fut.set_exception(exc)
                     continue
                 self._futures[tid] = fut
+                fut._pf_task = tid
+                if fut.cancelled():  # cancelled while it was being added
+                    self._cancels.put(tid)
+            cancelled = []
+            while True:
+                try:
+                    cancelled.append(self._cancels.get_nowait())
+                except queue.Empty:
+                    break
+            if cancelled:
+                store.cancel(cancelled)
+                for tid in cancelled:
+                    self._futures.pop(tid, None)
             return not (closing and self._inbox.empty())
+
+        def on_dispatch(leases: list) -> None:
+            for lease in leases:
+                fut = self._futures.get(lease.task)
+                if fut is not None and not fut.running():
+                    fut.set_running_or_notify_cancel()
 
         def on_finished(ok: list[tuple], others: list[Finished]) -> None:
             for row in ok:
                 fut = self._futures.pop(row[0], None)
-                if fut is not None:
+                if fut is not None and not fut.done():
                     try:
                         fut.set_result(pickle.loads(row[5]) if row[5] is not None else None)
                     except BaseException as exc:  # a result that cannot be unpickled here
                         fut.set_exception(exc)
             for f in others:
                 fut = self._futures.pop(f.task, None)
-                if fut is None:
+                if fut is None or fut.done():
                     continue
                 if f.outcome == Outcome.SUCCEEDED:
                     try:
@@ -151,11 +189,12 @@ class Executor(cf.Executor):
 
         try:
             LocalBackend(self._max_workers, capture_output=False).execute(
-                store, run_dir=self._run_dir, feed=feed, on_finished=on_finished, stop=self._stop)
+                store, run_dir=self._run_dir, feed=feed, on_finished=on_finished,
+                on_dispatch=on_dispatch, stop=self._stop)
         except BaseException as exc:
             self._error = exc
             for fut in self._futures.values():
-                if not fut.done():
+                if not fut.done() and fut.set_running_or_notify_cancel():
                     fut.set_exception(RuntimeError(f"the executor's engine failed: {exc}"))
         finally:
             store.close()

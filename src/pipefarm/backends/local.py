@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from ..states import Outcome
-from ..task import Finished, Resources, Spec
+from ..task import Finished, Lease, Resources, Spec
 from ..worker import Batch, Done, Slots, local_worker_main, slots_path
 
 ProgressFn = Callable[[dict[str, int]], None]
@@ -139,29 +139,33 @@ class LocalBackend:
         on_progress: ProgressFn | None = None,
         feed: Callable[[float], bool] | None = None,
         on_finished: Callable[[list[tuple], list[Finished]], None] | None = None,
+        on_dispatch: Callable[[list[Lease]], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Summary:
         """Run every claimable task of ``store`` until none is left.
 
         ``feed(wait_s)`` (the Executor's) is called every loop turn to add tasks, waiting up to
         ``wait_s`` for one when idle; it returns False once no more will come. ``on_finished(ok_rows, others)`` sees every committed outcome: plain
-        successes as :data:`~pipefarm.task.SuccessRow` rows, the rest as Finished. ``stop`` ends the run
+        successes as :data:`~pipefarm.task.SuccessRow` rows, the rest as Finished. ``on_dispatch(leases)`` sees leases as they are sent to a worker. ``stop`` ends the run
         like Ctrl-C does.
         """
-        return _Coordinator(self, store, run_dir, on_progress, feed, on_finished, stop).run()
+        return _Coordinator(self, store, run_dir, on_progress, feed, on_finished, stop,
+                            on_dispatch).run()
 
 
 class _Coordinator:
     def __init__(self, cfg: LocalBackend, store: Any, run_dir: str | None,
                  on_progress: ProgressFn | None, feed: Callable[[float], bool] | None,
                  on_finished: Callable[[list[tuple], list[Finished]], None] | None,
-                 stop: threading.Event | None) -> None:
+                 stop: threading.Event | None,
+                 on_dispatch: Callable[[list[Lease]], None] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.run_dir = run_dir
         self.on_progress = on_progress
         self.feed = feed
         self.on_finished = on_finished
+        self.on_dispatch = on_dispatch
         self.stop_event = stop
         self.tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         self.host = _host()
@@ -320,6 +324,8 @@ class _Coordinator:
             self.batch_id += 1
             w.conn_out.send_bytes(msgspec.msgpack.encode(Batch(self.batch_id, leases, specs, env)))
             w.outstanding.append((self.batch_id, leases, time.monotonic(), held_cpus, held_gpus))
+            if self.on_dispatch is not None:
+                self.on_dispatch(leases)
             if self.resourceful:
                 self.cpus_free -= held_cpus
         return True

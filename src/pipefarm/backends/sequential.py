@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..execute.py import TaskInterrupt
 from ..states import Outcome
 from ..task import Finished
 from ..worker import LeaseRunner
 from .local import Summary
 
 
-class _Timeout(BaseException):
+class _Timeout(TaskInterrupt):
     """Raised inside a task whose time is up (BaseException: the task must not catch it)."""
 
 

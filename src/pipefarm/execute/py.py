@@ -12,6 +12,10 @@ from ..states import Outcome
 from ..task import Finished, Lease, loads_args
 
 
+class TaskInterrupt(BaseException):
+    """Raised into a running task to stop it (a timeout): never recorded as its failure."""
+
+
 def load_callable(payload: bytes) -> Callable[..., Any]:
     """The callable stored in a spec's payload (cloudpickle)."""
     import cloudpickle  # noqa: F401 - registers what cloudpickle'd payloads need
@@ -35,7 +39,7 @@ def run_python(fn: Callable[..., Any], lease: Lease) -> Finished:
     try:
         args, kwargs = loads_args(lease.args)
         value = fn(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, TaskInterrupt):
         raise
     except BaseException as exc:  # noqa: BLE001 - a task's failure is data, not our crash
         ended = time.time()

@@ -75,6 +75,7 @@ from .fsjournal import (
     BlockFile,
     Claimed,
     Layout,
+    Liveness,
     Wave,
     create_excl,
     decode,
@@ -141,9 +142,10 @@ def _pid_alive(pid: int) -> bool:
 class FoldLock:
     """Who may fold: the holder of the highest ``fs/fold/<n>`` (content ``holder host pid``).
 
-    Taken by creating ``n+1`` exclusively when ``n`` is released (``<n>.released``), stale
-    (mtime more than ``lease_s`` older than the taker's own freshly touched heartbeat file), or
-    held by a dead process on this host. The holder touches its file at least every
+    Taken by creating ``n+1`` exclusively when ``n`` is released (``<n>.released``), held by a
+    dead process on this host, or stale by :class:`~.fsjournal.Liveness` (its mtime stopped
+    changing; compared with the taker's own freshly touched heartbeat file), which takes
+    ``lease_s / 2`` or more of watching: pass ``wait`` to :meth:`acquire`. The holder touches its file at least every
     ``lease_s / 4`` while it folds (:meth:`refresh`) and checks that no ``n+1`` appeared when
     it may have lapsed.
     """
@@ -156,6 +158,7 @@ class FoldLock:
         self.n: int | None = None
         self._touched = float("-inf")
         self._verified = float("-inf")
+        self._live = Liveness(lease_s)
 
     @property
     def held(self) -> bool:
@@ -187,7 +190,7 @@ class FoldLock:
         hb = self.layout.hb_of(self.holder)
         touch(hb)
         ref = mtime_ns(hb) or time.time_ns()
-        return stale(mtime_ns(self._path(n)), ref, self.lease_s)
+        return self._live.dead(self._path(n), mtime_ns(self._path(n)), ref)
 
     def _try(self) -> bool:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -797,16 +800,25 @@ def _fence(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, *, dead, no
     return None
 
 
-def _expiry(layout: Layout, ref_ns: int, lease_s: float, forced: set[str]):
+def _expiry(layout: Layout, ref_ns: int, lease_s: float, forced: set[str],
+            liveness: Liveness | None):
+    """``dead(holder)`` (or ``dead(None, claim_path)`` for a claim file with no holder yet):
+    by ``liveness`` when given (real clocks), else by comparing with ``ref_ns`` alone (a
+    simulated clock: heartbeats were stamped with it)."""
     cache: dict[str, bool] = {}
+
+    def judge(key: str, mtime: int | None) -> bool:
+        if liveness is None:
+            return stale(mtime, ref_ns, lease_s)
+        return liveness.dead(key, mtime, ref_ns)
 
     def dead(holder: str | None, claim_path: str | None = None) -> bool:
         if holder is None:
-            return stale(mtime_ns(claim_path), ref_ns, lease_s) if claim_path else True
+            return judge(claim_path, mtime_ns(claim_path)) if claim_path else True
         if holder in forced:
             return True
         if holder not in cache:
-            cache[holder] = stale(mtime_ns(layout.hb_of(holder)), ref_ns, lease_s)
+            cache[holder] = judge(holder, mtime_ns(layout.hb_of(holder)))
         return cache[holder]
 
     return dead
@@ -821,12 +833,15 @@ def reap_blocks(
     now: float | None = None,
     workers: Iterable[str] | None = None,
     me: str = "catalog",
+    liveness: Liveness | None = None,
 ) -> int:
-    """Fence every open block whose holder expired (heartbeat mtime more than ``lease_s``
-    before ``ref_ns``) or is in ``workers`` and that still has leases; return the number of
-    leases ended (lost or released). Call inside a catalog transaction, after a fold."""
+    """Fence every open block whose holder expired or is in ``workers`` and that still has
+    leases; return the number of leases ended (lost or released). Expiry: by ``liveness``
+    (keep one across calls: it watches mtimes change), or, without it, a heartbeat mtime more
+    than ``lease_s`` before ``ref_ns`` (simulated clocks). Call inside a catalog transaction,
+    after a fold."""
     now = time.time() if now is None else now
-    dead = _expiry(layout, ref_ns, lease_s, set(workers or ()))
+    dead = _expiry(layout, ref_ns, lease_s, set(workers or ()), liveness)
     db = catalog.db
     n = 0
     for b, e, holder in db.execute(
@@ -853,11 +868,12 @@ def recall_blocks(
     ref_ns: int,
     now: float | None = None,
     me: str = "catalog",
+    liveness: Liveness | None = None,
 ) -> int:
     """Fence every open block that no live worker holds (never claimed, released, expired):
     its tasks return to the catalog. Returns the number of tasks taken back."""
     now = time.time() if now is None else now
-    dead = _expiry(layout, ref_ns, lease_s, set())
+    dead = _expiry(layout, ref_ns, lease_s, set(), liveness)
     db = catalog.db
     n = 0
     for b, e in db.execute("SELECT id, epoch FROM fs_blocks WHERE closed=0").fetchall():

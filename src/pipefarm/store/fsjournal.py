@@ -45,10 +45,16 @@ Claiming
   (one readdir, not one call per task) to skip claimed blocks and to see markers.
 * Released blocks (``.released`` on the latest epoch) are taken at once: ``claims/<b>.<e+1>``.
 * Stale blocks: at most every ``lease_s / 4`` a worker touches its own heartbeat file, stats it,
-  and compares every live holder's heartbeat mtime with *that* mtime. Both were stamped by the
-  file server, so node clock skew does not matter: a holder is stale when its heartbeat is more
-  than ``lease_s`` older than the claimer's own fresh one. A missing heartbeat file is stale;
-  an empty claim file (its writer died between create and write) is judged by its own mtime.
+  and looks at every live holder's heartbeat mtime (one stat per holder, not per block). A
+  holder is dead when its mtime has not changed for ``lease_s`` of the claimer's monotonic
+  clock, or for ``lease_s / 2`` while it is also more than ``lease_s`` older than the claimer's
+  own freshly touched mtime (:class:`Liveness`). Where the file server stamps ``utime(NULL)``
+  (NFS) both mtimes are on the server's clock, so expiry is prompt and node clock skew does
+  not matter; where a client stamps (or a node's clock is off: ``faketime`` rewrites
+  ``utime(NULL)`` too), the no-change rule still expires dead holders and spares live ones,
+  since a live holder's mtime changes every ``lease_s / 4``. A missing heartbeat file counts
+  as an mtime that never changes; an empty claim file (its writer died between create and
+  write) is judged by the claim file's own mtime.
 * A takeover reads the journals of the holders of every earlier epoch of that block (their ids
   are in the claim files; a task of a block is only ever run under a claim of that block, so no
   other journal can hold its records), and *adopts* each task that is not settled: settled means
@@ -334,6 +340,38 @@ def stale(mtime: int | None, ref_ns: int, lease_s: float) -> bool:
     return mtime is None or mtime < ref_ns - to_ns(lease_s)
 
 
+class Liveness:
+    """Judges heartbeat files by their mtimes, trusting no clock but our own monotonic one.
+
+    A heartbeat is dead when its mtime has not changed for ``lease_s`` seconds of *our*
+    monotonic clock, or for ``lease_s / 2`` seconds while it is also more than ``lease_s``
+    older than ``ref_ns`` (our own heartbeat, freshly touched: the file server's clock where
+    it stamps mtimes). The first rule keeps no dead holder alive whatever its clock stamped
+    (clients that stamp mtimes themselves, or a node whose clock runs ahead); the second makes
+    expiry prompt where the server stamps, and still never takes a block from a live holder
+    whose stamps lag (it touches its file every ``lease_s / 4``: the mtime keeps changing).
+    A heartbeat seen for the first time is never dead.
+    """
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self._seen: dict[str, tuple[int | None, float]] = {}
+
+    def dead(self, key: str, mtime: int | None, ref_ns: int) -> bool:
+        mono = time.monotonic()
+        prev = self._seen.get(key)
+        if prev is None or prev[0] != mtime:
+            self._seen[key] = (mtime, mono)
+            return False
+        unchanged = mono - prev[1]
+        return unchanged >= self.lease_s or (
+            unchanged >= self.lease_s / 2 and stale(mtime, ref_ns, self.lease_s)
+        )
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+
 def read_config(layout: Layout) -> Config | None:
     data = read_small(layout.config)
     return None if not data else msgspec.msgpack.decode(data, type=Config)
@@ -490,6 +528,7 @@ class FsWorker:
         self._last_verify = time.monotonic()
         self._last_stale_scan = time.monotonic()  # the first stale scan after lease_s / 4
         self._listing: dict[int, BlockState] = {}
+        self._live = Liveness(self.lease_s)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def register(self) -> None:
@@ -577,7 +616,7 @@ class FsWorker:
 
     def _stale_scan(self, listing: dict[int, BlockState]) -> HeldBlock | None:
         ref = None
-        beats: dict[str, int | None] = {}
+        beats: dict[str, bool] = {}
         for b in sorted(listing):
             st = listing[b]
             if st.done or st.released or (b, st.epoch) in self._taken:
@@ -589,12 +628,13 @@ class FsWorker:
                 ref = self._ref_ns()
             if holder == self.id:
                 dead = True  # a claim of ours from an earlier life (same id, restarted)
-            elif not holder:
-                dead = stale(mtime_ns(self.layout.claim(b, st.epoch)), ref, self.lease_s)
+            elif not holder:  # its claimer died between create and write: the file's own mtime
+                path = self.layout.claim(b, st.epoch)
+                dead = self._live.dead(path, mtime_ns(path), ref)
             else:
                 if holder not in beats:
-                    beats[holder] = mtime_ns(self.layout.hb_of(holder))
-                dead = stale(beats[holder], ref, self.lease_s)
+                    beats[holder] = self._live.dead(holder, mtime_ns(self.layout.hb_of(holder)), ref)
+                dead = beats[holder]
             if dead:
                 blk = self._take_over(b, st.epoch)
                 if blk is not None:
@@ -937,6 +977,7 @@ class FsJournalStore(Store):
         self._dirty = True
         self._last_fold = float("-inf")
         self.last_fold: Any = None
+        self._live = Liveness(self.lease_s)
 
     # --- plumbing --------------------------------------------------------------------------------
     def _append(self, worker: str, records: list[bytes]) -> None:
@@ -952,6 +993,8 @@ class FsJournalStore(Store):
     def _fold(self, now: float | None = None, *, force: bool = False, need: bool = True) -> Any:
         if not (force or self._dirty or time.monotonic() - self._last_fold >= self.fold_interval):
             return None
+        if self._lock.held and not self._lock.refresh():
+            pass  # taken over while we were idle: take it back below, like a newcomer
         if not self._lock.held and not self._lock.acquire(wait=2 * self.lease_s if need else 0.0):
             if need:
                 raise StoreError(
@@ -1093,7 +1136,7 @@ class FsJournalStore(Store):
         with self.catalog.transaction():
             n = self._f.reap_blocks(
                 self.layout, self.catalog, lease_s=self.lease_s, ref_ns=ref, now=now,
-                workers=workers, me=self.me,
+                workers=workers, me=self.me, liveness=None if now is not None else self._live,
             )
         return n
 
@@ -1119,8 +1162,10 @@ class FsJournalStore(Store):
         self._fold(now)
         ref = self._ref_ns(now)
         with self.catalog.transaction():
-            return self._f.recall_blocks(self.layout, self.catalog, lease_s=self.lease_s,
-                                         ref_ns=ref, now=now, me=self.me)
+            return self._f.recall_blocks(
+                self.layout, self.catalog, lease_s=self.lease_s, ref_ns=ref, now=now,
+                me=self.me, liveness=None if now is not None else self._live,
+            )
 
     # --- user actions ----------------------------------------------------------------------------
     def cancel(self, ids: Iterable[int] | None = None) -> int:

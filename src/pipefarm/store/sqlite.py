@@ -104,6 +104,7 @@ class SQLiteStore(Store):
     ) -> None:
         self.lease_s = lease_s
         self._depth = 0
+        self._tx_files: list[Path] = []  # result files written in the open transaction
         if str(path) == ":memory:":
             self.run_dir: Path | None = None
             db = ":memory:"
@@ -160,10 +161,16 @@ class SQLiteStore(Store):
                 self._depth -= 1
             return
         self._depth = 1
+        committed = False
         try:
             yield from self._outer_tx()
+            committed = True
         finally:
             self._depth = 0
+            if not committed:  # result files written for a transaction that did not commit
+                for p in self._tx_files:
+                    p.unlink(missing_ok=True)
+            self._tx_files.clear()
 
     def _outer_tx(self):
         try:
@@ -452,44 +459,39 @@ class SQLiteStore(Store):
         gets a stale attempt instead.
         """
         now = self._now(now)
-        files: list[Path] = []
         applied = 0
-        try:
-            with self._tx() as db:
-                if succeeded:
-                    applied += db.executemany(
-                        f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
-                        " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
-                        f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
-                        f" OR (state={int(_S.RUNNING)} AND token=?2))",
-                        [(*row, worker) for row in succeeded],
-                    ).rowcount
-                    if applied != len(succeeded):
-                        applied = self._record_stale_among(
-                            db, worker,
-                            [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2])
-                             for r in succeeded],
-                            files,
-                        )
-                    if self._has_deps:
-                        self._release_dependents(db, [r[0] for r in succeeded])
-                if others:
-                    # the lease becomes a real one first, then the ordinary path applies
-                    db.executemany(
-                        f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
-                        " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
-                        ((f.token, worker, f.attempt, now, f.started_at, f.task) for f in others),
+        with self._tx() as db:
+            if succeeded:
+                applied += db.executemany(
+                    f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+                    " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
+                    f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
+                    f" OR (state={int(_S.RUNNING)} AND token=?2))",
+                    [(*row, worker) for row in succeeded],
+                ).rowcount
+                done = [r[0] for r in succeeded]
+                if applied != len(succeeded):
+                    done = self._record_stale_among(
+                        db, worker,
+                        [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2])
+                         for r in succeeded]
                     )
-                    wins = [f for f in others if f.outcome == Outcome.SUCCEEDED]
-                    if wins:
-                        applied += self._finish_succeeded(db, worker, wins, now, files)
-                    for f in others:
-                        if f.outcome != Outcome.SUCCEEDED:
-                            applied += self._finish_unsuccessful(db, worker, f, now)
-        except BaseException:
-            for p in files:
-                p.unlink(missing_ok=True)
-            raise
+                    applied = len(done)
+                if self._has_deps:
+                    self._release_dependents(db, done)
+            if others:
+                # the lease becomes a real one first, then the ordinary path applies
+                db.executemany(
+                    f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
+                    " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
+                    ((f.token, worker, f.attempt, now, f.started_at, f.task) for f in others),
+                )
+                wins = [f for f in others if f.outcome == Outcome.SUCCEEDED]
+                if wins:
+                    applied += self._finish_succeeded(db, worker, wins, now)
+                for f in others:
+                    if f.outcome != Outcome.SUCCEEDED:
+                        applied += self._finish_unsuccessful(db, worker, f, now)
         return applied
 
     def heartbeat(self, worker: str, now: float | None = None) -> None:
@@ -518,21 +520,15 @@ class SQLiteStore(Store):
             return 0
         wins = [f for f in outcomes if f.outcome == Outcome.SUCCEEDED]
         others = [f for f in outcomes if f.outcome != Outcome.SUCCEEDED]
-        files: list[Path] = []
         applied = 0
-        try:
-            with self._tx() as db:
-                if wins:
-                    applied += self._finish_succeeded(db, worker, wins, now, files)
-                for f in others:
-                    applied += self._finish_unsuccessful(db, worker, f, now)
-        except BaseException:
-            for p in files:  # a result file of an uncommitted finish is garbage
-                p.unlink(missing_ok=True)
-            raise
+        with self._tx() as db:  # result files of a transaction that fails are removed with it
+            if wins:
+                applied += self._finish_succeeded(db, worker, wins, now)
+            for f in others:
+                applied += self._finish_unsuccessful(db, worker, f, now)
         return applied
 
-    def _result_columns(self, f: Finished, files: list[Path]) -> tuple[bytes | None, str | None]:
+    def _result_columns(self, f: Finished) -> tuple[bytes | None, str | None]:
         if f.result is None or len(f.result) <= INLINE_RESULT_MAX or self.run_dir is None:
             return f.result, None
         rdir = self.run_dir / "results"
@@ -545,6 +541,7 @@ class SQLiteStore(Store):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, rdir / name)
+            self._tx_files.append(rdir / name)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -553,11 +550,10 @@ class SQLiteStore(Store):
                     " this write was saved; free some space and run again to resume"
                 ) from exc
             raise
-        files.append(rdir / name)
         return None, f"results/{name}"
 
     def _finish_succeeded(
-        self, db: sqlite3.Connection, worker: str, wins: list[Finished], now: float, files: list[Path]
+        self, db: sqlite3.Connection, worker: str, wins: list[Finished], now: float
     ) -> int:
         # A worker reports start and end together: CLAIMED -> RUNNING -> SUCCEEDED in one write.
         src = f"({_S.CLAIMED},{_S.RUNNING})"
@@ -569,7 +565,7 @@ class SQLiteStore(Store):
             ):
                 plain.append((f.result, f.started_at, f.ended_at, f.task, f.token))
             else:
-                blob, rfile = self._result_columns(f, files)
+                blob, rfile = self._result_columns(f)
                 full.append((blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output,
                              f.task, f.token))
         applied = 0
@@ -585,17 +581,18 @@ class SQLiteStore(Store):
                 " output=?" + where,
                 full,
             ).rowcount
+        done = [f.task for f in wins]
         if applied != len(wins):
-            applied = self._record_stale_among(db, worker, wins, files)
+            done = self._record_stale_among(db, worker, wins)
         if self._has_deps:
-            done = [f.task for f in wins]
             self._release_dependents(db, done)
-        return applied
+        return len(done)
 
     def _record_stale_among(
-        self, db: sqlite3.Connection, worker: str, batch: list[Finished], files: list[Path]
-    ) -> int:
-        """After a batched finish: find which outcomes did not match, record them as stale."""
+        self, db: sqlite3.Connection, worker: str, batch: list[Finished]
+    ) -> list[int]:
+        """After a batched finish: record the outcomes that did not match as stale; return the
+        tasks whose outcome did take effect."""
         current: dict[int, tuple[int | None, int]] = {}
         ids = [f.task for f in batch]
         for chunk in _chunks(ids):
@@ -603,11 +600,11 @@ class SQLiteStore(Store):
                 f"SELECT id, token, state FROM tasks WHERE id IN ({_qs(len(chunk))})", chunk
             ):
                 current[tid] = (tok, st)
-        applied = 0
+        applied = []
         for f in batch:
             tok, st = current.get(f.task, (None, -1))
             if tok == f.token and st == _S.SUCCEEDED:
-                applied += 1
+                applied.append(f.task)
             else:
                 self._insert_stale(db, worker, f)
         return applied
