@@ -17,8 +17,8 @@ CMD = "cmd"
 INLINE_RESULT_MAX = 64 * 1024
 
 #: A success with a small result and nothing else to record, in the order stores bind it:
-#: ``(task, token, attempt, started_at, ended_at, result)``.
-SuccessRow = tuple[int, int, int, float, float, "bytes | None"]
+#: ``(task, token, attempt, started_at, ended_at, result, worker)``.
+SuccessRow = tuple[int, int, int, float, float, "bytes | None", str]
 
 
 class Resources(msgspec.Struct, frozen=True):

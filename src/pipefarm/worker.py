@@ -175,7 +175,7 @@ class Done(msgspec.Struct, array_like=True):
     """
 
     id: int
-    ok: list[tuple[int, int, int, float, float, bytes | None]]
+    ok: list[tuple[int, int, int, float, float, bytes | None, str]]
     others: list[Finished]
     busy: float
     final: bool = True
@@ -211,7 +211,7 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
             inbox.put(None)
 
     threading.Thread(target=read, name="pipefarm-inbox", daemon=True).start()
-    report = _Reporter(conn_out)
+    report = _Reporter(conn_out, worker_id)
     threading.Thread(target=report.flush_loop, name="pipefarm-flush", daemon=True).start()
     while True:
         msg = inbox.get()
@@ -240,8 +240,9 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
 class _Reporter:
     """Collects a batch's outcomes and sends them; a thread sends early during a long task."""
 
-    def __init__(self, conn_out: Any) -> None:
+    def __init__(self, conn_out: Any, worker_id: str) -> None:
         self.conn_out = conn_out
+        self.worker_id = worker_id
         self.lock = threading.Lock()
         self.batch = 0
         self.ok: list[tuple] = []
@@ -261,7 +262,9 @@ class _Reporter:
                 f.outcome == 0 and f.error is None and f.note is None and f.output is None
                 and f.exit_code is None and (f.result is None or len(f.result) <= INLINE_RESULT_MAX)
             ):
-                self.ok.append((f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result))
+                self.ok.append(
+                    (f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result, self.worker_id)
+                )
             else:
                 self.others.append(f)
 

@@ -393,15 +393,15 @@ class SQLiteStore(Store):
             fit_params = [resources.cpus, resources.gpus]
         rows: list[tuple] = []
         if cursor is not None:
-            rows = [
-                r for r in self.db.execute(
-                    "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
-                    f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
-                    " ORDER BY id LIMIT ?",
-                    [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
-                )
-                if r[2] not in inflight  # the cursor can trail a task leased after a reset
-            ]
+            rows = self.db.execute(
+                "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
+                f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
+                " ORDER BY id LIMIT ?",
+                [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
+            ).fetchall()
+            if inflight and rows and rows[0][2] <= max(inflight):
+                # the cursor can trail a task leased after a reset: pass over those
+                rows = [r for r in rows if r[2] not in inflight]
         if len(rows) < n:
             taken = {r[2] for r in rows}
             picked: list[int] = []
@@ -453,9 +453,9 @@ class SQLiteStore(Store):
     ) -> int:
         """Commit outcomes of leases held in memory; returns how many took effect.
 
-        ``succeeded`` rows are ``(task, token, attempt, started_at, ended_at, result)`` of
-        successes with a small result and nothing else to record; ``others`` are every other
-        outcome. A task that is no longer ready-and-unleased nor running under this token
+        ``succeeded`` rows are ``(task, token, attempt, started_at, ended_at, result, worker)``
+        (:data:`~pipefarm.task.SuccessRow`) of successes with a small result and nothing else to
+        record; ``others`` are every other outcome. A task that is no longer ready-and-unleased nor running under this token
         gets a stale attempt instead.
         """
         now = self._now(now)
@@ -467,7 +467,7 @@ class SQLiteStore(Store):
                     " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
                     f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
                     f" OR (state={int(_S.RUNNING)} AND token=?2))",
-                    [(*row, worker) for row in succeeded],
+                    succeeded,
                 ).rowcount
                 done = [r[0] for r in succeeded]
                 if applied != len(succeeded):
