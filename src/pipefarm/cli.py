@@ -220,9 +220,12 @@ def status(run_dir: str, as_json: bool) -> None:
       pipefarm status runs/sweep
       pipefarm status runs/sweep --json | jq .counts
     """
+    from .backends.array import sync
     from .observe.status import status_report
 
-    rep = status_report(_open(run_dir))
+    run = _open(run_dir)
+    sync(run)  # a shared-filesystem run: fold what the workers journaled
+    rep = status_report(run)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
         return
@@ -257,7 +260,11 @@ def results(run_dir: str, fmt: str | None, output: str | None) -> None:
     if fmt is None:
         suffix = Path(output).suffix.lower().lstrip(".") if output else ""
         fmt = suffix if suffix in ("parquet", "csv", "json") else "csv"
-    table = _open(run_dir).results()
+    from .backends.array import sync
+
+    run = _open(run_dir)
+    sync(run)
+    table = run.results()
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -366,3 +373,120 @@ def failures(run_dir: str, as_json: bool, top: int) -> None:
         click.echo(f"          e.g. task {g.example_task}: " + (example[-1] if example else ""))
         more = ", ".join(map(str, g.task_ids[:10]))
         click.echo(f"          tasks: {more}{' ...' if g.count > 10 else ''}")
+
+
+# --- many hosts: worker and array -------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--element", type=int, default=None, help="This worker's array element (from the scheduler).")
+@click.option("--signal", "sig", default="TERM", show_default=True, help="The walltime warning signal: stop claiming, finish the running task, hand the rest back.")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None, help="Exit after this many seconds with nothing to claim.")
+@click.option("--id", "worker_id", default=None, help="Worker id (default: host-pid-random).")
+def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
+           worker_id: str | None) -> None:
+    """The worker loop that array elements and srun/mpiexec-launched processes run.
+
+    \b
+      pipefarm worker runs/sweep                # usually written into a script by `pipefarm array`
+    It claims blocks of tasks through the run directory alone (exclusive-create claim files,
+    its own journal and heartbeat file), runs them, and exits when nothing is left. On the
+    warning signal it stops claiming, finishes its running task and hands the rest back at once.
+    """
+    import signal as signals
+
+    from .store.fsjournal import new_worker_id, work_loop
+
+    if not (Path(run_dir) / "fs" / "wave").exists():
+        raise click.UsageError(f"{run_dir} has no exported tasks; use `pipefarm array` to start workers")
+    name = sig.upper().removeprefix("SIG")
+    try:
+        drain = {getattr(signals, f"SIG{name}"), signals.SIGTERM, signals.SIGINT}
+    except AttributeError:
+        raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
+    prefix = f"e{element}-" if element is not None else ""
+    stats = work_loop(run_dir, worker_id or new_worker_id(prefix), drain_signals=drain,
+                      idle_exit=idle_exit)
+    click.echo(f"worker done: {stats}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs", "sge", "htcondor", "lsf"]), help="Write (and submit) a job array for this scheduler.")
+@click.option("--launch", "launcher", type=click.Choice(["srun", "mpiexec"]), help="Inside an allocation: start the workers with this launcher and wait.")
+@click.option("--elements", type=click.IntRange(min=1), default=1, show_default=True, help="Array elements (jobs).")
+@click.option("--workers-per-element", "-w", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("-n", "--workers", "n_workers", type=click.IntRange(min=1), help="With --launch: number of worker processes.")
+@click.option("--time", "walltime", help="Walltime per element: minutes, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--partition", "--queue", "partition", help="Partition (SLURM) or queue.")
+@click.option("--account", help="Account / project to charge.")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--gpus-per-worker", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--throttle", type=click.IntRange(min=1), help="At most this many elements at once (SLURM %N).")
+@click.option("--extra", multiple=True, help="A raw directive, e.g. '--mem=4G' (repeatable).")
+@click.option("--signal", "sig", default="TERM", show_default=True, help="Walltime warning signal sent to the workers.")
+@click.option("--warn-seconds", type=click.IntRange(min=0), default=120, show_default=True, help="How long before the walltime the warning comes.")
+@click.option("--dry-run", is_flag=True, help="Print the script; submit nothing.")
+@click.option("--submit", "do_submit", is_flag=True, help="Submit the script with the scheduler's own command.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end, folding results as they come.")
+@click.option("--poll", type=click.FloatRange(min=1), default=30.0, show_default=True, help="Seconds between scheduler queries while waiting.")
+def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: int,
+          workers_per_element: int, n_workers: int | None, walltime: str | None,
+          partition: str | None, account: str | None, cpus_per_worker: int,
+          gpus_per_worker: int, throttle: int | None, extra: tuple[str, ...], sig: str,
+          warn_seconds: int, dry_run: bool, do_submit: bool, wait: bool, poll: float) -> int:
+    """Run RUN's tasks on many hosts: a scheduler job array of `pipefarm worker`s.
+
+    \b
+      pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --dry-run
+      pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --submit --wait
+      pipefarm array runs/sweep --launch srun -n 64      # inside an salloc/sbatch allocation
+    Workers coordinate through the run directory alone; a lost element's blocks are taken
+    over by the others once its heartbeat is older than the lease.
+    """
+    from .backends import array as arr
+    from .backends.schedulers import ArraySpec
+
+    if (scheduler is None) == (launcher is None):
+        raise click.UsageError("choose one of --scheduler and --launch")
+    run = _open(run_dir)
+    if launcher is not None:
+        summary = arr.launch(run, launcher, n_workers or elements * workers_per_element,
+                             signal=sig)
+        click.echo(str(summary), err=True)
+        return 0 if summary.ok else EXIT_FAILED_TASKS
+    assert scheduler is not None
+    spec = ArraySpec(
+        run_dir=str(run.path), elements=elements, workers_per_element=workers_per_element,
+        time=walltime, partition=partition, account=account, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker, throttle=throttle, extra=list(extra), signal=sig,
+        warn_seconds=warn_seconds,
+    )
+    backend = arr.ArrayBackend(scheduler, spec, poll_s=poll)
+    if dry_run:
+        from .backends.schedulers import render
+
+        rendered = render(scheduler, spec)
+        for name, text in rendered.files.items():
+            click.echo(f"# --- {name}\n{text}")
+        return 0
+    script = backend.prepare(run)
+    if not do_submit:
+        click.echo(f"wrote {script}; submit it, or add --submit")
+        return 0
+    job = backend.submit(run, script)
+    click.echo(f"submitted {scheduler} job {job} ({elements} x {workers_per_element} workers)")
+    if not wait:
+        click.echo(f"follow it with: pipefarm status {run_dir}")
+        return 0
+    from .observe.progress import ProgressDisplay
+
+    display = ProgressDisplay(interval_s=poll)
+    summary = backend.wait(run, job, on_progress=display)
+    display.close(summary.counts)
+    click.echo(str(summary), err=True)
+    if not summary.ok:
+        left = sum(summary.counts[k] for k in ("blocked", "ready", "claimed", "running"))
+        if left:
+            click.echo(f"{left:,} task(s) left: submit again, or run them here: pipefarm run {run_dir}", err=True)
+        return EXIT_FAILED_TASKS
+    return 0

@@ -293,6 +293,7 @@ class Run:
         display = None
         try:
             self.reap_orphans()
+            self._take_back_blocks()
             callbacks = []
             if progress:
                 from .observe.progress import ProgressDisplay
@@ -315,6 +316,23 @@ class Run:
             if display is not None:
                 display.close()
             lock.release()
+
+    def _take_back_blocks(self) -> None:
+        """A run that array workers worked on: fold their journals and take back the blocks
+        no live worker holds, so that this host runs them; refuse while workers are live."""
+        if not (self.path / "fs").is_dir():
+            return
+        from .backends.array import recall
+
+        recall(self)
+        held = self.store.db.execute(
+            "SELECT count(*) FROM fs_blocks WHERE closed=0"
+        ).fetchone()[0]
+        if held:
+            raise RunLocked(
+                f"{held} block(s) of this run are held by live array workers; wait for them"
+                f" (pipefarm status {self.path}) or stop them first"
+            )
 
     def reap_orphans(self) -> int:
         """Reap the leases of coordinators that are gone (the caller holds the run lock)."""

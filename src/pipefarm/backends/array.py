@@ -1,0 +1,143 @@
+"""The array backend: workers in a scheduler's job array, or launched inside an allocation.
+
+The submitting process holds the catalog: it exports ready tasks as blocks
+(:func:`pipefarm.store.fold.export`), submits the array, and with ``wait`` follows it: it asks
+the scheduler how the job stands at most once per ``poll_s`` (30 s by default, gentle on the
+scheduler), and folds the workers' journals into the catalog every ``fold_s`` seconds, exporting
+new waves as dependencies succeed. Workers (``pipefarm worker``) coordinate through the run
+directory alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .local import Summary
+from .schedulers import ArraySpec, launch_command, poll_state, submit, write_scripts
+
+ProgressFn = Callable[[dict[str, int]], None]
+
+
+def sync(run: Any) -> Any:
+    """Fold the journals of a shared-filesystem run into its catalog (nothing if it has none)."""
+    if not (Path(run.path) / "fs").is_dir():
+        return None
+    from ..store.fold import fold
+
+    return fold(run.path, run.store)
+
+
+def export(run: Any, workers: int) -> Any:
+    """Fold, then offer every ready task not yet in a block as new blocks (one wave)."""
+    from ..store.fold import export as export_wave
+    from ..store.fsjournal import Layout, write_config
+
+    layout = Layout(run.path)
+    layout.make()
+    write_config(layout, run.store.lease_s)
+    sync(run)
+    return export_wave(layout, run.store, workers=max(1, workers))
+
+
+def recall(run: Any, *, dead: bool = False) -> int:
+    """Take back into the catalog the blocks that no live worker holds.
+
+    With ``dead`` (the array has ended), every holder counts as gone.
+    """
+    from ..store.fold import recall_blocks
+    from ..store.fsjournal import Layout, mtime_ns, touch
+
+    if not (Path(run.path) / "fs").is_dir():
+        return 0
+    layout = Layout(run.path)
+    sync(run)
+    me = os.path.join(layout.hb, "catalog")
+    touch(me)
+    ref = mtime_ns(me) or time.time_ns()
+    lease = 0.0 if dead else run.store.lease_s
+    with run.store.transaction():
+        return recall_blocks(layout, run.store, lease_s=lease, ref_ns=ref)
+
+
+def _counts_left(counts: dict[str, int]) -> int:
+    return sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+
+
+class ArrayBackend:
+    """Submit workers as a job array of ``scheduler`` and (optionally) follow it to the end."""
+
+    name = "array"
+
+    def __init__(self, scheduler: str, spec: ArraySpec, *, poll_s: float = 30.0,
+                 fold_s: float = 5.0) -> None:
+        self.scheduler = scheduler
+        self.spec = spec
+        self.poll_s = poll_s
+        self.fold_s = fold_s
+
+    def prepare(self, run: Any) -> Path:
+        """Export the ready tasks and write the submit script; return its path."""
+        export(run, self.spec.elements * self.spec.workers_per_element)
+        return write_scripts(self.scheduler, self.spec)
+
+    def submit(self, run: Any, script: Path) -> str:
+        """Submit the script; record the job id in the run."""
+        job = submit(self.scheduler, script)
+        jobs = [j for j in str(run.store.meta("array_jobs", "") or "").split(",") if j]
+        run.store.set_meta("array_jobs", ",".join([*jobs, f"{self.scheduler}:{job}"]))
+        return job
+
+    def wait(self, run: Any, job: str, on_progress: ProgressFn | None = None) -> Summary:
+        """Follow ``job`` to its end, folding as it goes; return the summary."""
+        t0 = time.time()
+        state = poll_state(self.scheduler, job)
+        last_poll = time.monotonic()
+        workers = self.spec.elements * self.spec.workers_per_element
+        while state in ("pending", "running", "unknown"):
+            time.sleep(min(self.fold_s, self.poll_s))
+            export(run, workers)  # folds; offers tasks whose dependencies just succeeded
+            if on_progress is not None:
+                on_progress(run.store.counts())
+            if time.monotonic() - last_poll >= self.poll_s:
+                state = poll_state(self.scheduler, job)
+                last_poll = time.monotonic()
+                if state == "unknown" and _counts_left(run.store.counts()) == 0:
+                    break
+        return finish(run, t0)
+
+
+def launch(run: Any, launcher: str, n: int, *, signal: str = "TERM", fold_s: float = 5.0,
+           on_progress: ProgressFn | None = None) -> Summary:
+    """Start ``n`` workers with ``srun`` or ``mpiexec`` inside this allocation; wait for them."""
+    t0 = time.time()
+    export(run, n)
+    argv = launch_command(launcher, n, str(run.path), signal=signal)
+    proc = subprocess.Popen(argv)
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=fold_s)
+            except subprocess.TimeoutExpired:
+                pass
+            export(run, n)
+            if on_progress is not None:
+                on_progress(run.store.counts())
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+    return finish(run, t0)
+
+
+def finish(run: Any, t0: float) -> Summary:
+    """The array has ended: fold what it journaled, take back what it left, summarise."""
+    sync(run)
+    recall(run, dead=True)
+    counts = run.store.counts()
+    return Summary(run=str(run.path), total=sum(counts.values()), counts=counts,
+                   attempts=counts["succeeded"] + counts["failed"], elapsed_s=time.time() - t0)
