@@ -429,11 +429,13 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 @click.option("--submit", "do_submit", is_flag=True, help="Submit the script with the scheduler's own command.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end, folding results as they come.")
 @click.option("--poll", type=click.FloatRange(min=1), default=30.0, show_default=True, help="Seconds between scheduler queries while waiting.")
+@click.option("--lease", type=click.FloatRange(min=1), default=None, help="Seconds without a heartbeat before a worker's blocks are taken over (default 60; fixed at the first export).")
 def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: int,
           workers_per_element: int, n_workers: int | None, walltime: str | None,
           partition: str | None, account: str | None, cpus_per_worker: int,
           gpus_per_worker: int, throttle: int | None, extra: tuple[str, ...], sig: str,
-          warn_seconds: int, dry_run: bool, do_submit: bool, wait: bool, poll: float) -> int:
+          warn_seconds: int, dry_run: bool, do_submit: bool, wait: bool, poll: float,
+          lease: float | None) -> int:
     """Run RUN's tasks on many hosts: a scheduler job array of `pipefarm worker`s.
 
     \b
@@ -449,6 +451,8 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
     if (scheduler is None) == (launcher is None):
         raise click.UsageError("choose one of --scheduler and --launch")
     run = _open(run_dir)
+    if lease is not None:
+        run.store.lease_s = lease
     if launcher is not None:
         summary = arr.launch(run, launcher, n_workers or elements * workers_per_element,
                              signal=sig)
