@@ -146,6 +146,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.keys = 0
         self.values = 0
         self.prev_states: dict[int, State] = {}
+        self.steps = 0
         for i, w in enumerate(WORKERS):
             self.store.register_worker(w, "host", 1000 + i, now=self.now)
             self.hb[w] = self.now
@@ -325,7 +326,10 @@ class StoreMachine(RuleBasedStateMachine):
         good: list[tuple[MLease, Outcome]],
         stale: list[MLease],
         wrong: list[tuple[int, int]],
+        late: Outcome = Outcome.SUCCEEDED,
     ) -> None:
+        """``good`` leases end as given; ``stale`` (ended leases) and ``wrong`` (never issued
+        tokens) report ``late``, and must change nothing."""
         self._beat(w)
         outcomes: list[Finished] = []
         blobs: dict[int, bytes] = {}
@@ -341,14 +345,15 @@ class StoreMachine(RuleBasedStateMachine):
                     Finished(lease.task, lease.token, int(outcome), self.now - 1, self.now,
                              error=f"{outcome.label} on purpose", exit_code=1)
                 )
-        for lease in stale:  # a zombie reporting a result it has no right to
+        for lease in stale:  # a zombie reporting on a lease it no longer holds
             outcomes.append(
-                Finished(lease.task, lease.token, int(Outcome.SUCCEEDED), self.now - 1, self.now,
-                         result=self._new_value(lease), exit_code=0)
+                Finished(lease.task, lease.token, int(late), self.now - 1, self.now,
+                         result=self._new_value(lease) if late == Outcome.SUCCEEDED else None,
+                         error=None if late == Outcome.SUCCEEDED else "zombie")
             )
         for tid, token in wrong:
             outcomes.append(
-                Finished(tid, token, int(Outcome.FAILED), self.now - 1, self.now, error="bogus")
+                Finished(tid, token, int(late), self.now - 1, self.now, error="bogus")
             )
         bystanders = {lease.task for lease in stale} | {tid for tid, _ in wrong}
         before = {tid: (self._model_sig(tid), self._signature(tid)) for tid in bystanders}
@@ -384,12 +389,15 @@ class StoreMachine(RuleBasedStateMachine):
                     f"{store_before} -> {self._signature(tid)}"
                 )
         # each superseded outcome adds one stale attempt; an outcome for a lease that merely
-        # ended (the task not leased again since) may add one or not
+        # ended (the task not leased again since), or with a token never issued, may add one
         superseded = {tid: 0 for tid in stale_before}
         sent = {tid: 0 for tid in stale_before}
         for lease in stale:
             sent[lease.task] += 1
             superseded[lease.task] += self._superseded(lease)
+        for tid, _ in wrong:
+            if tid in sent:
+                sent[tid] += 1
         for tid, n in superseded.items():
             added = self._stale_count(tid) - stale_before[tid]
             assert n <= added <= sent[tid], (
@@ -523,19 +531,25 @@ class StoreMachine(RuleBasedStateMachine):
         cost=st.sampled_from((0.0, 1.0, 2.5)),
         deps=st.lists(st.integers(0, 1000), max_size=2),
         keyed=st.booleans(),
+        bad_dep=st.integers(0, 7),
     )
-    def add_tasks(self, spec, n, priority, cost, deps, keyed):
+    def add_tasks(self, spec, n, priority, cost, deps, keyed, bad_dep):
+        """Add tasks, maybe after some existing ones; now and then first try with an unknown
+        dependency, which must be refused with nothing written."""
         sid = sorted(self.specs)[spec % len(self.specs)]
         ids = sorted(self.tasks)
         after = sorted({ids[d % len(ids)] for d in deps}) if ids else []
+        if bad_dep == 0:
+            before = self.store.counts()
+            with pytest.raises(ValueError):
+                self.store.add_tasks(sid, [None] * n, after=[*after, (self.next_id or 0) + 1000])
+            assert self.store.counts() == before, "a refused add_tasks wrote something"
         keys = None
         if keyed:
             keys = [f"key{self.keys + i}" for i in range(n)]
             self.keys += n
         args = [pickle.dumps((i, "arg")) if i % 2 else None for i in range(n)]
-        r = self.store.add_tasks(
-            sid, args, keys=keys, priority=priority, cost=cost, after=after
-        )
+        r = self.store.add_tasks(sid, args, keys=keys, priority=priority, cost=cost, after=after)
         assert len(r) == n and r.step == 1, f"add_tasks returned {r!r} for {n} tasks"
         if self.next_id is not None:
             assert r.start == self.next_id, f"ids not dense: expected {self.next_id}, got {r!r}"
@@ -553,25 +567,6 @@ class StoreMachine(RuleBasedStateMachine):
                 state=State.BLOCKED,
             )
         self._settle_deps()
-
-    @precondition(lambda self: bool(self.tasks))
-    @rule()
-    def add_tasks_unknown_dependency(self):
-        before = self.store.counts()
-        bad = max(self.tasks) + 1000
-        with pytest.raises(ValueError):
-            self.store.add_tasks(sorted(self.specs)[0], [None, None], after=[0, bad])
-        assert self.store.counts() == before, "a refused add_tasks wrote something"
-
-    @rule(dt=st.sampled_from((0.05, 0.3, 0.7)))
-    def tick(self, dt):
-        """Time passes (``dt`` lease times)."""
-        self._advance(dt * self.lease_s)
-
-    @rule(w=st.sampled_from(WORKERS))
-    def heartbeat(self, w):
-        self._settle_clock()
-        self._beat(w)
 
     @rule(w=st.sampled_from(WORKERS), n=st.integers(1, 4))
     def claim(self, w, n):
@@ -592,9 +587,7 @@ class StoreMachine(RuleBasedStateMachine):
         good = [self.live[lease.task] for lease in leases]
         self._do_start(good, [])
         self.check_all()
-        done = list(zip(good, outcomes))
-        if done:
-            self._do_finish(w, done, [], [])
+        self._do_finish(w, list(zip(good, outcomes, strict=False)), [], [])
 
     @precondition(lambda self: any(self.tasks[i].state == State.CLAIMED for i in self.live))
     @rule(
@@ -625,26 +618,32 @@ class StoreMachine(RuleBasedStateMachine):
             st.tuples(st.integers(0, 100), st.sampled_from(ENDING_OUTCOMES)), min_size=1, max_size=3
         ),
         stale=st.lists(st.integers(0, 100), max_size=2),
+        seed=st.integers(-(2**62), 2**62),
     )
-    def finish(self, picks, stale):
-        """Finish some leases of one worker, maybe with its superseded leases in the batch. Most
-        are running; a worker may also report start and end together (an unstarted lease)."""
-        running = [lease for _, lease in sorted(self.live.items())]
-        w = running[picks[0][0] % len(running)].worker
-        mine = [lease for lease in running if lease.worker == w]
+    def finish(self, picks, stale, seed):
+        """Finish some leases of one worker (most running; a worker may also report start and end
+        together), maybe with its own ended leases and a wrong token in the same batch."""
+        live = [lease for _, lease in sorted(self.live.items())]
+        w = live[picks[0][0] % len(live)].worker
+        mine = [lease for lease in live if lease.worker == w]
         good = {}
         for p, outcome in picks:
             lease = mine[p % len(mine)]
             good.setdefault(lease.task, (lease, outcome))
         old = [lease for lease in self.dead if lease.worker == w and lease.task not in good]
         zombies = list({old[s % len(old)].token: old[s % len(old)] for s in stale}.values()) if old else []
-        self._do_finish(w, list(good.values()), zombies, [])
+        others = [lease.task for lease in live if lease.task not in good]
+        wrong = []
+        if others and seed % 2:
+            tid = others[seed % len(others)]
+            wrong.append((tid, self._wrong_token(tid, seed)))
+        self._do_finish(w, list(good.values()), zombies, wrong)
 
     @precondition(lambda self: any(t.state == State.RUNNING for t in self.tasks.values()))
-    @rule(pick=st.integers(0, 1000), n=st.integers(1, 4))
-    def takeover(self, pick, n):
-        """A worker is declared dead while it runs a task; another worker claims; then the first
-        one, a zombie, reports success for the lease it lost."""
+    @rule(pick=st.integers(0, 1000), n=st.integers(1, 4), outcome=st.sampled_from(ENDING_OUTCOMES))
+    def takeover(self, pick, n, outcome):
+        """A worker is declared dead while it runs a task (reap with ``workers=``); another worker
+        claims and starts; then the first one, a zombie, reports on the lease it lost."""
         running = [lease for _, lease in sorted(self.live.items())
                    if self.tasks[lease.task].state == State.RUNNING]
         zombie = running[pick % len(running)]
@@ -656,26 +655,28 @@ class StoreMachine(RuleBasedStateMachine):
         if leases:
             self._do_start([self.live[lease.task] for lease in leases], [])
             self.check_all()
-        self._do_finish(zombie.worker, [], [zombie], [])
+        self._do_finish(zombie.worker, [], [zombie], [], outcome)
 
-    @precondition(lambda self: bool(self.dead))
-    @rule(pick=st.integers(0, 1000))
-    def finish_stale(self, pick):
-        """A zombie reports a result for a lease that ended (reaped, released, cancelled, done)."""
-        lease = self.dead[pick % len(self.dead)]
-        self._do_finish(lease.worker, [], [lease], [])
-
-    @precondition(lambda self: bool(self.tasks))
-    @rule(pick=st.integers(0, 1000), seed=st.integers(-(2**62), 2**62))
-    def finish_wrong_token(self, pick, seed):
-        ids = sorted(self.tasks)
-        tid = ids[pick % len(ids)]
-        w = self.live[tid].worker if tid in self.live else WORKERS[pick % len(WORKERS)]
-        self._do_finish(w, [], [], [(tid, self._wrong_token(tid, seed))])
+    @precondition(lambda self: bool(self.dead) or bool(self.tasks))
+    @rule(pick=st.integers(0, 1000), seed=st.integers(-(2**62), 2**62),
+          outcome=st.sampled_from(ENDING_OUTCOMES))
+    def finish_late(self, pick, seed, outcome):
+        """A zombie reports on a lease that ended (reaped, released, cancelled, finished), or a
+        confused worker reports with a token never issued for the task."""
+        if self.dead and pick % 3:
+            lease = self.dead[pick % len(self.dead)]
+            self._do_finish(lease.worker, [], [lease], [], outcome)
+        elif self.tasks:
+            live = sorted(self.live) or sorted(self.tasks)  # a live task is the interesting case
+            tid = live[pick % len(live)]
+            w = self.live[tid].worker if tid in self.live else WORKERS[pick % len(WORKERS)]
+            self._do_finish(w, [], [], [(tid, self._wrong_token(tid, seed))])
 
     @precondition(lambda self: bool(self.live))
     @rule(picks=st.lists(st.integers(0, 100), min_size=1, max_size=3), stale=st.integers(0, 100))
     def release(self, picks, stale):
+        """A worker hands some leases back (unstarted, or stopped by a known cause), maybe with an
+        ended lease in the batch (which must change nothing)."""
         leases = sorted(self.live.values(), key=lambda lease: lease.task)
         w = leases[picks[0] % len(leases)].worker
         mine = [lease for lease in leases if lease.worker == w]
@@ -684,7 +685,7 @@ class StoreMachine(RuleBasedStateMachine):
         zombies = [old[stale % len(old)]] if old and stale % 2 else []
         self._do_release(w, good, zombies)
 
-    @rule(dt=st.sampled_from((0.0, 0.5, 1.2, 2.5)), alive=st.sets(st.sampled_from(WORKERS)))
+    @rule(dt=st.sampled_from((0.0, 0.3, 0.7, 1.2, 2.5)), alive=st.sets(st.sampled_from(WORKERS)))
     def reap(self, dt, alive):
         """``dt`` lease times pass, the ``alive`` workers heartbeat half-way, then reap: leases
         of workers silent for more than a lease time are lost (or released, if unstarted)."""
@@ -693,11 +694,6 @@ class StoreMachine(RuleBasedStateMachine):
             self._beat(w)
         self._advance(dt / 2 * self.lease_s)
         self._do_reap(None)
-
-    @rule(w=st.sampled_from(WORKERS))
-    def reap_worker(self, w):
-        """A worker known to be dead is reaped at once, whatever its heartbeat."""
-        self._do_reap([w])
 
     @precondition(lambda self: bool(self.tasks))
     @rule(picks=st.lists(st.integers(0, 1000), min_size=1, max_size=3), everything=st.integers(0, 15))
@@ -731,20 +727,6 @@ class StoreMachine(RuleBasedStateMachine):
     def _dependents(self, tid: int) -> list[int]:
         return [t.id for t in self.tasks.values() if tid in t.deps]
 
-    @precondition(lambda self: bool(self.tasks))
-    @rule(label=st.sampled_from(LABELS), picks=st.lists(st.integers(0, 1000), max_size=4),
-          limit=st.integers(0, 5))
-    def query(self, label, picks, limit):
-        ids = sorted(self.tasks)
-        expect = [i for i in ids if self.tasks[i].state.label == label]
-        assert [r.id for r in self.store.tasks(state=label)] == expect
-        chosen = {ids[p % len(ids)] for p in picks}
-        assert [r.id for r in self.store.tasks(ids=sorted(chosen, reverse=True))] == sorted(chosen)
-        assert [r.id for r in self.store.tasks(limit=limit)] == ids[:limit]
-        assert len(list(self.store.results())) == len(ids)
-        for tid in chosen:
-            assert all(a.task == tid for a in self.store.attempts(tid))
-
     # --- invariants -------------------------------------------------------------------------------------
     @invariant()
     def store_agrees_with_model(self):
@@ -774,6 +756,23 @@ class StoreMachine(RuleBasedStateMachine):
                 assert state == "succeeded"
                 assert blob == t.result, f"task {r.id} has another finish's result"
         self.prev_states = {tid: t.state for tid, t in self.tasks.items()}
+
+    @invariant()
+    def queries_agree(self):
+        """The query side's filters, on a different state label and id subset each step."""
+        self.steps += 1
+        ids = sorted(self.tasks)
+        label = LABELS[self.steps % len(LABELS)]
+        expect = [i for i in ids if self.tasks[i].state.label == label]
+        assert [r.id for r in self.store.tasks(state=label)] == expect, f"tasks(state={label!r})"
+        chosen = ids[self.steps % 3 :: 3]
+        rows = self.store.tasks(ids=list(reversed(chosen)))
+        assert [r.id for r in rows] == chosen, "tasks(ids=...) are not those tasks in id order"
+        limit = self.steps % 4
+        assert [r.id for r in self.store.tasks(limit=limit)] == ids[:limit], f"tasks(limit={limit})"
+        assert len(list(self.store.results())) == len(ids), "results() is not one row per task"
+        for tid in chosen[:2]:
+            assert all(a.task == tid for a in self.store.attempts(tid))
 
     @invariant()
     def one_live_lease_per_task(self):

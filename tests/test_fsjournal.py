@@ -18,17 +18,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
 import cloudpickle
 import pytest
 
+from pipefarm.errors import UnsafeRun
 from pipefarm.states import Outcome
 from pipefarm.store.fsjournal import (
     FsJournalStore,
     FsWorker,
-    Layout,
     decode,
     list_claims,
     work_loop,
@@ -41,15 +42,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --- tasks (module level: workers unpickle them by reference) -------------------------------------
+def pause(seconds):
+    """Sleep in a way that also works under faketime (whose time.sleep returns at once, or
+    fails, when the offset is negative)."""
+    threading.Event().wait(seconds)
+
+
 def value_of(i, seconds=0.0):
     if seconds:
-        time.sleep(seconds)
+        pause(seconds)
+    return i * 7 + 1
+
+
+def gated(i, gate):
+    """Wait until ``gate`` exists."""
+    while not os.path.exists(gate):
+        pause(0.01)
     return i * 7 + 1
 
 
 def who(i, seconds=0.0):
     if seconds:
-        time.sleep(seconds)
+        pause(seconds)
     return (i, os.getpid())
 
 
@@ -234,13 +248,35 @@ SKEW_MAIN = (
 
 def skewed(run, wid, offset_s, out):
     """A worker whose clock is off by ``offset_s``: under faketime when installed (which also
-    stamps the worker's own files with the skewed time), else with time.time patched."""
+    stamps the worker's own files with the skewed time: ``utime(NULL)`` is rewritten), else
+    with time.time patched. Only the wall clock is skewed, as on a real node: the monotonic
+    clock is per boot and never compared between nodes (faking it would also break every
+    timed wait in the process)."""
     faketime = shutil.which("faketime")
     code = SKEW_MAIN.format(here=HERE, patch=faketime is None, offset=offset_s)
     cmd = [sys.executable, "-c", code, str(run), wid, out]
+    env = dict(os.environ)
     if faketime:
         cmd = [faketime, "-f", f"{offset_s:+d}s", *cmd]
-    return subprocess.Popen(cmd)
+        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    err = open(out + ".err", "wb")
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stderr=err)
+
+
+def alive(*procs):
+    """Fail at once, with its stderr, when a skewed worker died by itself."""
+    for p in procs:
+        if p.poll() is not None and p.returncode != 0:
+            raise AssertionError(f"a skewed worker exited {p.returncode}: "
+                                 + open(p.args[-1] + ".err", "rb").read().decode()[-2000:])
+    return True
+
+
+def killpg(p):
+    """Kill a skewed worker (faketime runs it as a child: the whole group)."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def test_clock_skew_neither_steals_live_blocks_nor_keeps_dead_ones(tmp_path):
@@ -251,6 +287,7 @@ def test_clock_skew_neither_steals_live_blocks_nor_keeps_dead_ones(tmp_path):
     store.export(min_block=16)  # blocks 1 and 2
     l1, l2 = spawn(lay.run, "l1"), spawn(lay.run, "l2")
     wait_for(lambda: all(os.path.exists(lay.claim(b, 0)) for b in (1, 2)), 20, "claims")
+    ahead2 = None
     ahead = skewed(lay.run, "ahead", 3600, str(tmp_path / "ahead.json"))
     behind = skewed(lay.run, "behind", -3600, str(tmp_path / "behind.json"))
     try:
@@ -267,29 +304,35 @@ def test_clock_skew_neither_steals_live_blocks_nor_keeps_dead_ones(tmp_path):
         # phase 2: the holders die; the skewed workers take their blocks over
         kill(l1)
         kill(l2)
-        wait_for(lambda: all(os.path.exists(lay.claim(b, 1)) for b in (1, 2)), 6 * lease + 10,
-                 "the skewed workers to take the dead holders' blocks")
+        wait_for(lambda: alive(ahead, behind) and all(os.path.exists(lay.claim(b, 1))
+                                                       for b in (1, 2)),
+                 6 * lease + 10, "the skewed workers to take the dead holders' blocks")
         holders = {open(lay.claim(b, 1)).read() for b in (1, 2)}
         assert holders <= {"ahead", "behind"}
-        # phase 3: a block held by the worker whose clock runs ahead (its heartbeat stamped an
-        # hour in the future) is taken over once it dies
-        store.add_tasks(sid, [dumps_args((i, 0.25), {}) for i in range(32, 48)])
+        assert ahead.wait(30) == 0 and behind.wait(30) == 0, "they finish and exit"
+        # phase 3: a block held by a worker whose clock runs an hour ahead (so is its
+        # heartbeat's mtime) is taken over by a normal worker once it dies, not an hour later
+        gate = str(tmp_path / "gate")
+        gsid = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(gated)))
+        store.add_tasks(gsid, [dumps_args((i, gate), {}) for i in range(32, 48)])
+        ahead2 = skewed(lay.run, "ahead2", 3600, str(tmp_path / "ahead2.json"))
         store.export(min_block=16)  # block 3
         wait_for(lambda: os.path.exists(lay.claim(3, 0)), 20, "block 3 claimed")
-        holder3 = open(lay.claim(3, 0)).read()
-        victim = ahead if holder3 == "ahead" else behind
-        survivor = behind if victim is ahead else ahead
-        victim.kill()
-        victim.wait()
+        assert open(lay.claim(3, 0)).read() == "ahead2"
+        wait_for(lambda: any(type(r).__name__ == "Started" for r in records(lay, "ahead2")), 20,
+                 "its first task to start")
+        killpg(ahead2)
         t0 = time.monotonic()
+        normal = spawn(lay.run, "normal")
         wait_for(lambda: os.path.exists(lay.claim(3, 1)), 6 * lease + 10, "block 3 taken over")
         assert time.monotonic() - t0 < 4 * lease + 2, "a dead holder is not kept for an hour"
-        assert survivor.wait(30) == 0
+        open(gate, "w").close()
+        normal.join(30)
+        assert normal.exitcode == 0
     finally:
-        for p in (ahead, behind):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for p in (ahead, behind, ahead2):
+            if p is not None:
+                killpg(p)
         kill(l1)
         kill(l2)
     store.fold()
@@ -390,11 +433,29 @@ def test_recall_and_reap_from_the_catalog(tmp_path):
     while not n:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+        store.heartbeat("x")  # x lives on: its leases stay
         n = store.reap()
     assert n == len(blk.entries)
     assert store.counts()["claimed"] == 5
     assert open(store.layout.claim(blk.block, 1)).read().startswith("!")
     w.close()
+    store.close()
+
+
+def test_large_results_travel_as_files_and_unsafe_runs_are_refused(tmp_path):
+    import tasks_lib
+
+    store, sid, ids = make_run(tmp_path, tasks_lib.big_bytes, [(i, 200_000) for i in range(3)],
+                               lease_s=5.0, workers=1)
+    work_loop(store.layout.run, "w")
+    store.fold()
+    for i, t in enumerate(ids):
+        assert pickle.loads(store.result(t)[1]) == tasks_lib.big_bytes(i, 200_000)
+    assert len(os.listdir(os.path.join(store.layout.run, "results"))) == 3
+    assert os.path.getsize(store.layout.journal_of("w")) < 10_000, "not through the journal"
+    os.chmod(store.layout.run, 0o770)
+    with pytest.raises(UnsafeRun, match="chmod go-w"):
+        work_loop(store.layout.run, "w2")
     store.close()
 
 

@@ -187,9 +187,11 @@ class FoldLock:
             with contextlib.suppress(ValueError):
                 if not _pid_alive(int(parts[2])):
                     return True
-        hb = self.layout.hb_of(self.holder)
-        touch(hb)
-        ref = mtime_ns(hb) or time.time_ns()
+        def ref() -> int:
+            hb = self.layout.hb_of(self.holder)
+            touch(hb)
+            return mtime_ns(hb) or time.time_ns()
+
         return self._live.dead(self._path(n), mtime_ns(self._path(n)), ref)
 
     def _try(self) -> bool:
@@ -362,7 +364,12 @@ def _apply(layout: Layout, catalog: SQLiteStore, batch: list, now: float, stats:
     for b, _, _, w, rec in claims:
         _apply_claimed(catalog, rec, w, now, stats)
         touched.add(b)
-    started = [(rec.t, rec.task, rec.token) for _, rec in batch if isinstance(rec, Started)]
+    # a start whose end is in the same pass needs no write: the end moves the task from
+    # claimed straight to its outcome (and carries the start time)
+    ends = {(rec.task, rec.token) for _, rec in batch if isinstance(rec, Ended)}
+    started = [(rec.t, rec.task, rec.token) for _, rec in batch
+               if isinstance(rec, Started) and (rec.task, rec.token) not in ends]
+    stats.started += sum(isinstance(rec, Started) for _, rec in batch) - len(started)
     if started:
         stats.started += db.executemany(
             f"UPDATE tasks SET state={int(State.RUNNING)}, started_at=?"
@@ -436,13 +443,15 @@ def _apply_claimed(catalog: SQLiteStore, rec: Claimed, worker: str, now: float,
                 stats.lost += 1
             else:
                 catalog.release(cur[2] or worker, [(t, tok)], now=now)
-    cur = db.executemany(
-        f"UPDATE tasks SET state={int(State.CLAIMED)}, token=?, worker=?, claimed_at=?,"
-        " attempt=attempt+1, ready_at=NULL"
-        f" WHERE id=? AND state IN {states.sql_in(State.CLAIMED)}"
-        " AND coalesce((SELECT block FROM fs_export WHERE task=tasks.id), ?)=?",
-        [(token_of(b, e, t), worker, now, t, b, b) for t in tasks],
-    )
+    head = (f"UPDATE tasks SET state={int(State.CLAIMED)}, token=?, worker=?, claimed_at=?,"
+            f" attempt=attempt+1, ready_at=NULL WHERE id=? AND state IN {states.sql_in(State.CLAIMED)}")
+    if rec.tasks is None:  # the block's own tasks, read from fs_export above
+        cur = db.executemany(head, [(token_of(b, e, t), worker, now, t) for t in tasks])
+    else:  # a task that left the block (retried elsewhere, recalled) is not taken back
+        cur = db.executemany(
+            head + " AND coalesce((SELECT block FROM fs_export WHERE task=tasks.id), ?)=?",
+            [(token_of(b, e, t), worker, now, t, b, b) for t in tasks],
+        )
     stats.claimed += cur.rowcount
     if cur.rowcount:
         db.execute("UPDATE fs_blocks SET closed=0 WHERE id=? AND closed=1", (b,))

@@ -98,6 +98,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -234,6 +235,20 @@ class Layout:
         return f"{self.hb}/{worker}"
 
 
+def check_private(path: str) -> None:
+    """Refuse a run directory another user could write (it may hold planted pickles)."""
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (
+        hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0)
+    ):
+        from ..errors import UnsafeRun
+
+        raise UnsafeRun(
+            f"{path} can be written by other users (mode {stat.filemode(st.st_mode)}): "
+            "pipefarm will not unpickle from it. Fix with: chmod go-w " + path
+        )
+
+
 def new_worker_id(prefix: str = "") -> str:
     """``[prefix-]host-pid-random``: unique per process, safe as a file name."""
     host = socket.gethostname().split(".")[0] or "host"
@@ -357,16 +372,19 @@ class Liveness:
         self.lease_s = lease_s
         self._seen: dict[str, tuple[int | None, float]] = {}
 
-    def dead(self, key: str, mtime: int | None, ref_ns: int) -> bool:
+    def dead(self, key: str, mtime: int | None, ref_ns: int | Callable[[], int]) -> bool:
+        """``ref_ns`` may be a function: it is called only when needed."""
         mono = time.monotonic()
         prev = self._seen.get(key)
         if prev is None or prev[0] != mtime:
             self._seen[key] = (mtime, mono)
             return False
         unchanged = mono - prev[1]
-        return unchanged >= self.lease_s or (
-            unchanged >= self.lease_s / 2 and stale(mtime, ref_ns, self.lease_s)
-        )
+        if unchanged >= self.lease_s:
+            return True
+        if unchanged < self.lease_s / 2:
+            return False
+        return stale(mtime, ref_ns() if callable(ref_ns) else ref_ns, self.lease_s)
 
     def forget(self, key: str) -> None:
         self._seen.pop(key, None)
@@ -532,7 +550,12 @@ class FsWorker:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def register(self) -> None:
-        """Create the heartbeat file and open (and repair) this worker's journal."""
+        """Create the heartbeat file and open (and repair) this worker's journal.
+
+        Refuses (:class:`~pipefarm.errors.UnsafeRun`) a run directory that other users can
+        write: workers unpickle the callables and arguments found there.
+        """
+        check_private(self.layout.run)
         for d in (self.layout.hb, self.layout.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self.beat()
@@ -875,9 +898,14 @@ def work_loop(
 
         runner = LeaseRunner(os.fspath(run_dir), w.id, w.specs)
     previous: dict[int, Any] = {}
+
+    def drain(*_: Any) -> None:
+        # Event.set takes a lock the interrupted main thread may hold: set it from a thread
+        threading.Thread(target=stop.set, daemon=True).start()
+
     if threading.current_thread() is threading.main_thread():
         for sig in drain_signals:
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            previous[sig] = signal.signal(sig, drain)
     hb_stop = threading.Event()
 
     def heartbeat() -> None:

@@ -18,7 +18,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -462,21 +462,20 @@ class SQLiteStore(Store):
         applied = 0
         with self._tx() as db:
             if succeeded:
-                applied += db.executemany(
+                def eligible(tok: int | None, st: int, f_token: int) -> bool:
+                    return (st == _S.READY and tok is None) or (st == _S.RUNNING and tok == f_token)
+
+                done = self._apply_or_stale(
+                    db, worker,
                     f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
                     " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
                     f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
                     f" OR (state={int(_S.RUNNING)} AND token=?2))",
-                    succeeded,
-                ).rowcount
-                done = [r[0] for r in succeeded]
-                if applied != len(succeeded):
-                    done = self._record_stale_among(
-                        db, worker,
-                        [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2])
-                         for r in succeeded]
-                    )
-                    applied = len(done)
+                    succeeded, 0, 1, eligible,
+                    lambda: [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5],
+                                      attempt=r[2]) for r in succeeded],
+                )
+                applied += len(done)
                 if self._has_deps:
                     self._release_dependents(db, done)
             if others:
@@ -568,46 +567,55 @@ class SQLiteStore(Store):
                 blob, rfile = self._result_columns(f)
                 full.append((blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output,
                              f.task, f.token))
-        applied = 0
         head = f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
         where = f" WHERE id=? AND token=? AND state IN {src}"
-        if plain:
-            applied += db.executemany(
-                head + " result=?, started_at=?, ended_at=?" + where, plain
-            ).rowcount
-        if full:
-            applied += db.executemany(
-                head + " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?, note=?,"
-                " output=?" + where,
-                full,
-            ).rowcount
-        done = [f.task for f in wins]
-        if applied != len(wins):
-            done = self._record_stale_among(db, worker, wins)
+        plain_sql = head + " result=?, started_at=?, ended_at=?" + where
+        full_sql = (head + " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?,"
+                    " note=?, output=?" + where)
+
+        def eligible(tok: int | None, st: int, f_token: int) -> bool:
+            return tok == f_token and st in (_S.CLAIMED, _S.RUNNING)
+
+        done: list[int] = []
+        for sql, rows in ((plain_sql, plain), (full_sql, full)):
+            if rows:
+                done += self._apply_or_stale(db, worker, sql, rows, -2, -1, eligible,
+                                             lambda: wins)
         if self._has_deps:
             self._release_dependents(db, done)
         return len(done)
 
-    def _record_stale_among(
-        self, db: sqlite3.Connection, worker: str, batch: list[Finished]
+    def _apply_or_stale(
+        self, db: sqlite3.Connection, worker: str, sql: str, rows: list[Sequence[Any]],
+        task_at: int, token_at: int, eligible: Any, outcomes: Callable[[], list[Finished]],
     ) -> list[int]:
-        """After a batched finish: record the outcomes that did not match as stale; return the
-        tasks whose outcome did take effect."""
+        """Run a batched compare-and-set update; return the tasks it changed.
+
+        When not every row matched, the batch is undone (savepoint) and applied again to the
+        eligible rows only, the others becoming stale attempts: a duplicate of an outcome that
+        already took effect must not count twice.
+        """
+        db.execute("SAVEPOINT batch")
+        if db.executemany(sql, rows).rowcount == len(rows):
+            db.execute("RELEASE batch")
+            return [r[task_at] for r in rows]
+        db.execute("ROLLBACK TO batch")
         current: dict[int, tuple[int | None, int]] = {}
-        ids = [f.task for f in batch]
+        ids = [r[task_at] for r in rows]
         for chunk in _chunks(ids):
             for tid, tok, st in db.execute(
                 f"SELECT id, token, state FROM tasks WHERE id IN ({_qs(len(chunk))})", chunk
             ):
                 current[tid] = (tok, st)
-        applied = []
-        for f in batch:
-            tok, st = current.get(f.task, (None, -1))
-            if tok == f.token and st == _S.SUCCEEDED:
-                applied.append(f.task)
-            else:
-                self._insert_stale(db, worker, f)
-        return applied
+        good = [r for r in rows if eligible(*current.get(r[task_at], (None, -1)), r[token_at])]
+        db.executemany(sql, good)
+        db.execute("RELEASE batch")
+        applied = {r[task_at] for r in good}
+        by_task = {f.task: f for f in outcomes()}
+        for r in rows:
+            if r[task_at] not in applied:
+                self._insert_stale(db, worker, by_task[r[task_at]])
+        return [r[task_at] for r in good]
 
     def _insert_stale(self, db: sqlite3.Connection, worker: str, f: Finished) -> None:
         db.execute(
@@ -680,8 +688,8 @@ class SQLiteStore(Store):
                 " note=NULL, output=NULL, result=NULL WHERE id=?",
                 (ready_at, task),
             )
-        else:
-            db.execute(f"UPDATE tasks SET state={int(nxt)}, token=NULL WHERE id=?", (task,))
+        else:  # the attempt stays in the row, token included (attempts() reports it)
+            db.execute(f"UPDATE tasks SET state={int(nxt)} WHERE id=?", (task,))
             if self._has_deps:
                 self._skip_dependents(db, [task])
 
@@ -909,7 +917,7 @@ class SQLiteStore(Store):
         if state is not None:
             where.append("state = ?")
             params.append(int(State[state.upper()]))
-        lim = f" LIMIT {int(limit)}" if limit else ""
+        lim = f" LIMIT {int(limit)}" if limit is not None else ""
         if ids is not None:
             out = []
             for chunk in _chunks(sorted(set(ids))):
@@ -920,7 +928,7 @@ class SQLiteStore(Store):
                         f"SELECT {self._TASK_COLS} FROM tasks WHERE {w} ORDER BY id", [*params, *chunk]
                     )
                 ]
-            return out[:limit] if limit else out
+            return out[:limit] if limit is not None else out
         w = (" WHERE " + " AND ".join(where)) if where else ""
         return [
             self._task_row(r)
