@@ -17,7 +17,7 @@ from .backends import local as _local  # noqa: F401 - imported with Run, not ins
 from .backends import make_backend
 from .errors import RunLocked, SubmissionError, TaskFailed, TaskNotFinished, UnsafeRun
 from .store.sqlite import SQLiteStore
-from .task import PY, Resources, Spec, dumps_args
+from .task import CMD, PY, Resources, Spec, dumps_args
 
 #: columns of :meth:`Run.results`
 RESULT_COLUMNS = (
@@ -123,15 +123,8 @@ class Run:
             raise SubmissionError(
                 f"cannot use {getattr(fn, '__qualname__', fn)!r} as a task: {type(exc).__name__}: {exc}"
             ) from exc
-        if retries < 0:
-            raise SubmissionError("retries must be >= 0")
-        if timeout is not None and timeout <= 0:
-            raise SubmissionError("timeout must be > 0 seconds")
-        spec = Spec(
-            kind=PY, payload=payload, max_attempts=retries + 1, timeout=timeout, backoff=backoff,
-            max_lost=max_lost, resources=resources, tags=tuple(tags),
-            name=getattr(fn, "__qualname__", type(fn).__name__),
-        )
+        spec = _spec(PY, payload, getattr(fn, "__qualname__", type(fn).__name__), retries,
+                     timeout, backoff, max_lost, resources, tags)
         sid = self.store.add_spec(spec)
         self._spec_cache[key] = (sid, fn)
         return sid
@@ -246,21 +239,14 @@ class Run:
             command = Command(shell=command)
         elif isinstance(command, (list, tuple)):
             command = Command(argv=[str(a) for a in command])
-        if retries < 0:
-            raise SubmissionError("retries must be >= 0")
-        if timeout is not None and timeout <= 0:
-            raise SubmissionError("timeout must be > 0 seconds")
         from .sources import checked
 
         # rows are checked as they stream into the one transaction below: a bad row (the first
         # one included) rolls everything back
         values = checked(rows if rows is not None else [{}], placeholders(command), command)
-        spec = Spec(
-            kind="cmd", payload=encode_command(command), max_attempts=retries + 1,
-            timeout=timeout, backoff=backoff, max_lost=max_lost,
-            resources=Resources(cpus=cpus, gpus=gpus, memory=memory), tags=tuple(tags),
-            name=(command.shell or " ".join(command.argv or []))[:200],
-        )
+        spec = _spec(CMD, encode_command(command),
+                     (command.shell or " ".join(command.argv or []))[:200], retries, timeout,
+                     backoff, max_lost, Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
         try:
             with self.store.transaction():
                 sid = self.store.add_spec(spec)
@@ -430,6 +416,20 @@ class Run:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _spec(kind: str, payload: bytes, name: str, retries: int, timeout: float | None,
+          backoff: float, max_lost: int, resources: Resources, tags: Sequence[str]) -> Spec:
+    """A task spec from the options every submission takes, checked."""
+    if retries < 0:
+        raise SubmissionError("retries must be >= 0")
+    if timeout is not None and timeout <= 0:
+        raise SubmissionError("timeout must be > 0 seconds")
+    if max_lost < 1:
+        raise SubmissionError("max_lost must be >= 1")
+    return Spec(kind=kind, payload=payload, max_attempts=retries + 1, timeout=timeout,
+                backoff=backoff, max_lost=max_lost, resources=resources, tags=tuple(tags),
+                name=name)
 
 
 def _pickled(rows: Iterable[tuple]) -> Iterable[bytes]:
