@@ -24,12 +24,22 @@ each rule; the main points:
 * a lease expires when ``now - last heartbeat > lease_s``; every worker action of the model is
   preceded by a heartbeat, so the suite does not depend on whether claim/start/finish also
   count as heartbeats, and the clock never sits on a boundary (``==``);
+* ``reap(workers=...)`` reaps those workers' leases in addition to the expired ones;
+* ``finish`` of a claimed, unstarted lease counts as start and end reported together;
+* a started lease handed back (``release``) leaves a ``released`` attempt with its token; an
+  unstarted one may leave that or nothing (as if never claimed, its attempt number reused);
+  otherwise attempt numbers of successive leases of one task increase;
+* every ended attempt (``attempts()``) carries its lease's token;
+* ``retry()`` with no ids retries the failed tasks (``Store.retry``'s docstring; see
+  ``RETRY_DEFAULT``), and their skipped dependents come back; with ids and ``failed_only=True`` the suite passes only
+  ids of tasks that did not succeed, so either reading of ``failed_only`` with ids agrees;
 * ``retry`` resets the task's ``failures`` and ``lost`` counters (``TaskRow``);
 * retrying a task whose dependency ended unsuccessfully leaves it ``skipped`` (it must never be
   left ``blocked`` on a dependency that will not succeed);
-* attempt numbers of successive leases of one task strictly increase;
 * an outcome with a token that was superseded (the task has been leased again since) adds one
-  ``stale`` attempt and changes nothing else.
+  ``stale`` attempt and changes nothing else; one for a lease that merely ended, or with a token
+  never issued, changes nothing and may or may not add a ``stale`` attempt;
+* ``cancel`` returns the number of tasks it cancelled, with or without the skipped dependents.
 """
 
 from __future__ import annotations
@@ -83,7 +93,7 @@ def sort_key(priority: int, cost: float, task: int) -> tuple[int, float, int]:
 
 #: what ``retry()`` (no ids, ``failed_only=True``) retries: "failed, skipped and cancelled ones
 #: by default" (Store.retry's docstring)
-RETRY_DEFAULT = UNSUCCESSFUL_END
+RETRY_DEFAULT = frozenset({State.FAILED})  # Store.retry: "By default the failed tasks"
 
 
 def legal_change(frm: State, to: State) -> bool:
@@ -1139,3 +1149,74 @@ class ContractExamples:
         assert self.state(store, a) == "ready"
         self.run_one(store, "b", T0 + 1, value="new")
         assert pickle.loads(store.result(a)[1]) == "new"
+
+    # --- regressions found by the property suite ------------------------------------------------------
+    def test_a_repeated_finish_takes_no_effect(self, store):
+        """A worker re-sending a finish it already sent (say, after a timeout) changes nothing:
+        in particular it must not count the task off its dependents a second time."""
+        sid = self.spec(store)
+        a, b = store.add_tasks(sid, [None, None])
+        (c,) = store.add_tasks(sid, [None], after=[a, b])
+        (la,) = store.claim("a", 1, now=T0)
+        assert store.finish("a", [ok(la, 1, T0)], now=T0) == 1
+        assert store.finish("a", [ok(la, 1, T0)], now=T0) == 0
+        assert [self.state(store, t) for t in (a, b, c)] == ["succeeded", "ready", "blocked"]
+
+    def test_a_stale_success_does_not_release_dependents(self, store):
+        sid = self.spec(store)
+        (a,) = store.add_tasks(sid, [None])
+        (old,) = store.claim("a", 1, now=T0)
+        store.start([(a, old.token)], now=T0)
+        store.reap(now=T0, workers=["a"])  # a's worker declared dead: the task goes again
+        (b,) = store.add_tasks(sid, [None], after=[a])
+        (new,) = store.claim("b", 1, now=T0)
+        store.start([(a, new.token)], now=T0)
+        assert store.finish("a", [ok(old, "zombie", T0)], now=T0) == 0
+        assert [self.state(store, t) for t in (a, b)] == ["running", "blocked"]
+        assert store.finish("b", [ok(new, "current", T0)], now=T0) == 1
+        assert [self.state(store, t) for t in (a, b)] == ["succeeded", "ready"]
+
+    def test_every_ended_attempt_reports_its_token(self, store):
+        sid = self.spec(store, max_attempts=1, max_lost=1)
+        a, b = store.add_tasks(sid, [None, None])
+        la, lb = store.claim("a", 2, now=T0)
+        store.start([(a, la.token), (b, lb.token)], now=T0)
+        store.finish("a", [failed(la, T0)], now=T0)  # failed for good
+        store.reap(now=T0, workers=["a"])  # lb: lost for good
+        assert [(r.outcome, r.token) for r in store.attempts(a)] == [("failed", la.token)]
+        assert [(r.outcome, r.token) for r in store.attempts(b)] == [("lost", lb.token)]
+
+    def test_tasks_limit_zero_is_no_rows(self, store):
+        sid = self.spec(store)
+        ids = store.add_tasks(sid, [None, None])
+        assert store.tasks(limit=0) == []
+        assert store.tasks(ids=list(ids), limit=0) == []
+        assert [r.id for r in store.tasks(limit=1)] == [ids[0]]
+
+    def test_retry_default_retries_failed_and_revives_their_dependents(self, store):
+        """Store.retry: "By default the failed tasks"; skipped dependents come back."""
+        sid = self.spec(store, max_attempts=1)
+        (a,) = store.add_tasks(sid, [None])
+        (b,) = store.add_tasks(sid, [None], after=[a])
+        (c,) = store.add_tasks(sid, [None])
+        (lease,) = store.claim("a", 1, now=T0)
+        store.start([(a, lease.token)], now=T0)
+        store.finish("a", [failed(lease, T0)], now=T0)
+        store.cancel([c])
+        assert [self.state(store, t) for t in (a, b, c)] == ["failed", "skipped", "cancelled"]
+        store.retry()
+        assert [self.state(store, t) for t in (a, b, c)] == ["ready", "blocked", "cancelled"]
+        store.retry(failed_only=False)
+        assert self.state(store, c) == "ready"
+
+    def test_retry_never_blocks_a_task_on_an_unsuccessful_dependency(self, store):
+        """A retried task whose dependency ended unsuccessfully (and is not retried with it)
+        cannot run: it stays skipped rather than wait for ever."""
+        sid = self.spec(store)
+        (a,) = store.add_tasks(sid, [None])
+        (b,) = store.add_tasks(sid, [None], after=[a])
+        store.cancel([a])
+        store.retry([b])
+        assert [self.state(store, t) for t in (a, b)] == ["cancelled", "skipped"]
+        store.retry([a])
+        assert [self.state(store, t) for t in (a, b)] == ["ready", "blocked"]

@@ -31,7 +31,9 @@ to the sources :mod:`pipefarm.states` allows:
    first makes a zombie's late ``Ended`` in the same pass stale.
 2. ``Started``: claimed -> running where the token matches.
 3. ``Ended``, per journal, through ``SQLiteStore.finish`` (compare-and-set on the token; a
-   mismatch becomes a ``stale`` attempt). Large results arrive as files (``result_file``).
+   mismatch becomes a ``stale`` attempt). Large results arrive as files (``result_file``). A
+   repeated report of an end already committed under the same token is dropped (it would
+   otherwise count twice, and release the task's dependents twice).
 4. ``Released``, per journal, through ``SQLiteStore.release`` (no budget spent).
 
 Across passes the catalog is the serialisation point: a zombie's ``Ended`` folded *before* the
@@ -468,22 +470,29 @@ def _apply_ended(catalog: SQLiteStore, worker: str, recs: list[Ended], now: floa
     db = catalog.db
     cur = _current(db, (r.task for r in recs))
     effective: list[Ended] = []
+    send: list[Ended] = []
     seen: set[tuple[int, int]] = set()
     for r in recs:
+        key = (r.task, r.token)
+        if key in seen:
+            continue  # the same lease reported twice: nothing more to record
+        seen.add(key)
         c = cur.get(r.task)
-        if c is not None and c[1] == r.token and c[0] in _ACTIVE and (r.task, r.token) not in seen:
-            effective.append(r)
-            seen.add((r.task, r.token))
-    fins = [
-        Finished(r.task, r.token, r.outcome, r.started_at, r.ended_at, r.result, error=r.error,
-                 exit_code=r.exit_code, note=r.note, output=r.output, attempt=r.attempt)
-        for r in recs
-    ]
-    catalog.finish(worker, fins, now=now)
-    # what took effect: the token was current and the lease live (SQLite's own count also
-    # counts a repeated report of a lease that already succeeded)
+        if c is not None and c[1] == r.token:
+            if c[0] in _ACTIVE:
+                effective.append(r)
+            elif c[0] == State.SUCCEEDED:
+                continue  # a repeat of the end already committed: changes nothing
+        send.append(r)  # effective ones commit; the others become stale attempts
+    catalog.finish(
+        worker,
+        [Finished(r.task, r.token, r.outcome, r.started_at, r.ended_at, r.result, error=r.error,
+                  exit_code=r.exit_code, note=r.note, output=r.output, attempt=r.attempt)
+         for r in send],
+        now=now,
+    )
     stats.ended += len(effective)
-    stats.stale += len(recs) - len(effective)
+    stats.stale += len(send) - len(effective)
     files = [(r.result_file, r.task, r.token) for r in effective if r.result_file]
     if files:
         db.executemany(

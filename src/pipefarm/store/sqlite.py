@@ -855,6 +855,13 @@ class SQLiteStore(Store):
                 )
             if self._has_deps:
                 self._revive_skipped(db)
+                # a revived task that still waits on an unsuccessful dependency is skipped
+                again = [t for (t,) in db.execute(
+                    f"UPDATE tasks SET state={int(_S.SKIPPED)} WHERE state={int(_S.BLOCKED)}"
+                    " AND EXISTS (SELECT 1 FROM deps d JOIN tasks p ON p.id = d.dep"
+                    f" WHERE d.task = tasks.id AND p.state IN {_UNSUCCESSFUL}) RETURNING id"
+                )]
+                self._skip_dependents(db, again)
             self._settle_blocked(db)
         return len(targets)
 
