@@ -41,7 +41,7 @@ def make_fs_store(path: str) -> FsJournalStore:
     return FsJournalStore(path, lease_s=LEASE_S, synchronous="OFF")
 
 
-TestFsJournalContract = contract_for(make_fs_store, name="FsJournalContract", max_examples=40)
+TestFsJournalContract = contract_for(make_fs_store, name="FsJournalContract")
 
 
 class TestFsJournalExamples(ContractExamples):
