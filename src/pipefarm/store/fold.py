@@ -89,7 +89,7 @@ from .fsjournal import (
     touch,
     write_atomic,
 )
-from .journal import Ended, Released, Started, read_journal
+from .journal import Ended, Released, Started, _fsync_dir, read_journal
 from .sqlite import SQLiteStore
 
 SCHEMA = """
@@ -753,19 +753,6 @@ def _repair_unwritten(layout: Layout, catalog: SQLiteStore) -> int:
         with catalog.transaction():
             db.execute("UPDATE fs_blocks SET written=1 WHERE id=?", (b,))
     return n
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ fencing
