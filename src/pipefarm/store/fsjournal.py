@@ -111,7 +111,17 @@ import msgspec
 from ..states import Outcome
 from ..task import Finished, Lease, Resources, Spec
 from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
-from .journal import Ended, JournalWriter, Released, Started, read_journal
+from .journal import (
+    Claimed,
+    Ended,
+    JournalWriter,
+    Record,
+    Released,
+    Started,
+    decode_record,
+    encode_record,
+    read_journal,
+)
 from .sqlite import INLINE_RESULT_MAX, SQLiteStore, StoreError
 
 # --------------------------------------------------------------------------------------- tokens
@@ -144,34 +154,9 @@ FINAL_OUTCOMES = frozenset(
 
 
 # -------------------------------------------------------------------------------------- records
-class Claimed(msgspec.Struct, array_like=True, tag=4):
-    """A worker took claim ``<block>.<epoch>``.
-
-    ``tasks`` are the tasks it adopted (``None``: every task of the block, for epoch 0);
-    ``lost`` the tasks whose previous attempt was in flight when the block was taken over.
-    """
-
-    block: int
-    epoch: int
-    worker: str
-    t: float
-    tasks: list[int] | None = None
-    lost: list[int] = []
-
-
-Record = Started | Ended | Released | Claimed
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Record)
-
-
-def encode(record: Record) -> bytes:
-    """msgpack bytes of one journal record (journal.py's three types plus :class:`Claimed`)."""
-    return _encoder.encode(record)
-
-
-def decode(data: bytes) -> Record:
-    """Inverse of :func:`encode`; raises ``msgspec.DecodeError`` on bad input."""
-    return _decoder.decode(data)
+# one record union and codec for every journal: journal.py's (Claimed included)
+encode = encode_record
+decode = decode_record
 
 
 # ------------------------------------------------------------------------------ files on disk

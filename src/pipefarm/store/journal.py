@@ -379,7 +379,22 @@ class Released(msgspec.Struct, array_like=True, tag=3):
     token: int
 
 
-Record = Started | Ended | Released
+class Claimed(msgspec.Struct, array_like=True, tag=4):
+    """A worker took claim ``<block>.<epoch>`` (the shared-filesystem protocol).
+
+    ``tasks`` are the tasks it adopted (``None``: every task of the block, for epoch 0);
+    ``lost`` the tasks whose previous attempt was in flight when the block was taken over.
+    """
+
+    block: int
+    epoch: int
+    worker: str
+    t: float
+    tasks: list[int] | None = None
+    lost: list[int] = []
+
+
+Record = Started | Ended | Released | Claimed
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)
