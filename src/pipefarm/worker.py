@@ -85,14 +85,95 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
 
 
+# --- signals the tasks inherit --------------------------------------------------------------------
+def _keep_running(signum: int, frame: Any) -> None:
+    """A handler that does nothing: the worker survives the signal, and a process it execs
+    starts with the default disposition (exec resets handled signals, not ignored ones)."""
+
+
+def reset_inherited_signals() -> None:
+    """Give this worker's task processes default signal dispositions and an empty mask.
+
+    A worker started as a background job of a shell, or by a script that ignores the
+    scheduler's warning signals, inherits "ignore" for SIGINT, SIGUSR1, ... and would pass it
+    on to every command it runs, so a simulation that checkpoints on SIGUSR1 would never see
+    it. Each inherited ignore becomes a do-nothing handler (the worker stays immune, its
+    children are not), and signals blocked by whoever started us are unblocked.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE):
+            continue  # SIGPIPE: Python ignores it on purpose; subprocess restores it for children
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, _keep_running)
+        except (OSError, ValueError, RuntimeError):
+            continue  # signals Python may not handle (e.g. real-time ones it reserves)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+#: Signals that stop a worker from outside (scheduler cancel, preemption, walltime, Ctrl-C). A
+#: command that dies of one of these while its worker is being stopped was killed with it.
+STOP_SIGNALS = frozenset(
+    int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL,
+                     signal.SIGUSR1, signal.SIGUSR2)
+)
+#: How long a worker waits for its own stop signal after a command died of a stop-like signal.
+#: A scheduler signals every process of the job one after another (scancel, KillWait): the task
+#: may die a few milliseconds before the worker hears of it. Measured here: under `scancel` of a
+#: SLURM element the worker's handler ran within 30 ms of its task's death; 0.5 s is generous
+#: and costs nothing unless a task really dies of such a signal.
+STOP_GRACE_S = 0.5
+
+
+def stop_signal_of(exit_code: int | None) -> int | None:
+    """The stop-like signal a command died of (``-N``, or ``128+N`` as a shell reports it)."""
+    if exit_code is None:
+        return None
+    sig = -exit_code if exit_code < 0 else exit_code - 128 if 128 < exit_code < 160 else 0
+    return sig if sig in STOP_SIGNALS else None
+
+
+def signal_label(sig: int) -> str:
+    """``SIGTERM``, or ``signal 42`` for numbers without a name."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+#: Set when this worker process is told to stop from outside (see :func:`stop_on`).
+STOPPING = threading.Event()
+
+
+def stop_on(*signals: int) -> None:
+    """Make ``signals`` set :data:`STOPPING` and nothing else (main thread only)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        # Event.set takes a lock the interrupted main thread may hold (inside Event.wait)
+        threading.Thread(target=STOPPING.set, daemon=True).start()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
 # --- executing one lease --------------------------------------------------------------------------
 class LeaseRunner:
-    """Runs leases of any kind; caches callables and command templates per spec."""
+    """Runs leases of any kind; caches callables and command templates per spec.
 
-    def __init__(self, run_dir: str | None, worker_id: str, specs: dict[int, Spec]) -> None:
+    ``stopping`` is set when the worker is being stopped from outside (a drain or stop signal):
+    a command that then dies of a stop-like signal is recorded ``lost`` (it runs again and
+    spends no retry), not as the task's failure.
+    """
+
+    def __init__(self, run_dir: str | None, worker_id: str, specs: dict[int, Spec], *,
+                 stopping: threading.Event | None = None) -> None:
         self.run_dir = run_dir
         self.worker_id = worker_id
         self.specs = specs
+        self.stopping = STOPPING if stopping is None else stopping
         self._fns: dict[int, Callable[..., Any]] = {}
         self._cmds: dict[int, Any] = {}
         self._sink: Any = None
@@ -120,6 +201,9 @@ class LeaseRunner:
         return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
                         error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
 
+    def _being_stopped(self) -> bool:
+        return self.stopping is not None and self.stopping.wait(STOP_GRACE_S)
+
     def sync(self) -> None:
         """Make the command output written so far durable (before its offsets are reported)."""
         if self._sink is not None:
@@ -141,11 +225,16 @@ class LeaseRunner:
             cmd, values, timeout=spec.timeout, sink=self._sink, task=lease.task,
             attempt=lease.attempt, extra_env=extra_env,
         )
+        stop_sig = stop_signal_of(res.exit_code) if not res.timed_out else None
         if res.timed_out:
             outcome = Outcome.TIMED_OUT
             error = f"timed out after {spec.timeout:g} s; its process group was killed"
         elif res.exit_code == 0:
             outcome, error = Outcome.SUCCEEDED, None
+        elif stop_sig is not None and self._being_stopped():
+            outcome = Outcome.LOST
+            error = (f"lost: killed by {signal_label(stop_sig)} while its worker was being stopped"
+                     " (scheduler cancel, preemption, walltime or Ctrl-C); it runs again")
         else:
             outcome = Outcome.FAILED
             error = f"exit code {res.exit_code}" + (f"\n{res.stderr_tail}" if res.stderr_tail else "")
@@ -291,8 +380,13 @@ def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: 
                       run_dir: str | None, worker_id: str, output: str | None) -> None:
     """Body of a local worker process, forked or freshly started."""
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides what Ctrl-C means
+    reset_inherited_signals()
+    # SIGINT: the coordinator decides what Ctrl-C means; the worker only notes it (a command
+    # that dies of it meanwhile is then lost, not failed). SIGTERM/SIGHUP end the worker at
+    # once; the coordinator tells from its exit status what happened to the running task.
+    stop_on(signal.SIGINT)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if output:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 1)

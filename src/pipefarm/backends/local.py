@@ -26,8 +26,8 @@ from typing import Any
 import msgspec
 
 from ..states import Outcome
-from ..task import Finished, Lease, Resources, Spec
-from ..worker import Batch, Done, Slots, local_worker_main, slots_path
+from ..task import PY, Finished, Lease, Resources, Spec
+from ..worker import Batch, Done, Slots, local_worker_main, signal_label, slots_path
 
 ProgressFn = Callable[[dict[str, int]], None]
 
@@ -87,6 +87,53 @@ class _Worker:
     gpus_held: list[str] = field(default_factory=list)
     alive: bool = True
     started: float = field(default_factory=time.time)
+
+
+#: How long to wait for a worker whose pipe closed to be reapable (its exit status tells a
+#: crash from a kill). The pipe closes in the kernel's exit path just before the process turns
+#: into a zombie: microseconds, but a loaded host can delay it by a scheduler tick or two.
+WORKER_EXIT_WAIT_S = 1.0
+
+#: Signals a process raises against itself when its code goes wrong: a worker that dies of one
+#: while running a Python task was crashed by that task (a C extension's segfault, abort()).
+CRASH_SIGNALS = frozenset(
+    int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE,
+                     signal.SIGILL, signal.SIGSYS, signal.SIGTRAP)
+)
+
+
+def describe_worker_death(status: int | None, kind: str | None) -> tuple[Outcome, str, int | None]:
+    """How the running task's attempt ends when its worker process died with ``status``.
+
+    ``status`` is the worker's exit status (``-N``: killed by signal N; None: unknown) and
+    ``kind`` the kind of task it was running (None: none). A Python task runs inside its
+    worker, so a crash signal or an exit of the worker is that task's doing: a failed attempt
+    that names the signal or exit code. A kill from outside (SIGKILL: most often the kernel's
+    out-of-memory killer; SIGTERM, ...) is a loss: the task runs again without spending a retry.
+    """
+    if status is not None and status < 0:
+        sig = -status
+        name = signal_label(sig)
+        if sig in CRASH_SIGNALS and kind == PY:
+            desc = _SIGNAL_WORDS.get(sig, "")
+            return (Outcome.FAILED, f"crashed: the task killed its worker process with {name}"
+                    + (f" ({desc})" if desc else ""), status)
+        if sig == signal.SIGKILL:
+            return Outcome.LOST, "lost: its worker process was killed (SIGKILL; out of memory?)", status
+        return Outcome.LOST, f"lost: its worker process was killed ({name})", status
+    if status is not None and kind == PY:
+        return (Outcome.FAILED, f"crashed: the task ended its worker process (exit code"
+                f" {status})", status)
+    if status is not None:
+        return Outcome.LOST, f"lost: its worker process exited with code {status}", status
+    return Outcome.LOST, "lost: its worker process died (killed, or crashed the interpreter)", None
+
+
+_SIGNAL_WORDS = {
+    int(signal.SIGSEGV): "segmentation fault", int(signal.SIGABRT): "aborted",
+    int(signal.SIGBUS): "bus error", int(signal.SIGFPE): "floating-point exception",
+    int(signal.SIGILL): "illegal instruction",
+}
 
 
 def _host() -> str:
@@ -250,12 +297,24 @@ class _Coordinator:
                 continue
         self._reap_child(w, block=True)
 
-    def _reap_child(self, w: _Worker, block: bool = False) -> None:
+    def _reap_child(self, w: _Worker, block: bool = False, wait_s: float = 0.0) -> int | None:
+        """Reap ``w`` (waiting up to ``wait_s`` for it to end, or 5 s with ``block``) and
+        close its pipes; its exit status as ``Popen.returncode`` has it (-N: signal N), or
+        None when it has not ended or was reaped elsewhere."""
+        status: int | None = None
         try:
             if w.proc is not None:
-                w.proc.wait(timeout=5 if block else 0)
+                status = w.proc.wait(timeout=5 if block else wait_s)
             else:
-                os.waitpid(w.pid, 0 if block else os.WNOHANG)
+                end = time.monotonic() + (5.0 if block else wait_s)
+                while True:
+                    pid, raw = os.waitpid(w.pid, os.WNOHANG)
+                    if pid:
+                        status = os.waitstatus_to_exitcode(raw)
+                        break
+                    if time.monotonic() >= end:
+                        break
+                    time.sleep(0.002)
         except Exception:
             pass
         for c in (w.conn_out, w.conn_in):
@@ -263,6 +322,7 @@ class _Coordinator:
                 c.close()
             except OSError:
                 pass
+        return status
 
     # --- batches ---------------------------------------------------------------------------------
     def _batch_size(self) -> int:
@@ -408,7 +468,8 @@ class _Coordinator:
         self.on_progress(shown)
 
     # --- failures of workers ---------------------------------------------------------------------
-    def _abandon(self, w: _Worker, current_outcome: Outcome | None, note: str) -> None:
+    def _abandon(self, w: _Worker, current_outcome: Outcome | None, note: str,
+                 exit_code: int | None = None) -> None:
         """``w`` is gone: its current task gets ``current_outcome``, the rest are released."""
         assert self.slots is not None
         current, started = self.slots.get(w.index)
@@ -421,7 +482,7 @@ class _Coordinator:
                 if lease.task == current and current_outcome is not None:
                     self.pending_other[w.id].append(
                         Finished(lease.task, lease.token, int(current_outcome), started or now, now,
-                                 error=note, attempt=lease.attempt)
+                                 error=note, exit_code=exit_code, attempt=lease.attempt)
                     )
                     self.n_pending += 1
                 else:
@@ -471,8 +532,19 @@ class _Coordinator:
         if not w.alive:
             return
         w.alive = False
-        self._reap_child(w)
-        self._abandon(w, Outcome.LOST, "lost: its worker process died (killed, or crashed the interpreter)")
+        # its pipe closes a moment before it can be reaped: wait briefly for the exit status
+        status = self._reap_child(w, wait_s=WORKER_EXIT_WAIT_S)
+        if self.interrupted:  # the signal that stops the run reached the worker too
+            self._abandon(w, None, "released: the run was stopped")
+            return
+        assert self.slots is not None
+        current, _ = self.slots.get(w.index)
+        kind = None
+        if current:
+            lease = next((x for _, ls, *_ in w.outstanding for x in ls if x.task == current), None)
+            kind = self._spec(lease.spec).kind if lease is not None else None
+        outcome, note, code = describe_worker_death(status, kind)
+        self._abandon(w, outcome, note, exit_code=code)
         self._replace(w)
 
     # --- main loop -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ in the main thread; a task stuck inside a C call cannot be interrupted here.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -65,7 +66,7 @@ class SequentialBackend:
 
     @staticmethod
     def _run_one(runner: LeaseRunner, lease: Any, timeout: float | None) -> Finished:
-        if timeout is None:
+        if timeout is None or not math.isfinite(timeout):
             return runner(lease)
 
         def on_alarm(signum: int, frame: Any) -> None:

@@ -482,6 +482,8 @@ def _preexec() -> Any:
 # -- running -------------------------------------------------------------------------------
 
 _devnull_fd = -1
+#: Longest single wait of the output loop (seconds): below poll()'s limit of 2**31-1 ms.
+_MAX_POLL_S = 86400.0
 
 
 def _devnull() -> int:
@@ -727,7 +729,9 @@ def run_command(
             if out.pending():
                 w = last_flush + _FLUSH_EVERY - now
                 wait = w if wait is None else min(wait, w)
-            ms = None if wait is None else max(0, int(wait * 1000) + 1)
+            # poll() takes a C int of milliseconds: a timeout of 24.9 days or more would
+            # overflow it, so wait at most a day per turn (the loop recomputes the rest)
+            ms = None if wait is None else max(0, int(min(wait, _MAX_POLL_S) * 1000) + 1)
 
             for fd, _ev in poller.poll(ms):
                 if fd == pidfd:

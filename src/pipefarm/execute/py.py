@@ -39,9 +39,11 @@ def run_python(fn: Callable[..., Any], lease: Lease) -> Finished:
     try:
         args, kwargs = loads_args(lease.args)
         value = fn(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit, TaskInterrupt):
-        raise
+    except (KeyboardInterrupt, TaskInterrupt):
+        raise  # Ctrl-C of the caller (sequential backend) or a timeout: not the task's doing
     except BaseException as exc:  # noqa: BLE001 - a task's failure is data, not our crash
+        # SystemExit included: sys.exit() in a task ends the task, not its worker (as
+        # ProcessPoolExecutor does, the caller gets the SystemExit back)
         ended = time.time()
         try:
             blob: bytes | None = dump_value(exc)
