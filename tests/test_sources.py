@@ -74,7 +74,7 @@ def test_csv_source(tmp_path: Path):
         's1,100,"has, comma"\n'
         '\n'
         's2,200,"multi\nline"\n'
-        's3,300\n'
+        's3,300,\n'
     )
     rows = list(csv_source(f))
     assert rows == [
@@ -89,6 +89,9 @@ def test_csv_source_errors(tmp_path: Path):
     f = tmp_path / "bad.csv"
     f.write_text("a,b\n1,2,3\n")
     with pytest.raises(ValueError, match="3 cells"):
+        list(csv_source(f))
+    f.write_text("a,b\n1,2\n3\n")  # short rows are refused too (a missing cell is a mistake)
+    with pytest.raises(ValueError, match="line 3: 1 cell but the header has 2"):
         list(csv_source(f))
     f.write_text("a,a\n1,2\n")
     with pytest.raises(ValueError, match="more than once"):

@@ -19,6 +19,8 @@ from typing import Any
 from .execute.cmd import Command, TemplateError, render, shell_var_hint, templates
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape"}
+# structured text as spreadsheets write it: a leading UTF-8 byte-order mark is not data
+_ENC_SIG = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
 _MAX_ELEMENT = 1 << 26  # characters one JSON element may span before we call it malformed
 
 
@@ -95,12 +97,13 @@ def file_source(path: str | Path) -> Iterator[dict[str, str]]:
 def csv_source(path: str | Path, delimiter: str = ",") -> Iterator[dict[str, str]]:
     """One task per CSV row; the header row names the placeholders (``{sample}``, ...).
 
-    Blank rows are skipped. A row with more cells than the header has raises ValueError; a
-    row with fewer gets ``""`` for the missing ones.
+    Blank rows are skipped. A row with more or fewer cells than the header has raises
+    ValueError with its line number (a missing cell is a mistake, not an empty value). A UTF-8
+    byte-order mark at the start of the file (as Excel writes it) is dropped.
     """
     import csv
 
-    with open(path, newline="", **_ENC) as f:  # type: ignore[call-overload]
+    with open(path, newline="", **_ENC_SIG) as f:  # type: ignore[call-overload]
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -115,12 +118,12 @@ def csv_source(path: str | Path, delimiter: str = ",") -> Iterator[dict[str, str
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
-            if len(row) > width:
+            if len(row) != width:
+                n = len(row)
                 raise ValueError(
-                    f"{path}, line {reader.line_num}: {len(row)} cells but the header has {width}"
+                    f"{path}, line {reader.line_num}: {n} cell{'s' if n != 1 else ''} but the"
+                    f" header has {width}"
                 )
-            if len(row) < width:
-                row = row + [""] * (width - len(row))
             yield dict(zip(names, row, strict=True))
 
 
@@ -149,12 +152,12 @@ def json_source(path: str | Path) -> Iterator[dict[str, str]]:
 
     Values become strings: numbers as written by ``str``, booleans as ``true``/``false``,
     null as ``""``, lists and objects as compact JSON. The list is parsed one element at a
-    time, never loaded whole.
+    time, never loaded whole. A UTF-8 byte-order mark at the start is dropped.
     """
     import json
 
     decoder = json.JSONDecoder()
-    with open(path, **_ENC) as f:  # type: ignore[call-overload]
+    with open(path, **_ENC_SIG) as f:  # type: ignore[call-overload]
         buf = ""
         eof = False
 
