@@ -38,6 +38,23 @@ class TaskRow(msgspec.Struct):
     spec: int
 
 
+class TaskIds(list):
+    """The ids of one keyed submission, in input order, when some keys were in the run already.
+
+    Those give back the existing task's id; ``added`` is the range of the tasks this
+    submission added (possibly empty). A submission that adds every task returns a plain
+    ``range`` instead.
+    """
+
+    __slots__ = ("added",)
+    added: range
+
+    @property
+    def existing(self) -> int:
+        """How many of the ids belong to tasks that were there before (same key)."""
+        return len(self) - len(self.added)
+
+
 class AttemptRow(msgspec.Struct):
     """One attempt of a task."""
 
@@ -77,10 +94,13 @@ class Store(ABC):
         priority: int = 0,
         cost: float = 0.0,
         after: Sequence[int] = (),
-    ) -> range:
+    ) -> Sequence[int]:
         """Add one task per element of ``args`` (serialised arguments); return their ids.
 
-        Tasks with unfinished dependencies in ``after`` start ``blocked``; if one of them has
+        Ids are dense and in input order: a ``range`` when every task is new. Keys are unique
+        in a run: a key that is already there adds nothing and gives back that task's id (the
+        result is then a :class:`TaskIds` list); a key repeated within ``keys`` raises
+        :class:`ValueError` naming it, and nothing is written. Tasks with unfinished dependencies in ``after`` start ``blocked``; if one of them has
         already ended unsuccessfully they start ``skipped``. Unknown ids in ``after`` raise
         :class:`ValueError` and nothing is written.
         """

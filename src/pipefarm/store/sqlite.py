@@ -26,7 +26,7 @@ from typing import Any
 from .. import states
 from ..states import Outcome, State
 from ..task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
-from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
+from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
 
 SCHEMA_VERSION = 1
 
@@ -68,9 +68,16 @@ CREATE TABLE IF NOT EXISTS workers(
 """
 
 _S = State
-_TERMINAL = "(4,5,6,7)"
-_UNSUCCESSFUL = "(5,6,7)"
-_ACTIVE = "(2,3)"
+
+
+def _in(group: Iterable[State]) -> str:
+    return "(" + ",".join(str(int(s)) for s in sorted(group)) + ")"
+
+
+_TERMINAL = _in(states.TERMINAL)
+_UNSUCCESSFUL_STATES = frozenset(int(s) for s in states.UNSUCCESSFUL_END)
+_UNSUCCESSFUL = _in(states.UNSUCCESSFUL_END)
+_ACTIVE = _in(states.ACTIVE)
 _CHUNK = 500  # ids per "IN (...)" list: well under SQLite's parameter limit
 
 
@@ -80,6 +87,15 @@ class StoreError(RuntimeError):
 
 class DiskFull(StoreError):
     """The disk holding the run is full; nothing of the failed write was committed."""
+
+
+class KeysNotUnique(UserWarning):
+    """A catalog from an older pipefarm holds a key more than once (said once, at the first
+    open that finds it); submission keeps working and returns the oldest task of a key."""
+
+
+def _repeated(key: str) -> str:
+    return f"key {key!r} appears more than once in this submission; keys name one task each"
 
 
 def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -138,6 +154,7 @@ class SQLiteStore(Store):
         self._has_deps = bool(
             self.db.execute("SELECT 1 FROM deps LIMIT 1").fetchone()
         )
+        self._keys_unique = self._ensure_key_index(create=not readonly)
         self._specs: dict[int, Spec] = {}
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -268,7 +285,7 @@ class SQLiteStore(Store):
         priority: int = 0,
         cost: float = 0.0,
         after: Sequence[int] = (),
-    ) -> range:
+    ) -> Sequence[int]:
         after = sorted({int(a) for a in after})
         cost = float(cost or 0.0)
         with self._tx() as db:
@@ -285,7 +302,7 @@ class SQLiteStore(Store):
                 missing = [a for a in after if a not in found]
                 if missing:
                     raise ValueError(f"unknown task id(s) in after=: {missing[:10]}")
-                if any(s in (5, 6, 7) for s in found.values()):
+                if any(s in _UNSUCCESSFUL_STATES for s in found.values()):
                     state = int(_S.SKIPPED)
                 else:
                     ndeps = sum(1 for s in found.values() if s != _S.SUCCEEDED)
@@ -294,31 +311,145 @@ class SQLiteStore(Store):
             # rows are built by zip in C (no Python frame per task); per-call constants go into
             # the statement itself
             consts = f"{int(spec_id)}, {int(state)}, {int(priority)}, {float(cost)!r}, {int(ndeps)}"
+            ids: Sequence[int]
             if keys is None:
                 db.executemany(
                     "INSERT INTO tasks(args, id, spec, state, priority, cost, ndeps)"
                     f" VALUES (?, ?, {consts})",
                     zip(args, itertools.count(first)),
                 )
+                last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+                ids = added = range(first, last)
             else:
-                db.executemany(
-                    "INSERT INTO tasks(id, args, key, spec, state, priority, cost, ndeps)"
-                    f" VALUES (?, ?, ?, {consts})",
-                    ((i, a, k) for i, (a, k) in enumerate(zip(args, keys, strict=True), first)),
-                )
-            last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
-            ids = range(first, last)
-            if after and len(ids):
+                ids = self._add_keyed(db, args, keys, first, consts)
+                added = getattr(ids, "added", ids)
+            if after and len(added):
                 db.executemany(
                     "INSERT INTO deps(dep, task) VALUES (?, ?)",
-                    ((d, t) for t in ids for d in after),
+                    ((d, t) for t in added for d in after),
                 )
                 db.executemany(
                     "UPDATE tasks SET children = children + ? WHERE id = ?",
-                    ((len(ids), d) for d in after),
+                    ((len(added), d) for d in after),
                 )
                 self._has_deps = True
         return ids
+
+    def _add_keyed(
+        self, db: sqlite3.Connection, args: Iterable[bytes | None],
+        keys: Iterable[str | None], first: int, consts: str,
+    ) -> Sequence[int]:
+        """Insert keyed tasks; a key already in the run gives back its task's id instead.
+
+        Fast path: one batched insert, the unique index on key doing the checking. At the first
+        key it refuses (the rows before it stay inserted), the rest goes in chunks that look
+        their keys up first, so a driver script run again costs lookups, not failed inserts.
+        """
+        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+        sql = ("INSERT INTO tasks(args, key, id, spec, state, priority, cost, ndeps)"
+               f" VALUES (?, ?, ?, {consts})")
+        pairs = zip(args, keys, strict=True)
+        nxt = first
+        reused: set[str] = set()  # keys given back as existing tasks: a repeat is refused
+        if self._keys_unique:
+            try:
+                # (args, key) + (id,) concatenated in C: no Python frame per task
+                db.executemany(sql, map(tuple.__add__, pairs, zip(itertools.count(first))))
+                last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+                return range(first, last)
+            except sqlite3.IntegrityError as exc:
+                if "tasks.key" not in str(exc):
+                    raise
+            # executemany stops at the refused row: it is the one after the last inserted
+            nxt = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+            ids: list[int] = list(range(first, nxt))
+            ids.append(self._existing_key(db, keys[nxt - first], first))
+            reused.add(keys[nxt - first])  # type: ignore[arg-type]
+        else:  # an older catalog whose keys are not unique: look every key up
+            ids = []
+        while True:
+            chunk = list(itertools.islice(pairs, 8192))
+            if not chunk:
+                break
+            found = self._existing_keys(db, [k for _, k in chunk if k is not None], first)
+            rows = []
+            for a, k in chunk:
+                tid = found.get(k) if k is not None else None
+                if tid is None:
+                    tid = nxt
+                    nxt += 1
+                    rows.append((a, k, tid))
+                elif tid >= first or k in reused:
+                    raise ValueError(_repeated(k))
+                else:
+                    reused.add(k)  # type: ignore[arg-type]
+                ids.append(tid)
+            db.executemany(sql, rows)
+        out = TaskIds(ids)
+        out.added = range(first, nxt)
+        return out
+
+    def _existing_keys(self, db: sqlite3.Connection, keys: Sequence[str],
+                       first: int) -> dict[str, int]:
+        """``{key: id}`` of the tasks that hold these keys (the oldest, where an old catalog
+        has several); a key repeated within ``keys`` is refused."""
+        found: dict[str, int] = {}
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            for k in keys:
+                if k in seen:
+                    raise ValueError(_repeated(k))
+                seen.add(k)
+        for chunk in _chunks(keys):
+            for k, tid in db.execute(
+                f"SELECT key, min(id) FROM tasks WHERE key IN ({_qs(len(chunk))}) GROUP BY key",
+                chunk,
+            ):
+                found[k] = tid
+        return found
+
+    def _existing_key(self, db: sqlite3.Connection, key: str, first: int) -> int:
+        """The id of the task that already holds ``key`` (the insert of it was refused)."""
+        row = db.execute("SELECT min(id) FROM tasks WHERE key=?", (key,)).fetchone()
+        if row is None or row[0] is None or row[0] >= first:
+            raise ValueError(_repeated(key))
+        return int(row[0])
+
+    def _ensure_key_index(self, create: bool) -> bool:
+        """Whether keys are unique in this catalog; make them so when it can.
+
+        Catalogs written before keys were unique get the unique index when they are first
+        opened for writing. If old duplicates make that impossible, a plain index keeps key
+        lookups fast, submission keeps working (a key returns its oldest task), and a warning
+        says so once: the plain index marks that it was said.
+        """
+        have = {n for (n,) in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='tasks'")}
+        if "ux_tasks_key" in have:
+            return True
+        if "ix_tasks_key" in have or not create:
+            return False
+        try:
+            with self._tx():
+                self.db.execute(
+                    "CREATE UNIQUE INDEX ux_tasks_key ON tasks(key) WHERE key IS NOT NULL")
+            return True
+        except sqlite3.IntegrityError:
+            pass
+        with self._tx():
+            self.db.execute("CREATE INDEX ix_tasks_key ON tasks(key) WHERE key IS NOT NULL")
+        key, n = self.db.execute(
+            "SELECT key, count(*) FROM tasks WHERE key IS NOT NULL GROUP BY key"
+            " HAVING count(*) > 1 LIMIT 1").fetchone()
+        import warnings
+
+        warnings.warn(
+            f"{self.run_dir or 'this catalog'}: key {key!r} is used by {n} tasks (written by an"
+            " older pipefarm), so keys cannot be made unique here; submitting a key that is"
+            " already used more than once returns its oldest task",
+            KeysNotUnique, stacklevel=4,
+        )
+        return False
 
     # --- the lease protocol ----------------------------------------------------------------------
     def register_worker(self, worker: str, host: str, pid: int, now: float | None = None) -> None:
