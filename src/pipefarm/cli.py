@@ -47,13 +47,37 @@ def _ids(text: str | None) -> list[int] | None:
     return out
 
 
+class _Seconds(click.ParamType):
+    """A timeout in seconds: > 0 (``inf``: none); refuses ``nan`` and non-positive values."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or not isinstance(value, str):
+            return value
+        from .errors import SubmissionError
+        from .run import checked_timeout
+
+        try:
+            return checked_timeout(value)
+        except SubmissionError:
+            self.fail(f"{value!r} is not a number of seconds > 0 (inf: no timeout)", param, ctx)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> str:
+    return f"pipefarm: warning: {message}\n"
+
+
 class _Main(click.Group):
     """Turns expected errors into one line and exit status 2."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        import warnings
+
         from .errors import PipefarmError
 
         kwargs["standalone_mode"] = False
+        warnings.formatwarning = _warning_line  # one line, as the errors are
         try:
             rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as exc:
@@ -102,7 +126,7 @@ def main() -> None:
 @click.option("--from-json", "from_json", type=click.Path(dir_okay=False), help="A JSON list of objects (or JSON lines); keys name the placeholders.")
 @click.option("--shell", is_flag=True, help="Run CMD as one /bin/sh line; substituted values are quoted.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Extra attempts after a failure or timeout.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per attempt; the whole process group is killed past it.")
+@click.option("--timeout", type=_Seconds(), help="Seconds per attempt (> 0; inf: none); the whole process group is killed past it.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--cost", type=float, help="Expected cost; higher runs first among equal priority.")
 @click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True, help="Worker slots each task takes.")
@@ -129,6 +153,8 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
     Values are passed as separate arguments (no shell, no injection); with --shell they are
     quoted. A placeholder with no source column is refused before anything is written.
+    With --key, a task whose key is already in RUN is not added again: submitting the same
+    sweep twice adds only what is new.
     """
     from . import sources
     from .execute.cmd import Command, render
@@ -164,14 +190,23 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     keys = None
     if key_template is not None:
         key_cmd = Command(argv=[key_template])
-        rows = list(rows) if rows is not None else [{}]
+        try:
+            rows = list(rows) if rows is not None else [{}]
+        except ValueError as exc:  # a malformed source row: nothing is written yet
+            raise click.UsageError(str(exc)) from None
         keys = [render(key_cmd, r)[0] for r in rows]
     run = Run.create(run_dir, exist_ok=True)
     ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
                          priority=priority, cost=cost, after=_ids(after), cpus=cpus, gpus=gpus,
                          tags=tags)
-    span = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
-    click.echo(f"added task{'s' if len(ids) > 1 else ''} {span} ({len(ids):,}) to {run_dir}")
+    added = getattr(ids, "added", ids)  # a TaskIds list when some keys were there already
+    there = len(ids) - len(added)
+    if not added:
+        click.echo(f"no new tasks: all {there:,} keys are in {run_dir} already")
+        return
+    span = f"{added[0]}" if len(added) == 1 else f"{added[0]}-{added[-1]}"
+    click.echo(f"added task{'s' if len(added) > 1 else ''} {span} ({len(added):,}) to {run_dir}"
+               + (f"; {there:,} already there (same key)" if there else ""))
 
 
 # --- run -------------------------------------------------------------------------------------------
@@ -256,34 +291,36 @@ def results(run_dir: str, fmt: str | None, output: str | None) -> None:
     \b
       pipefarm results runs/sweep -o results.parquet
       pipefarm results runs/sweep --format csv > results.csv
+    Results that are not one plain type (mixed, or objects) are JSON text, and a value JSON
+    cannot encode shows as <not JSON-encodable: TYPE>: read it with Run.open(RUN).result(ID).
+    In CSV, dicts and lists are JSON text too. -o FILE is replaced only once the new file is
+    complete: a failed export leaves it as it was.
     """
     if fmt is None:
         suffix = Path(output).suffix.lower().lstrip(".") if output else ""
         fmt = suffix if suffix in ("parquet", "csv", "json") else "csv"
+    if fmt == "parquet" and output is None and sys.stdout.isatty():
+        raise click.UsageError("parquet is binary: give -o FILE or redirect stdout")
+    import pyarrow as pa
+
     from .backends.array import sync
+    from .observe.results import replace_file, write
 
     run = _open(run_dir)
     sync(run)
     table = run.results()
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        if output is None and sys.stdout.isatty():
-            raise click.UsageError("parquet is binary: give -o FILE or redirect stdout")
-        pq.write_table(table, output or sys.stdout.buffer)
-    elif fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        pcsv.write_csv(table, output or sys.stdout.buffer)
-    else:
-        rows = table.to_pylist()
-        text = "\n".join(json.dumps(r, default=repr) for r in rows) + ("\n" if rows else "")
-        if output:
-            Path(output).write_text(text)
-        else:
-            sys.stdout.write(text)
-    if output:
-        click.echo(f"wrote {table.num_rows:,} rows to {output}", err=True)
+    if output is None:
+        write(table, fmt, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    existed = Path(output).exists()
+    try:
+        replace_file(output, lambda f: write(table, fmt, f))
+    except (OSError, pa.ArrowException) as exc:
+        why = (getattr(exc, "strerror", None) or str(exc)).strip().splitlines()[0]
+        kept = f"{output} was left as it was" if existed else "nothing was written"
+        raise click.ClickException(f"cannot write {output}: {why}; {kept}") from None
+    click.echo(f"wrote {table.num_rows:,} rows to {output}", err=True)
 
 
 # --- logs ------------------------------------------------------------------------------------------
@@ -317,14 +354,26 @@ def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> Non
 @click.option("--failed", "failed_only", is_flag=True, default=False, help="Only failed tasks (the default without --ids; with --all, also cancelled and skipped ones).")
 @click.option("--all", "everything", is_flag=True, help="Failed, cancelled and skipped tasks.")
 @click.option("--ids", metavar="ID,...", help="Exactly these tasks (ids or ranges 1-100).")
-def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None) -> None:
+@click.option("--force", is_flag=True, help="With --ids: also run tasks that succeeded again (their result is replaced).")
+def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None,
+          force: bool) -> None:
     """Give ended tasks a new attempt budget; then `pipefarm run` again.
 
     \b
       pipefarm retry runs/sweep            # every failed task
       pipefarm retry runs/sweep --ids 7,12-20
+      pipefarm retry runs/sweep --ids 7 --force   # 7 succeeded: run it again anyway
+    Tasks that succeeded are run again only with --force; their earlier attempts stay in the
+    history (pipefarm logs RUN ID --attempt N).
     """
-    n = _open(run_dir).retry(_ids(ids), failed_only=not everything)
+    from .errors import RetryRefused
+
+    if force and ids is None:
+        raise click.UsageError("--force goes with --ids: name the succeeded tasks to run again")
+    try:
+        n = _open(run_dir).retry(_ids(ids), failed_only=not everything, force=force)
+    except RetryRefused as exc:
+        raise RetryRefused(exc.succeeded, exc.asked, "add --force") from None
     click.echo(f"{n:,} task(s) will run again; now: pipefarm run {run_dir}")
 
 

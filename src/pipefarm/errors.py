@@ -11,6 +11,18 @@ class SubmissionError(PipefarmError, ValueError):
     """A task was refused at submission; nothing was written."""
 
 
+class RetryRefused(PipefarmError, ValueError):
+    """``retry`` was asked for tasks that succeeded, without ``force``; nothing changed."""
+
+    def __init__(self, succeeded: int, asked: int, how: str = "pass force=True") -> None:
+        self.succeeded = succeeded
+        self.asked = asked
+        super().__init__(
+            f"{succeeded:,} of the {asked:,} task(s) asked for already succeeded; {how} to run"
+            " them again (their result is replaced, the earlier attempt stays in the history)"
+        )
+
+
 class RunLocked(PipefarmError):
     """Another live process is executing this run."""
 

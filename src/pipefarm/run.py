@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import pickle
 import socket
@@ -15,7 +16,15 @@ from typing import Any
 
 from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
 from .backends import make_backend
-from .errors import RunLocked, SubmissionError, TaskFailed, TaskNotFinished, UnsafeRun
+from .errors import (
+    RetryRefused,
+    RunLocked,
+    SubmissionError,
+    TaskFailed,
+    TaskNotFinished,
+    UnsafeRun,
+)
+from .states import State
 from .store.sqlite import SQLiteStore
 from .task import CMD, PY, Resources, Spec, dumps_args
 
@@ -110,6 +119,7 @@ class Run:
                  backoff: float, max_lost: int, resources: Resources, tags: Sequence[str]) -> int:
         if not callable(fn):
             raise SubmissionError(f"{fn!r} is not callable")
+        timeout = checked_timeout(timeout)  # before the cache: a bad value never matches
         key = (id(fn), retries, timeout, backoff, max_lost, resources, tuple(tags))
         hit = self._spec_cache.get(key)
         if hit is not None and hit[1] is fn:
@@ -145,20 +155,28 @@ class Run:
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
-    ) -> range:
+    ) -> Sequence[int]:
         """Add one task per element (or per zipped tuple of elements) of ``iterables``.
 
-        Returns the range of new task ids. Options apply to every task: ``retries`` extra
-        attempts after a failure or timeout, ``timeout`` seconds per attempt, ``priority``
-        (higher first), ``cost`` (higher first among equal priority), ``after`` ids that must
-        succeed first, ``keys`` user names (one per task). If any element cannot be pickled
+        Returns the task ids in input order (a ``range`` when every task is new). Options
+        apply to every task: ``retries`` extra attempts after a failure or timeout, ``timeout``
+        seconds per attempt (> 0; ``None`` or ``inf`` for none), ``priority`` (higher first),
+        ``cost`` (higher first among equal priority), ``after`` ids that must succeed first,
+        ``keys`` user names (one per task).
+
+        Keys are unique in a run, which makes keyed submission idempotent: a key that is
+        already there adds nothing and gives back that task's id (the ids are then a
+        :class:`~pipefarm.store.base.TaskIds` list whose ``added`` range holds the new ones),
+        so a driver script that crashed can simply be run again. A key given twice in one
+        call raises :class:`SubmissionError` naming it. If any element cannot be pickled
         nothing is written and :class:`SubmissionError` says which.
         """
         if not iterables:
             raise SubmissionError("map needs at least one iterable")
         sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
                             Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
-        def add(blobs: Iterable[bytes]) -> range:
+
+        def add(blobs: Iterable[bytes]) -> Sequence[int]:
             return self.store.add_tasks(sid, blobs, keys=keys, priority=priority,
                                         cost=cost or 0.0, after=after or ())
 
@@ -195,7 +213,11 @@ class Run:
         max_lost: int = 3,
         tags: Sequence[str] = (),
     ) -> int:
-        """Add one task with options; return its id."""
+        """Add one task with options; return its id.
+
+        With ``key``: if a task of this run already has that key, nothing is added and its id
+        is returned (see :meth:`map`).
+        """
         sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
                             Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
         try:
@@ -227,11 +249,12 @@ class Run:
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
-    ) -> range:
+    ) -> Sequence[int]:
         """Add command tasks: one per row of placeholder values (one task when ``rows`` is None).
 
         ``command`` is a :class:`~pipefarm.execute.cmd.Command`, an argv list, or a shell line
         (a ``str``). The template is checked against the first row before anything is written.
+        ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
         """
         from .execute.cmd import Command, TemplateError, encode_command, encode_values, placeholders
 
@@ -359,45 +382,47 @@ class Run:
             raise TaskFailed(task, state, error, cause if isinstance(cause, BaseException) else None)
         raise TaskNotFinished(f"task {task} is {state}: no result yet")
 
-    def results(self) -> Any:
-        """One row per task as a ``pyarrow.Table`` (columns :data:`RESULT_COLUMNS`)."""
-        import pyarrow as pa
+    def results(self, *, as_objects: bool = False) -> Any:
+        """One row per task as a ``pyarrow.Table`` (columns :data:`RESULT_COLUMNS`).
 
-        cols: dict[str, list[Any]] = {c: [] for c in RESULT_COLUMNS}
-        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker) in self.store.results():
-            from .states import State
+        The ``result`` column holds the data, never its ``repr``: a typed column (ints,
+        floats, strings, structs for dicts, lists, ...) when Arrow gives every value back
+        unchanged, type included; otherwise a ``binary`` column of each value's pickle, marked
+        by the field's metadata ``{b"pipefarm.encoding": b"pickle"}`` (decode a value with
+        ``pickle.loads``). Tasks without a result (not succeeded, or that returned None) hold
+        null.
 
-            cols["task_id"].append(tid)
-            cols["key"].append(key)
-            cols["state"].append(State(st).label)
-            cols["attempts"].append(att)
-            cols["exit_code"].append(code)
-            value = None
-            if st == 4:
-                if rfile is not None:
-                    blob = (self.path / rfile).read_bytes()
-                value = pickle.loads(blob) if blob is not None else None
-            cols["result"].append(value)
-            cols["error"].append(err)
-            cols["started_at"].append(t0)
-            cols["ended_at"].append(t1)
-            cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
-            cols["worker"].append(worker)
-        try:
-            result_col = pa.array(cols["result"])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
-            # mixed or arbitrary Python objects: keep their repr so nothing is dropped
-            result_col = pa.array([None if v is None else repr(v) for v in cols["result"]], pa.string())
-        arrays = {c: (result_col if c == "result" else cols[c]) for c in RESULT_COLUMNS}
-        types = {"started_at": pa.float64(), "ended_at": pa.float64(), "duration_s": pa.float64(),
-                 "exit_code": pa.int64(), "key": pa.string(), "error": pa.string(),
-                 "worker": pa.string()}
-        return pa.table({c: (v if c == "result" else pa.array(v, types.get(c))) for c, v in arrays.items()})
+        With ``as_objects=True``: a list of row dicts instead of a table, whose ``result`` is
+        the value itself, whatever its type.
+        """
+        from .observe.results import result_rows, results_table
+
+        if as_objects:
+            cols, _ = result_rows(self)
+            return [dict(zip(RESULT_COLUMNS, row, strict=True))
+                    for row in zip(*(cols[c] for c in RESULT_COLUMNS), strict=True)]
+        return results_table(self)
 
     # --- user actions ----------------------------------------------------------------------------
-    def retry(self, ids: Iterable[int] | None = None, *, failed_only: bool = True) -> int:
-        """Give failed tasks (or exactly ``ids``) a new attempt budget; return how many."""
-        return self.store.retry(ids, failed_only=failed_only)
+    def retry(self, ids: Iterable[int] | None = None, *, failed_only: bool = True,
+              force: bool = False) -> int:
+        """Give failed tasks (or exactly ``ids``) a new attempt budget; return how many.
+
+        With ``ids``, tasks that succeeded are run again only with ``force=True`` (their
+        result is replaced; the earlier attempt stays in :meth:`attempts`); without it,
+        :class:`~pipefarm.errors.RetryRefused` says how many of them were asked for and
+        nothing changes.
+        """
+        if ids is None:
+            return self.store.retry(None, failed_only=failed_only)
+        wanted = sorted(set(ids))
+        with self.store.transaction():  # checked and revived in one transaction
+            done = 0 if force else sum(
+                1 for t in self.store.tasks(ids=wanted) if t.state == State.SUCCEEDED.label
+            )
+            if done:
+                raise RetryRefused(done, len(wanted))
+            return self.store.retry(wanted, failed_only=failed_only)
 
     def cancel(self, ids: Iterable[int] | None = None) -> int:
         """Cancel unfinished tasks (all, or ``ids``); their dependents are skipped."""
@@ -423,13 +448,30 @@ def _spec(kind: str, payload: bytes, name: str, retries: int, timeout: float | N
     """A task spec from the options every submission takes, checked."""
     if retries < 0:
         raise SubmissionError("retries must be >= 0")
-    if timeout is not None and timeout <= 0:
-        raise SubmissionError("timeout must be > 0 seconds")
+    timeout = checked_timeout(timeout)
     if max_lost < 1:
         raise SubmissionError("max_lost must be >= 1")
     return Spec(kind=kind, payload=payload, max_attempts=retries + 1, timeout=timeout,
                 backoff=backoff, max_lost=max_lost, resources=resources, tags=tuple(tags),
                 name=name)
+
+
+def checked_timeout(timeout: float | None) -> float | None:
+    """A task timeout as stored: seconds > 0, or None for none (``inf`` means none too).
+
+    Raises :class:`SubmissionError` for ``nan``, zero, negative values and non-numbers.
+    """
+    if timeout is None:
+        return None
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        raise SubmissionError(f"timeout must be a number of seconds, not {timeout!r}") from None
+    if not value > 0:  # written so that nan, which compares false to everything, fails too
+        raise SubmissionError(
+            f"timeout must be > 0 seconds, not {timeout!r} (None or inf: no timeout)"
+        )
+    return None if math.isinf(value) else value
 
 
 def _pickled(rows: Iterable[tuple]) -> Iterable[bytes]:
