@@ -301,7 +301,14 @@ def test_parse_state_slurm():
     assert parse_state("slurm", "TIMEOUT\n", step=1) == "failed"
     assert state_command("slurm", "7") == ["squeue", "-h", "-j", "7", "-o", "%T"]
     assert state_command("slurm", "7", 1)[0] == "sacct"
-    assert state_command("slurm", "7", 2) is None
+    # without accounting the controller still knows an ended job for MinJobAge
+    assert state_command("slurm", "7", 2)[:2] == ["scontrol", "-o"]
+    assert parse_state("slurm", "JobId=8 ArrayTaskId=0 JobState=COMPLETED Reason=None\n"
+                       "JobId=9 ArrayTaskId=1 JobState=CANCELLED Reason=None\n", step=2) == "failed"
+    assert parse_state("slurm", "JobId=8 JobState=COMPLETED Reason=None\n", step=2) == "done"
+    assert parse_state("slurm", "JobId=8 ArrayTaskId=0-3 JobState=PENDING\n", step=2) == "pending"
+    assert parse_state("slurm", "", 1, step=2) == "unknown"  # purged after MinJobAge
+    assert state_command("slurm", "7", 3) is None
 
 
 def test_parse_state_others():

@@ -444,12 +444,18 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
     import signal as signals
 
     from .store.fsjournal import new_worker_id, work_loop
+    from .worker import reset_inherited_signals
 
+    # The array scripts start workers as background jobs with USR1/USR2 ignored: every
+    # inherited "ignore" becomes a do-nothing handler (the worker stays immune to a
+    # scheduler's group-wide USR1/USR2, its tasks start with default dispositions and an
+    # empty signal mask, so a simulation that checkpoints on SIGUSR1 hears it)
+    reset_inherited_signals()
     if not (Path(run_dir) / "fs" / "wave").exists():
         raise click.UsageError(f"{run_dir} has no exported tasks; use `pipefarm array` to start workers")
     name = sig.upper().removeprefix("SIG")
     try:
-        drain = {getattr(signals, f"SIG{name}"), signals.SIGTERM, signals.SIGINT}
+        drain = {getattr(signals, f"SIG{name}"), signals.SIGTERM, signals.SIGINT, signals.SIGHUP}
     except AttributeError:
         raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
     prefix = f"e{element}-" if element is not None else ""
@@ -538,8 +544,15 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
     display.close(summary.counts)
     click.echo(str(summary), err=True)
     if not summary.ok:
-        left = sum(summary.counts[k] for k in ("blocked", "ready", "claimed", "running"))
+        left = arr.counts_left(summary.counts)
         if left:
-            click.echo(f"{left:,} task(s) left: submit again, or run them here: pipefarm run {run_dir}", err=True)
+            how = (f"{scheduler} no longer reports job {job} and no worker heartbeats"
+                   if backend.ended == "gone" else f"{scheduler} job {job} ended ({backend.ended})")
+            click.echo(
+                f"the array is over: {how}, with {sum(left.values()):,} task(s) left ("
+                + ", ".join(f"{n:,} {k}" for k, n in left.items()) + ").\n"
+                f"finish them here: pipefarm run {run_dir}\n"
+                f"or in another array: pipefarm array {run_dir} --scheduler {scheduler} --submit"
+                " (with the same options)", err=True)
         return EXIT_FAILED_TASKS
     return 0

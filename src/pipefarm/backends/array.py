@@ -6,6 +6,12 @@ the scheduler how the job stands at most once per ``poll_s`` (30 s by default, g
 scheduler), and folds the workers' journals into the catalog every ``fold_s`` seconds, exporting
 new waves as dependencies succeed. Workers (``pipefarm worker``) coordinate through the run
 directory alone.
+
+The wait ends when the scheduler says the array ended, or when the scheduler no longer reports
+the job at all (a site without accounting forgets an ended job: ``squeue`` and ``sacct`` say
+nothing, ``scontrol`` forgets it after ``MinJobAge``) for :data:`GONE_POLLS` polls in a row
+while no worker's heartbeat is alive (:class:`HeartbeatWatch`): then the array is over,
+whatever is left. :attr:`ArrayBackend.ended` says which.
 """
 
 from __future__ import annotations
@@ -64,8 +70,57 @@ def recall(run: Any, *, dead: bool = False) -> int:
         return recall_blocks(layout, run.store, lease_s=lease, ref_ns=ref)
 
 
+#: States of a task that an array has not finished.
+LEFT_STATES = ("blocked", "ready", "claimed", "running")
+
+#: Consecutive scheduler polls that must not find the job before it counts as gone: one miss can
+#: be a transient failure of the query (a busy controller), and a pending array has no worker
+#: heartbeats to say it is still there.
+GONE_POLLS = 2
+
+
+def counts_left(counts: dict[str, int]) -> dict[str, int]:
+    """The unfinished states with a non-zero count."""
+    return {k: counts[k] for k in LEFT_STATES if counts.get(k)}
+
+
 def _counts_left(counts: dict[str, int]) -> int:
-    return sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+    return sum(counts_left(counts).values())
+
+
+class HeartbeatWatch:
+    """Whether any worker of a shared-filesystem run still heartbeats.
+
+    Workers are the journals' owners (``fs/journal/<id>.log``); each one's heartbeat file is
+    judged by :class:`~pipefarm.store.fsjournal.Liveness`: dead once its mtime stopped changing
+    for ``lease_s`` of our monotonic clock (or ``lease_s / 2`` while also older than our own
+    freshly touched heartbeat). A heartbeat seen for the first time counts as alive, so keep one
+    watch across polls. One stat per worker per call.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], lease_s: float) -> None:
+        from ..store.fsjournal import Layout, Liveness
+
+        self.layout = Layout(run_dir)
+        self.live = Liveness(lease_s)
+
+    def alive(self) -> list[str]:
+        """The workers whose heartbeat is (still) alive."""
+        from ..store.fsjournal import mtime_ns, touch
+
+        try:
+            names = os.listdir(self.layout.journal)
+        except FileNotFoundError:
+            return []
+        workers = sorted(n[:-4] for n in names if n.endswith(".log"))
+        me = os.path.join(self.layout.hb, "catalog")
+
+        def ref() -> int:
+            touch(me)
+            return mtime_ns(me) or time.time_ns()
+
+        return [w for w in workers
+                if not self.live.dead(w, mtime_ns(self.layout.hb_of(w)), ref)]
 
 
 class ArrayBackend:
@@ -79,6 +134,10 @@ class ArrayBackend:
         self.spec = spec
         self.poll_s = poll_s
         self.fold_s = fold_s
+        #: how :meth:`wait` saw the array end: the scheduler's last state (``"done"``,
+        #: ``"failed"``), ``"gone"`` (no longer reported and no live heartbeat) or
+        #: ``"finished"`` (nothing left while the scheduler did not report the job)
+        self.ended = ""
 
     def prepare(self, run: Any) -> Path:
         """Export the ready tasks and write the submit script; return its path."""
@@ -93,21 +152,39 @@ class ArrayBackend:
         return job
 
     def wait(self, run: Any, job: str, on_progress: ProgressFn | None = None) -> Summary:
-        """Follow ``job`` to its end, folding as it goes; return the summary."""
+        """Follow ``job`` to its end, folding as it goes; return the summary.
+
+        Returns when the scheduler says the job ended, or when it has not reported the job for
+        :data:`GONE_POLLS` polls in a row and no worker heartbeats (see :attr:`ended`): never
+        waits on an array that is over, with or without the scheduler's accounting.
+        """
         t0 = time.time()
+        watch = HeartbeatWatch(run.path, float(run.store.lease_s))
         state = poll_state(self.scheduler, job)
+        missed = int(state == "unknown")
         last_poll = time.monotonic()
         workers = self.spec.elements * self.spec.workers_per_element
+        self.ended = ""
         while state in ("pending", "running", "unknown"):
             time.sleep(min(self.fold_s, self.poll_s))
             export(run, workers)  # folds; offers tasks whose dependencies just succeeded
+            counts = run.store.counts()
             if on_progress is not None:
-                on_progress(run.store.counts())
+                on_progress(counts)
+            # watched at every fold, not only at polls: Liveness needs to see mtimes not change
+            beating = watch.alive() if missed else []
+            if missed and _counts_left(counts) == 0:
+                self.ended = "finished"
+                break
+            if missed >= GONE_POLLS and not beating:
+                self.ended = "gone"
+                break
             if time.monotonic() - last_poll >= self.poll_s:
                 state = poll_state(self.scheduler, job)
+                missed = missed + 1 if state == "unknown" else 0
                 last_poll = time.monotonic()
-                if state == "unknown" and _counts_left(run.store.counts()) == 0:
-                    break
+        else:
+            self.ended = state
         return finish(run, t0)
 
 

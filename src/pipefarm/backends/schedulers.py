@@ -20,10 +20,13 @@ Walltime warning, per scheduler (``warn_seconds`` before the limit, signal ``spe
 * PBS Pro and HTCondor have no warning directive: the script arms its own timer.
 
 Signals that reach the script (TERM, INT, HUP, USR1, USR2 and ``spec.signal``) are forwarded
-to every worker as ``spec.signal``. Workers inherit "ignore" for SIGUSR1/SIGUSR2, so a scheduler
-that signals the whole process group (SGE) cannot kill them with those; they hear the warning
-as ``spec.signal`` instead. A worker may receive ``spec.signal`` twice (straight from the
-scheduler and forwarded by the script).
+to every worker as ``spec.signal``. Workers inherit "ignore" for SIGUSR1/SIGUSR2 (and, as
+background jobs of a non-interactive shell, SIGINT), so a scheduler that signals the whole process
+group (SGE) cannot kill them with those; they hear the warning as ``spec.signal`` instead. The
+worker turns each inherited "ignore" into a do-nothing handler at start-up
+(:func:`pipefarm.worker.reset_inherited_signals`), so the tasks it runs start with default
+dispositions and an empty signal mask. A worker may receive ``spec.signal`` twice (straight from
+the scheduler and forwarded by the script).
 """
 
 from __future__ import annotations
@@ -547,12 +550,15 @@ def state_command(scheduler: str, job_id: str, step: int = 0) -> list[str] | Non
 
     Step 0 asks the queue; step 1 (where there is one) asks the accounting records, for jobs
     that have left the queue: SLURM ``sacct``, SGE ``qacct``, HTCondor ``condor_history``.
-    Try the next step when :func:`parse_state` says ``"unknown"``.
+    SLURM has a step 2, ``scontrol show job``: the controller keeps an ended job for
+    ``MinJobAge`` (300 s by default), which answers where no accounting is kept (``sacct``
+    then fails). Try the next step when :func:`parse_state` says ``"unknown"``.
     """
     steps: dict[str, list[list[str]]] = {
         "slurm": [
             ["squeue", "-h", "-j", job_id, "-o", "%T"],
             ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            ["scontrol", "-o", "show", "job", job_id],
         ],
         "sge": [["qstat", "-j", job_id], ["qacct", "-j", job_id]],
         "pbs": [["qstat", "-x", "-f", job_id]],
@@ -658,6 +664,9 @@ def parse_state(scheduler: str, stdout: str, returncode: int = 0, step: int = 0)
     if scheduler == "slurm":
         if returncode != 0:
             return "unknown"  # "Invalid job id specified": gone from the queue
+        if step == 2:  # scontrol -o: one record per line, "... JobState=COMPLETED Reason=..."
+            return _combine([_SLURM.get(m, "unknown")
+                             for m in re.findall(r"\bJobState=(\S+)", stdout)])
         # sacct says "CANCELLED by 0"; squeue may say "PENDING"
         return _combine([_SLURM.get(ln.split()[0], "unknown") for ln in lines])
     if scheduler == "sge":

@@ -881,7 +881,9 @@ def work_loop(
     if runner is None:
         from ..worker import LeaseRunner
 
-        runner = LeaseRunner(os.fspath(run_dir), w.id, w.specs)
+        # a command killed by the signal that is stopping this worker (scheduler cancel,
+        # preemption, walltime) is recorded lost, not as the task's failure
+        runner = LeaseRunner(os.fspath(run_dir), w.id, w.specs, stopping=stop)
     previous: dict[int, Any] = {}
 
     def drain(*_: Any) -> None:
