@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from ..states import State
+
 _NUM = re.compile(r"(?<![A-Za-z_])[-+]?(?:0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _PATH = re.compile(r"(?:/[\w.\-]+){2,}")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -64,5 +66,7 @@ def group_failures(rows: Iterable[tuple[int, int | None, str | None]], examples:
 
 def failures(run: Any) -> list[FailureGroup]:
     """The failure groups of a run."""
-    rows = run.store.db.execute("SELECT id, exit_code, error FROM tasks WHERE state=5 ORDER BY id")
+    rows = run.store.db.execute(
+        f"SELECT id, exit_code, error FROM tasks WHERE state={int(State.FAILED)} ORDER BY id"
+    )
     return group_failures(rows)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..states import State
+
 
 def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> dict[str, Any]:
     """The status of ``run`` as a JSON-ready dict (``pipefarm status --json``)."""
@@ -13,7 +15,8 @@ def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> d
     total = sum(counts.values())
     now = time.time()
     recent = db.execute(
-        "SELECT count(*), min(ended_at) FROM tasks WHERE state IN (4,5) AND ended_at >= ?",
+        f"SELECT count(*), min(ended_at) FROM tasks WHERE state IN ({int(State.SUCCEEDED)},"
+        f" {int(State.FAILED)}) AND ended_at >= ?",
         (now - window_s,),
     ).fetchone()
     n_recent, first = recent
@@ -24,7 +27,7 @@ def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> d
         {"task_id": t, "key": k, "exit_code": code, "error": (err or "").strip().splitlines()[-1:] and
          (err or "").strip().splitlines()[-1], "ended_at": ended}
         for t, k, code, err, ended in db.execute(
-            "SELECT id, key, exit_code, error, ended_at FROM tasks WHERE state=5"
+            f"SELECT id, key, exit_code, error, ended_at FROM tasks WHERE state={int(State.FAILED)}"
             " ORDER BY ended_at DESC LIMIT ?",
             (last_failures,),
         )

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS tasks(
   outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
   exit_code INTEGER, error TEXT, note TEXT, output TEXT,
   result BLOB, result_file TEXT);
-CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = {READY};
 CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
   PRIMARY KEY(dep, task)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts(
@@ -65,9 +65,10 @@ CREATE TABLE IF NOT EXISTS attempts(
 CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
 CREATE TABLE IF NOT EXISTS workers(
   id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
-"""
+""".replace("{READY}", str(int(State.READY)))
 
 _S = State
+_READY = int(State.READY)
 
 
 def _in(group: Iterable[State]) -> str:
@@ -486,7 +487,7 @@ class SQLiteStore(Store):
                 f"UPDATE tasks SET state={int(_S.CLAIMED)}, token=(?1 | id) - (?1 & id),"
                 " worker=?2, claimed_at=?3,"
                 " attempt=attempt+1"
-                " WHERE id IN (SELECT id FROM tasks WHERE state=1"
+                f" WHERE id IN (SELECT id FROM tasks WHERE state={_READY}"
                 f" AND (ready_at IS NULL OR ready_at <= ?){fit}"
                 " ORDER BY priority DESC, cost DESC, id LIMIT ?)"
                 " RETURNING priority, cost, id, token, attempt, spec, args",
@@ -525,7 +526,7 @@ class SQLiteStore(Store):
         rows: list[tuple] = []
         if cursor is not None:
             rows = self.db.execute(
-                "SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state=1"
+                f"SELECT priority, cost, id, attempt, spec, args FROM tasks WHERE state={_READY}"
                 f" AND priority=? AND cost=? AND id>? AND (ready_at IS NULL OR ready_at<=?){fit}"
                 " ORDER BY id LIMIT ?",
                 [cursor[0], cursor[1], cursor[2], now, *fit_params, n],
@@ -537,7 +538,7 @@ class SQLiteStore(Store):
             taken = {r[2] for r in rows}
             picked: list[int] = []
             scan = self.db.execute(
-                "SELECT id FROM tasks INDEXED BY ix_ready WHERE state=1"
+                f"SELECT id FROM tasks INDEXED BY ix_ready WHERE state={_READY}"
                 f" AND (ready_at IS NULL OR ready_at<=?){fit} ORDER BY priority DESC, cost DESC, id",
                 [now, *fit_params],
             )
@@ -571,7 +572,7 @@ class SQLiteStore(Store):
         with self._tx() as db:
             return db.executemany(
                 f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
-                " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
+                f" claimed_at=?, started_at=? WHERE id=? AND state={_READY} AND token IS NULL",
                 ((lz.token, worker, lz.attempt, now, now, lz.task) for lz in leases),
             ).rowcount
 
@@ -613,7 +614,7 @@ class SQLiteStore(Store):
                 # the lease becomes a real one first, then the ordinary path applies
                 db.executemany(
                     f"UPDATE tasks SET state={int(_S.RUNNING)}, token=?, worker=?, attempt=?,"
-                    " claimed_at=?, started_at=? WHERE id=? AND state=1 AND token IS NULL",
+                    f" claimed_at=?, started_at=? WHERE id=? AND state={_READY} AND token IS NULL",
                     ((f.token, worker, f.attempt, now, f.started_at, f.task) for f in others),
                 )
                 wins = [f for f in others if f.outcome == Outcome.SUCCEEDED]
@@ -1154,6 +1155,6 @@ class SQLiteStore(Store):
     def next_ready_at(self) -> float | None:
         """The earliest time a task now in backoff becomes claimable."""
         row = self.db.execute(
-            "SELECT min(ready_at) FROM tasks WHERE state=1 AND ready_at IS NOT NULL"
+            f"SELECT min(ready_at) FROM tasks WHERE state={_READY} AND ready_at IS NOT NULL"
         ).fetchone()
         return row[0]
