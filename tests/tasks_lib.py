@@ -210,3 +210,11 @@ def wait_until(pred, timeout, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+# --- for test_local_edges.py ---------------------------------------------------------------------------
+def sleep_getpid(seconds=0.0):
+    """Sleep ``seconds`` (if any), then return the pid of the process that ran the call."""
+    if seconds:
+        time.sleep(seconds)
+    return os.getpid()
