@@ -424,24 +424,31 @@ class SQLiteStore(Store):
         lookups fast, submission keeps working (a key returns its oldest task), and a warning
         says so once: the plain index marks that it was said.
         """
-        have = {n for (n,) in self.db.execute(
-            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='tasks'")}
+        def indexes() -> set[str]:
+            return {n for (n,) in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='tasks'")}
+
+        have = indexes()
         if "ux_tasks_key" in have:
             return True
         if "ix_tasks_key" in have or not create:
             return False
-        try:
-            with self._tx():
-                self.db.execute(
-                    "CREATE UNIQUE INDEX ux_tasks_key ON tasks(key) WHERE key IS NOT NULL")
-            return True
-        except sqlite3.IntegrityError:
-            pass
-        with self._tx():
-            self.db.execute("CREATE INDEX ix_tasks_key ON tasks(key) WHERE key IS NOT NULL")
-        key, n = self.db.execute(
-            "SELECT key, count(*) FROM tasks WHERE key IS NOT NULL GROUP BY key"
-            " HAVING count(*) > 1 LIMIT 1").fetchone()
+        with self._tx() as db:
+            have = indexes()  # again under the write lock: another process may have done it
+            if "ux_tasks_key" in have or "ix_tasks_key" in have:
+                return "ux_tasks_key" in have
+            db.execute("SAVEPOINT key_index")
+            try:
+                db.execute("CREATE UNIQUE INDEX ux_tasks_key ON tasks(key) WHERE key IS NOT NULL")
+                db.execute("RELEASE key_index")
+                return True
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK TO key_index")
+                db.execute("RELEASE key_index")
+            db.execute("CREATE INDEX ix_tasks_key ON tasks(key) WHERE key IS NOT NULL")
+            key, n = db.execute(
+                "SELECT key, count(*) FROM tasks WHERE key IS NOT NULL GROUP BY key"
+                " HAVING count(*) > 1 LIMIT 1").fetchone()
         import warnings
 
         warnings.warn(
