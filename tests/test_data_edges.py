@@ -365,6 +365,13 @@ def test_existing_keys_return_existing_ids_and_new_ones_are_dense(tmp_path: Path
     assert len(run) == 7
 
 
+def test_number_keys_are_their_text(tmp_path: Path) -> None:
+    run = pf.Run.create(tmp_path / "r")
+    assert list(run.map(T.square, [1, 2], keys=[1, 2])) == [1, 2]
+    assert list(run.map(T.square, [1, 2, 3], keys=[2, "1", 3])) == [2, 1, 3]
+    assert [t.key for t in run.tasks()] == ["1", "2", "3"]
+
+
 def test_existing_keys_do_not_get_new_dependencies(tmp_path: Path) -> None:
     run = pf.Run.create(tmp_path / "r")
     (a,) = run.map(T.square, [1], keys=["a"])

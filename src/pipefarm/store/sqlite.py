@@ -95,6 +95,11 @@ class KeysNotUnique(UserWarning):
     open that finds it); submission keeps working and returns the oldest task of a key."""
 
 
+def _key_text(key: Any) -> Any:
+    """A key as the catalog stores it (the column is TEXT: a number is kept as its text)."""
+    return key if key is None or type(key) is str else str(key)
+
+
 def _repeated(key: str) -> str:
     return f"key {key!r} appears more than once in this submission; keys name one task each"
 
@@ -364,12 +369,13 @@ class SQLiteStore(Store):
             # executemany stops at the refused row: it is the one after the last inserted
             nxt = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
             ids: list[int] = list(range(first, nxt))
-            ids.append(self._existing_key(db, keys[nxt - first], first))
-            reused.add(keys[nxt - first])  # type: ignore[arg-type]
+            refused = _key_text(keys[nxt - first])
+            ids.append(self._existing_key(db, refused, first))
+            reused.add(refused)
         else:  # an older catalog whose keys are not unique: look every key up
             ids = []
         while True:
-            chunk = list(itertools.islice(pairs, 8192))
+            chunk = [(a, _key_text(k)) for a, k in itertools.islice(pairs, 8192)]
             if not chunk:
                 break
             found = self._existing_keys(db, [k for _, k in chunk if k is not None], first)
