@@ -2,7 +2,9 @@
 
 Tasks go through the same store and local backend as a durable run. By default the store lives
 in memory (nothing is left behind, like ``ProcessPoolExecutor``); pass ``run_dir`` to keep
-every task and result on disk.
+every task and result on disk. Workers start as calls arrive, up to ``max_workers``. If the
+engine stops (its workers cannot start, ...), every pending call fails with
+:class:`BrokenExecutor` naming the cause, and no new call is accepted.
 """
 
 from __future__ import annotations
@@ -14,9 +16,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import TaskFailed
+from .errors import PipefarmError, TaskFailed
 from .states import Outcome
 from .task import PY, Finished, Spec, dumps_args
+
+
+class BrokenExecutor(cf.BrokenExecutor, PipefarmError):
+    """The executor's engine stopped (for example, its worker processes cannot start): pending
+    calls fail with this, and it accepts no new ones."""
+
+
+def _fail(fut: cf.Future, exc: BaseException) -> None:
+    """Fail ``fut`` with ``exc`` unless it is done or was cancelled."""
+    try:
+        if fut.done() or (not fut.running() and not fut.set_running_or_notify_cancel()):
+            return
+        fut.set_exception(exc)
+    except (RuntimeError, cf.InvalidStateError):  # finished or cancelled meanwhile
+        pass
 
 
 class _Future(cf.Future):
@@ -63,7 +80,7 @@ class Executor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._error is not None:
-                raise RuntimeError(f"the executor's engine failed: {self._error}")
+                raise BrokenExecutor(f"{self._error}; no new calls are accepted")
             fut: cf.Future = _Future(self._cancels)
             self._inbox.put((fut, fn, args, kwargs))
             if self._thread is None:
@@ -192,9 +209,26 @@ class Executor(cf.Executor):
                 store, run_dir=self._run_dir, feed=feed, on_finished=on_finished,
                 on_dispatch=on_dispatch, stop=self._stop)
         except BaseException as exc:
-            self._error = exc
-            for fut in self._futures.values():
-                if not fut.done() and fut.set_running_or_notify_cancel():
-                    fut.set_exception(RuntimeError(f"the executor's engine failed: {exc}"))
+            self._break(BrokenExecutor(f"the executor's engine stopped: {exc}"), exc)
+        else:  # every call fed was answered; any left (none expected) must not wait forever
+            self._break(BrokenExecutor("the executor's engine stopped before this call ran"))
         finally:
             store.close()
+
+    def _break(self, error: BrokenExecutor, cause: BaseException | None = None) -> None:
+        """Fail every call not answered yet with ``error``; refuse new ones (when ``cause``)."""
+        error.__cause__ = cause
+        with self._lock:  # no submit slips in between
+            if cause is not None:
+                self._error = error
+            pending = list(self._futures.values())
+            self._futures.clear()
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item[0])
+        for fut in pending:
+            _fail(fut, error)

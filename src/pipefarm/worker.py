@@ -7,10 +7,10 @@ enforce timeouts and show what is running without a message per task.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import os
-import queue
 import signal
 import struct
 import sys
@@ -246,7 +246,7 @@ class LeaseRunner:
 
 
 # --- the local backend's pipe protocol ------------------------------------------------------------
-class Batch(msgspec.Struct, array_like=True):
+class Batch(msgspec.Struct, array_like=True, tag=1):
     """Coordinator -> worker: leases to run in order, new specs, and environment for them."""
 
     id: int
@@ -255,7 +255,17 @@ class Batch(msgspec.Struct, array_like=True):
     env: dict[str, str] | None = None
 
 
-class Done(msgspec.Struct, array_like=True):
+class Revoke(msgspec.Struct, array_like=True, tag=2):
+    """Coordinator -> worker: hand back leases not started yet, for ``thieves`` idle workers.
+
+    The worker gives back ``ceil(unstarted * thieves / (thieves + 1))`` leases from the end of
+    its queue (its share and theirs) and answers at once with :class:`Revoked`.
+    """
+
+    thieves: int = 1
+
+
+class Done(msgspec.Struct, array_like=True, tag=1):
     """Worker -> coordinator: how leases of a batch ended.
 
     Plain successes travel as rows ready for the store (:data:`~pipefarm.task.SuccessRow`),
@@ -270,17 +280,65 @@ class Done(msgspec.Struct, array_like=True):
     final: bool = True
 
 
+class Revoked(msgspec.Struct, array_like=True, tag=2):
+    """Worker -> coordinator: the tasks a :class:`Revoke` took back. This worker has not
+    started them and never will; no other message of it mentions them."""
+
+    tasks: list[int]
+
+
 #: A task running longer than this has the outcomes finished before it reported at once, so
 #: they are committed (durable) without waiting for the end of the batch.
 FLUSH_AFTER_S = 0.05
 
 
-_batch_decoder = msgspec.msgpack.Decoder(Batch | None)
-_done_encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(Batch | Revoke | None)
+from_worker_decoder = msgspec.msgpack.Decoder(Done | Revoked)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class _LeaseQueue:
+    """Leases waiting to run, in order, as ``(batch id, lease, env)``.
+
+    Taking the next lease to start and taking leases back for a :class:`Revoke` happen under one
+    lock, so a lease is either started here or handed back, never both.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.items: collections.deque[tuple[int, Lease, dict[str, str] | None]] = collections.deque()
+        self.closed = False
+
+    def put(self, batch: Batch) -> None:
+        with self.cond:
+            self.items.extend((batch.id, lz, batch.env) for lz in batch.leases)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def next(self, block: bool) -> tuple[int, Lease, dict[str, str] | None] | None:
+        """The next lease to start (it can no longer be taken back), or None: when ``block``,
+        only once the queue is closed and empty."""
+        with self.cond:
+            while block and not self.items and not self.closed:
+                self.cond.wait()
+            return self.items.popleft() if self.items else None
+
+    def take_back(self, thieves: int) -> list[int]:
+        """Remove the idle workers' share of the unstarted leases from the end; their tasks."""
+        with self.cond:
+            n = len(self.items)
+            k = -(-n * thieves // (thieves + 1))
+            taken = [self.items.pop()[1].task for _ in range(k)]
+        taken.reverse()
+        return taken
 
 
 def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None, worker_id: str) -> None:
-    """Run batches from ``rfd`` until it closes or a ``None`` batch arrives."""
+    """Run leases from ``rfd`` in order until it closes or a ``None`` message arrives."""
     from multiprocessing.connection import Connection
 
     conn_in = Connection(rfd, writable=False)
@@ -288,42 +346,54 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
     specs: dict[int, Spec] = {}
     run = LeaseRunner(run_dir, worker_id, specs)
     spec_decoder = msgspec.msgpack.Decoder(Spec)
-    # A reader thread drains the coordinator's pipe at once, so that the coordinator never
-    # blocks sending a batch while this worker blocks sending results (both pipes full).
-    inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    leases = _LeaseQueue()
+    report = _Reporter(conn_out, worker_id)
 
+    # A reader thread drains the coordinator's pipe at once, so that the coordinator never
+    # blocks sending a batch while this worker blocks sending results (both pipes full), and
+    # so that a Revoke is answered while a long task runs.
     def read() -> None:
         try:
             while True:
-                inbox.put(conn_in.recv_bytes())
-        except (EOFError, OSError):
-            inbox.put(None)
+                msg = to_worker_decoder.decode(conn_in.recv_bytes())
+                if msg is None:
+                    break
+                if isinstance(msg, Revoke):
+                    report.revoked(leases.take_back(max(1, msg.thieves)))
+                    continue
+                for sid, blob in msg.specs.items():  # before its leases can be started
+                    specs[sid] = spec_decoder.decode(blob)
+                leases.put(msg)
+        except (EOFError, OSError, msgspec.DecodeError):
+            pass
+        finally:
+            leases.close()
 
     threading.Thread(target=read, name="pipefarm-inbox", daemon=True).start()
-    report = _Reporter(conn_out, worker_id)
     threading.Thread(target=report.flush_loop, name="pipefarm-flush", daemon=True).start()
+    current: int | None = None  # the batch whose outcomes the reporter collects
     while True:
-        msg = inbox.get()
-        if msg is None:
-            report.stop = True
-            return
-        batch = _batch_decoder.decode(msg)
-        if batch is None:
-            report.stop = True
-            return
-        for sid, blob in batch.specs.items():
-            specs[sid] = spec_decoder.decode(blob)
-        report.begin(batch.id)
-        for lease in batch.leases:
-            t0 = time.time()
-            slots.set(index, lease.task, t0)
-            report.running_since = t0
-            f = run(lease, batch.env)
-            report.running_since = 0.0
-            slots.clear(index)
-            report.add(f)
-        run.sync()
-        report.send(final=True)
+        item = leases.next(block=False)
+        if item is None or item[0] != current:
+            if current is not None:  # nothing more of that batch will run here: report it
+                run.sync()
+                report.send(final=True)
+                current = None
+            if item is None:
+                item = leases.next(block=True)
+                if item is None:
+                    report.stop = True
+                    return
+            current = item[0]
+            report.begin(current)
+        _, lease, env = item
+        t0 = time.time()
+        slots.set(index, lease.task, t0)
+        report.running_since = t0
+        f = run(lease, env)
+        report.running_since = 0.0
+        slots.clear(index)
+        report.add(f)
 
 
 class _Reporter:
@@ -361,9 +431,14 @@ class _Reporter:
         with self.lock:
             if not final and not (self.ok or self.others):
                 return
-            msg = _done_encoder.encode(Done(self.batch, self.ok, self.others, self.busy, final))
+            msg = _encoder.encode(Done(self.batch, self.ok, self.others, self.busy, final))
             self.ok, self.others, self.busy = [], [], 0.0
             self.conn_out.send_bytes(msg)
+
+    def revoked(self, tasks: list[int]) -> None:
+        """Tell the coordinator which tasks were handed back (possibly none)."""
+        with self.lock:
+            self.conn_out.send_bytes(_encoder.encode(Revoked(tasks)))
 
     def flush_loop(self) -> None:
         while not self.stop:

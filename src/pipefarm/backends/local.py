@@ -1,11 +1,15 @@
 """The local backend: one coordinator process and N worker processes on this host.
 
-The coordinator is the only writer of the store. It leases small batches to each worker, sized
-from observed task durations (about ``batch_target_s`` of work each, two batches in flight per
-worker so no worker waits), commits results in batches, enforces timeouts by killing the worker
-whose task overran (and starting a new one), and turns a dead worker's task into a ``lost``
-attempt. Workers die with the coordinator (parent-death signal), so a killed coordinator leaves
-no orphans, and the next run reaps its leases at once.
+The coordinator is the only writer of the store. It starts at most one worker per task that
+could run (lazily, as tasks arrive, when fed by the Executor), leases batches of about
+``batch_target_s`` of work sized from the durations measured for each spec (function or
+command), splits what it leases evenly over the workers that want work, queues a second batch
+behind short ones only when no worker is idle, and lets an idle worker take over the unstarted
+tail of a busy one (:class:`~pipefarm.worker.Revoke`). It commits results in batches, enforces
+timeouts by killing the worker whose task overran (and starting a new one), and turns a dead
+worker's task into a ``lost`` attempt; a worker found dead when work is sent to it is the same
+loss, never a crash of the run. Workers die with the coordinator (parent-death signal), so a
+killed coordinator leaves no orphans, and the next run reaps its leases at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -25,9 +30,19 @@ from typing import Any
 
 import msgspec
 
-from ..states import Outcome
+from ..states import TERMINAL, Outcome
 from ..task import PY, Finished, Lease, Resources, Spec
-from ..worker import Batch, Done, Slots, local_worker_main, signal_label, slots_path
+from ..worker import (
+    Batch,
+    Done,
+    Revoke,
+    Revoked,
+    Slots,
+    from_worker_decoder,
+    local_worker_main,
+    signal_label,
+    slots_path,
+)
 
 ProgressFn = Callable[[dict[str, int]], None]
 
@@ -87,7 +102,38 @@ class _Worker:
     gpus_held: list[str] = field(default_factory=list)
     alive: bool = True
     started: float = field(default_factory=time.time)
+    # batch id -> [leases neither reported nor handed back, spec id or -1 when mixed]
+    batches: dict[int, list[int]] = field(default_factory=dict)
+    revoking: bool = False  # a Revoke is on its way: no second one, no more work until answered
+    heard: float = field(default_factory=time.monotonic)  # last message from it or batch to it
+    err: Any = None  # forked: the read end of the pipe its last words (a traceback) come through
+    err_tail: bytearray = field(default_factory=bytearray)  # fresh: the end of its stderr
+    err_thread: Any = None  # fresh: the thread that copies its stderr
 
+
+#: ``workers`` above this many per CPU gets a warning (it is not a limit: tasks that mostly
+#: wait, on I/O or sleeps, can use more workers than CPUs). Measured on the 2-CPU development
+#: host: 10,000 workers asked for 2 tasks used to fork 10,000 processes (load average above 300,
+#: minutes to stop); 1,000 forked workers take about 1 s to start and 20 s to stop. Below 8 per
+#: CPU, starting them costs well under a second and nothing to stop.
+MANY_WORKERS_PER_CPU = 8
+
+#: A busy worker that has sent nothing for this long while holding leases it may not have
+#: started is asked to hand some back when a worker is idle and nothing is ready. Same value as
+#: the worker's FLUSH_AFTER_S: a batch sized for ``batch_target_s`` (20 ms) that is still
+#: silent after 50 ms was estimated wrong; a steal costs one round trip (well under 1 ms).
+STEAL_AFTER_S = 0.05
+
+#: A second batch is queued behind a worker's current one only for specs measured shorter than
+#: this, to hide the round trip between batches; for longer tasks it would only hold work back
+#: from a worker that becomes idle (the cut-off the single run-wide estimate used before; W3's
+#: 20 ms tasks keep their efficiency with it).
+PREFETCH_BELOW_S = 0.5
+
+#: How much of a dying worker's stderr (or traceback) is kept to name the cause.
+LAST_WORDS_BYTES = 4096
+
+_TERMINAL_LABELS = frozenset(s.label for s in TERMINAL)
 
 #: How long to wait for a worker whose pipe closed to be reapable (its exit status tells a
 #: crash from a kill). The pipe closes in the kernel's exit path just before the process turns
@@ -153,6 +199,69 @@ def _close_fds_except(keep: set[int]) -> None:
                 pass
 
 
+def _write_last_words(fd: int) -> None:
+    """In a forked worker about to exit with an exception: its traceback to ``fd`` (read by
+    the coordinator) and to stderr."""
+    try:
+        import traceback
+
+        text = traceback.format_exc().encode(errors="replace")[-LAST_WORDS_BYTES:]
+        os.write(fd, text)
+        os.write(2, text)
+    except BaseException:  # noqa: S110 - exiting anyway; nothing left to tell
+        pass
+
+
+def _worker_env() -> dict[str, str]:
+    """This environment with this process's import path first on ``PYTHONPATH``: a fresh
+    interpreter then finds pipefarm and the tasks' modules where this one found them (also when
+    they were only put on ``sys.path``)."""
+    env = dict(os.environ)
+    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    if env.get("PYTHONPATH"):
+        paths += env["PYTHONPATH"].split(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    return env
+
+
+def _copy_stderr(stream: Any, tail: bytearray, log: str | None) -> None:
+    """Copy a fresh worker's stderr to ours (or to its log file) and keep the end of it."""
+    fd = stream.fileno()
+    out = None
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            tail.extend(chunk)
+            del tail[:-LAST_WORDS_BYTES]
+            try:
+                if log:
+                    if out is None:
+                        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    os.write(out, chunk)
+                else:
+                    os.write(2, chunk)
+            except OSError:
+                pass
+    except OSError:
+        return
+    finally:
+        if out is not None:
+            os.close(out)
+        stream.close()
+
+
+def _sigkill(pid: int) -> None:
+    """SIGKILL a worker's process group (its task's children too), or the worker alone."""
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 class LocalBackend:
     """Run tasks with ``workers`` processes on this host (default: the CPU count)."""
 
@@ -176,6 +285,13 @@ class LocalBackend:
         self.commit_every_s = commit_every_s
         self.capture_output = capture_output
         self.gpus_available = gpus_available
+        cpus = os.cpu_count() or 1
+        if self.n > MANY_WORKERS_PER_CPU * cpus:
+            warnings.warn(
+                f"{self.n:,} workers asked for on a host with {cpus} CPU(s): at most one is"
+                " started per task that can run, but beyond a few per CPU they mostly compete"
+                " for the CPUs", RuntimeWarning, stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------------------------
     def execute(
@@ -226,7 +342,10 @@ class _Coordinator:
         self.cursor: tuple[int, float, int] | None = None
         self.last_commit = time.monotonic()
         self.batch_id = 0
-        self.per_task_s: float | None = None  # EWMA of task duration
+        # measured seconds per task, per spec (an EWMA): batches are sized from these, so the
+        # history of one function never sizes the batches of another
+        self.spec_s: dict[int, float] = {}
+        self.last_spec: int | None = None  # the spec of the latest task leased
         self.specs: dict[int, Spec] = {}
         self.spec_blobs: dict[int, bytes] = {}
         self.dry_until = 0.0
@@ -237,6 +356,8 @@ class _Coordinator:
         self.counts_stale = True
         self.last_counts = 0.0
         self.feeding = feed is not None
+        # fed tasks arrive one by one: workers start as they are needed, up to cfg.n
+        self.lazy = feed is not None
         self.gpu_pool: Any = None
         self.resourceful = False
         self.cpus_free = cfg.n
@@ -257,45 +378,112 @@ class _Coordinator:
             output = os.path.join(logs, f"python-{self.host}-{os.getpid()}-w{index}.log")
         assert self.slots is not None
         args = (c2w_r, w2c_w, self.slots.path, self.cfg.n, index, self.run_dir or "", wid, output)
-        proc = None
-        # fork is fast (no interpreter start, modules already imported) and safe while this
-        # process has a single thread; otherwise start a fresh interpreter.
-        if sys.platform.startswith("linux") and threading.active_count() == 1:
-            pid = os.fork()
-            if pid == 0:  # the child
-                code = 0
+        proc = err = drain = None
+        tail = bytearray()
+        try:
+            # fork is fast (no interpreter start, modules already imported) and safe while this
+            # process has a single thread; otherwise start a fresh interpreter.
+            if sys.platform.startswith("linux") and threading.active_count() == 1:
+                err_r, err_w = os.pipe()  # the child's last words, should it fail
                 try:
-                    os.setsid()
-                    _close_fds_except({c2w_r, w2c_w})
-                    local_worker_main(*args[:5], args[5] or None, wid, output or None)
-                except BaseException:
-                    code = 1
-                finally:
-                    os._exit(code)
-        else:
-            import subprocess
+                    pid = os.fork()
+                except OSError:
+                    os.close(err_r)
+                    os.close(err_w)
+                    raise
+                if pid == 0:  # the child
+                    code = 0
+                    try:
+                        os.setsid()
+                        _close_fds_except({c2w_r, w2c_w, err_w})
+                        local_worker_main(*args[:5], args[5] or None, wid, output or None)
+                    except BaseException:
+                        code = 1
+                        _write_last_words(err_w)
+                    finally:
+                        os._exit(code)
+                os.close(err_w)
+                os.set_blocking(err_r, False)
+                err = os.fdopen(err_r, "rb", buffering=0)
+            else:
+                import subprocess
 
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pipefarm.worker", "--local", *map(str, args)],
-                pass_fds=(c2w_r, w2c_w), stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            pid = proc.pid
+                # its stderr comes through a pipe, so that if it cannot start (no pipefarm
+                # there, a broken environment) the error can name the cause
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pipefarm.worker", "--local", *map(str, args)],
+                    pass_fds=(c2w_r, w2c_w), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    env=_worker_env(), start_new_session=True,
+                )
+                pid = proc.pid
+                drain = threading.Thread(target=_copy_stderr, args=(proc.stderr, tail, output),
+                                         name="pipefarm-worker-stderr", daemon=True)
+                drain.start()
+        except BaseException:
+            for fd in (c2w_r, c2w_w, w2c_r, w2c_w):
+                os.close(fd)
+            raise
         os.close(c2w_r)
         os.close(w2c_w)
         w = _Worker(index, wid, pid, Connection(c2w_w, readable=False),
-                    Connection(w2c_r, writable=False), proc)
+                    Connection(w2c_r, writable=False), proc, err=err, err_tail=tail,
+                    err_thread=drain)
         self.store.register_worker(wid, self.host, pid)
         return w
 
+    def _start_workers(self) -> None:
+        """Start one worker per task that could run, at most ``cfg.n`` (when fed, none: they
+        start as tasks arrive). A stop signal ends the starting at once."""
+        if self.lazy:
+            return
+        runnable = sum(v for k, v in self.counts.items() if k not in _TERMINAL_LABELS)
+        want = min(self.cfg.n, runnable)
+        with self.store.transaction():  # one commit for every worker's registration
+            for i in range(want):
+                if self._stop_asked():
+                    break
+                try:
+                    self.workers.append(self._spawn(i))
+                except OSError as exc:  # out of processes or file descriptors
+                    if not self.workers:
+                        raise
+                    warnings.warn(f"started {len(self.workers):,} of {want:,} workers: {exc}",
+                                  RuntimeWarning, stacklevel=2)
+                    break
+
+    def _stop_asked(self) -> bool:
+        if self.stop_event is not None and self.stop_event.is_set() and not self.interrupted:
+            self.interrupted = "stop"
+        return bool(self.interrupted)
+
     def _kill(self, w: _Worker) -> None:
         w.alive = False
-        for sig_target in (lambda: os.killpg(w.pid, signal.SIGKILL), lambda: os.kill(w.pid, signal.SIGKILL)):
-            try:
-                sig_target()
-                break
-            except (ProcessLookupError, PermissionError):
-                continue
+        _sigkill(w.pid)
         self._reap_child(w, block=True)
+
+    def _last_words(self, w: _Worker) -> str:
+        """The end of what dead worker ``w`` wrote to stderr (fresh) or its traceback (forked)."""
+        data = b""
+        if w.err is not None:
+            try:
+                data = w.err.read() or b""
+            except OSError:
+                pass
+        elif w.err_thread is not None:
+            w.err_thread.join(timeout=2.0)  # it is dead: the rest of its stderr is on its way
+            data = bytes(w.err_tail)
+        self._forget(w)
+        lines = data.decode(errors="replace").strip().splitlines()
+        return "\n".join(lines[-20:])
+
+    def _forget(self, w: _Worker) -> None:
+        """Close what is left of dead worker ``w`` besides its pipes (see _reap_child)."""
+        if w.err is not None:
+            try:
+                w.err.close()
+            except OSError:
+                pass
+            w.err = None
 
     def _reap_child(self, w: _Worker, block: bool = False, wait_s: float = 0.0) -> int | None:
         """Reap ``w`` (waiting up to ``wait_s`` for it to end, or 5 s with ``block``) and
@@ -325,11 +513,17 @@ class _Coordinator:
         return status
 
     # --- batches ---------------------------------------------------------------------------------
-    def _batch_size(self) -> int:
-        if self.per_task_s is None:
-            return 1  # nothing measured yet: one task, then sized from what it took
-        n = int(self.cfg.batch_target_s / max(self.per_task_s, 1e-7))
-        return max(1, min(self.cfg.max_batch, n))
+    def _per_batch(self, sid: int | None) -> int:
+        """How many tasks of spec ``sid`` make about ``batch_target_s`` of work (1 until one of
+        them was measured: one task, then sized from what it took)."""
+        est = self.spec_s.get(sid) if sid is not None else None
+        if est is None:
+            return 1
+        return max(1, min(self.cfg.max_batch, int(self.cfg.batch_target_s / max(est, 1e-7))))
+
+    def _short(self, sid: int | None) -> bool:
+        est = self.spec_s.get(sid) if sid is not None else None
+        return est is not None and est < PREFETCH_BELOW_S
 
     def _spec(self, sid: int) -> Spec:
         spec = self.specs.get(sid)
@@ -341,54 +535,178 @@ class _Coordinator:
                 self.resourceful = True
         return spec
 
-    def _depth(self) -> int:
-        """Batches in flight per worker: a second one hides the round trip for short tasks;
-        for long (or not yet measured) tasks it would only hold work back from idle workers."""
-        if self.resourceful or self.per_task_s is None or self.per_task_s > 0.5:
-            return 1
-        return 2
-
-    def _fill(self, w: _Worker, depth: int) -> bool:
-        """Send ``w`` work until it has ``depth`` batches; False when it has none and nothing
-        was claimable."""
-        now = time.monotonic()
-        if now < self.dry_until or self.interrupted or not w.alive:
+    def _dispatch(self) -> bool:
+        """Hand ready tasks to the workers that want work; True when anything was sent."""
+        if self.interrupted:
             return False
-        while len(w.outstanding) < depth:
-            env = None
-            held_cpus, held_gpus = 1, []
-            if self.resourceful:
-                if w.outstanding or self.cpus_free < 1:
-                    return True
-                gpus_free = self.gpu_pool.free_count() if self.gpu_pool else 0
-                leases, _ = self.store.lease_ready(
-                    1, self.inflight, None, Resources(cpus=self.cpus_free, gpus=gpus_free))
-                if leases:
-                    spec = self._spec(leases[0].spec)
-                    held_cpus = max(1, spec.resources.cpus)
-                    env, held_gpus = self._devices_for(spec)
+        if self.resourceful:
+            return any([self._fill_resourceful(w) for w in list(self.workers)])
+        sent = False
+        if time.monotonic() >= self.dry_until:
+            idle = [w for w in self.workers if w.alive and not w.outstanding]
+            spare = self.cfg.n - len(self.workers) if self.lazy else 0
+            if idle or spare > 0:
+                sent = self._hand_out(idle, spare)
+            elif self._short(self.last_spec):
+                # every worker is busy with short tasks: a second batch behind the current one
+                # saves the round trip between them
+                one = [w for w in self.workers if w.alive and len(w.outstanding) == 1
+                       and not w.revoking]
+                if one:
+                    sent = self._hand_out(one, 0)
+        if not sent and time.monotonic() < self.dry_until:
+            self._steal()
+        return sent
+
+    def _hand_out(self, targets: list[_Worker], spare: int) -> bool:
+        """Lease work for ``targets`` and ``spare`` workers not started yet, split evenly over
+        them (starting workers for the shares beyond ``targets``); False when none was sent."""
+        k = len(targets) + spare
+        leases, cursor = self.store.lease_ready(self._per_batch(self.last_spec) * k, self.inflight,
+                                                self.cursor)
+        if not leases:
+            self.dry_until = time.monotonic() + 0.1
+            return False
+        chunks, whole = self._split(leases, k)
+        # what was left out lies before the returned cursor: search from the top next time
+        self.cursor = cursor if whole else None
+        sent = False
+        for i, (chunk, sid) in enumerate(chunks):
+            if i < len(targets):
+                w = targets[i]
             else:
-                leases, self.cursor = self.store.lease_ready(self._batch_size(), self.inflight, self.cursor)
-            if not leases:
-                self.dry_until = now + 0.1
-                return bool(w.outstanding)  # whatever was sent before still counts
-            specs = {}
-            for lease in leases:
-                if lease.spec not in w.specs_sent:
-                    self._spec(lease.spec)
-                    specs[lease.spec] = self.spec_blobs[lease.spec]
-                    w.specs_sent.add(lease.spec)
-            if self.resourceful and not env:
-                env, held_gpus = self._devices_for(self._spec(leases[0].spec))
-            self.inflight.update(lz.task for lz in leases)
-            self.batch_id += 1
-            w.conn_out.send_bytes(msgspec.msgpack.encode(Batch(self.batch_id, leases, specs, env)))
-            w.outstanding.append((self.batch_id, leases, time.monotonic(), held_cpus, held_gpus))
-            if self.on_dispatch is not None:
-                self.on_dispatch(leases)
-            if self.resourceful:
-                self.cpus_free -= held_cpus
+                try:
+                    w = self._spawn(len(self.workers))
+                except OSError as exc:  # out of processes or file descriptors
+                    if not any(x.alive for x in self.workers):
+                        raise
+                    warnings.warn(f"cannot start more than {len(self.workers):,} workers: {exc}",
+                                  RuntimeWarning, stacklevel=2)
+                    self.lazy = False
+                    self.cursor = None
+                    break
+                self.workers.append(w)
+            sent |= self._send(w, chunk, sid)
+        return sent
+
+    def _split(self, leases: list[Lease], k: int) -> tuple[list[tuple[list[Lease], int]], bool]:
+        """Cut ``leases`` (in claim order) into at most ``k`` batches of about equal measured
+        work, each about ``batch_target_s``; the batches with their spec (-1: mixed), and
+        whether every lease was used."""
+        sids = {lz.spec for lz in leases}
+        if len(sids) == 1:
+            sid = leases[0].spec
+            keep = leases[: self._per_batch(sid) * k]
+            q, r = divmod(len(keep), k)
+            chunks, at = [], 0
+            for i in range(min(k, len(keep))):
+                size = q + (i < r)
+                chunks.append((keep[at:at + size], sid))
+                at += size
+        else:
+            keep, parts = self._split_mixed(leases, k)
+            chunks = [(p, p[0].spec if all(lz.spec == p[0].spec for lz in p) else -1)
+                      for p in parts]
+        self.last_spec = keep[-1].spec
+        return chunks, len(keep) == len(leases)
+
+    def _split_mixed(self, leases: list[Lease], k: int) -> tuple[list[Lease], list[list[Lease]]]:
+        """Leases of several specs: keep about ``k`` batches' worth by each spec's measured
+        duration and cut them into at most ``k`` contiguous parts of about equal work."""
+        target = self.cfg.batch_target_s
+        costs: list[float] = []
+        total = 0.0
+        for lz in leases:
+            if total >= target * k and len(costs) >= k:
+                break
+            # unmeasured: a batch's worth, so that it goes (nearly) alone until measured
+            c = self.spec_s.get(lz.spec, target)
+            costs.append(c)
+            total += c
+        keep = leases[: len(costs)]
+        share = total / k
+        parts: list[list[Lease]] = [[]]
+        acc = 0.0
+        for lz, c in zip(keep, costs, strict=True):
+            if parts[-1] and acc + c / 2 > share and len(parts) < k:
+                parts.append([])
+                acc = 0.0
+            parts[-1].append(lz)
+            acc += c
+        return keep, parts
+
+    def _send(self, w: _Worker, leases: list[Lease], sid: int, env: dict[str, str] | None = None,
+              held_cpus: int = 1, held_gpus: list[str] | None = None) -> bool:
+        """Send ``leases`` (all of spec ``sid``, or -1) to ``w`` as one batch. False when ``w``
+        turned out to be dead: a lost worker (its leases go back, it is replaced)."""
+        held_gpus = held_gpus or []
+        specs = {}
+        for s in ((sid,) if sid >= 0 else {lz.spec for lz in leases}):
+            if s not in w.specs_sent:
+                self._spec(s)
+                specs[s] = self.spec_blobs[s]
+                w.specs_sent.add(s)
+        self.inflight.update(lz.task for lz in leases)
+        self.batch_id += 1
+        bid = self.batch_id
+        now = time.monotonic()
+        w.outstanding.append((bid, leases, now, held_cpus, held_gpus))
+        w.batches[bid] = [len(leases), sid]
+        w.heard = now
+        if self.resourceful:
+            self.cpus_free -= held_cpus
+        try:
+            w.conn_out.send_bytes(msgspec.msgpack.encode(Batch(bid, leases, specs, env)))
+        except OSError:  # it died since we last heard of it (EPIPE): a lost worker
+            self._on_worker_exit(w)
+            return False
+        if self.on_dispatch is not None:
+            self.on_dispatch(leases)
         return True
+
+    def _fill_resourceful(self, w: _Worker) -> bool:
+        """Tasks that need several CPUs or GPUs go one at a time, as the resources allow."""
+        now = time.monotonic()
+        if now < self.dry_until or not w.alive or w.outstanding or self.cpus_free < 1:
+            return False
+        gpus_free = self.gpu_pool.free_count() if self.gpu_pool else 0
+        leases, _ = self.store.lease_ready(
+            1, self.inflight, None, Resources(cpus=self.cpus_free, gpus=gpus_free))
+        if not leases:
+            self.dry_until = now + 0.1
+            return False
+        spec = self._spec(leases[0].spec)
+        env, held_gpus = self._devices_for(spec)
+        return self._send(w, leases, leases[0].spec, env, max(1, spec.resources.cpus), held_gpus)
+
+    def _steal(self) -> None:
+        """Idle workers and nothing ready: workers quiet for a while that may hold unstarted
+        leases are asked to hand some back (a Revoke); those get leased again at once."""
+        if self.resourceful:
+            return
+        idle = [w for w in self.workers if w.alive and not w.outstanding]
+        if not idle:
+            return
+        now = time.monotonic()
+        victims = []
+        for w in self.workers:
+            if w.alive and w.outstanding and not w.revoking and now - w.heard > STEAL_AFTER_S:
+                left = sum(b[0] for b in w.batches.values())
+                if left >= 2:  # one of them is running; the others may not have started
+                    victims.append((left, w))
+        if not victims:
+            return
+        victims.sort(key=lambda v: -v[0])
+        chosen = victims[: len(idle)]
+        thieves = max(1, len(idle) // len(chosen))
+        for _, w in chosen:
+            try:
+                w.conn_out.send_bytes(msgspec.msgpack.encode(Revoke(thieves)))
+            except OSError:
+                self._on_worker_exit(w)
+                continue
+            w.revoking = True
+            w.heard = now
 
     def _devices_for(self, spec: Spec) -> tuple[dict[str, str] | None, list[str]]:
         """GPUs for one task and the environment that confines it to them."""
@@ -406,21 +724,83 @@ class _Coordinator:
             self.gpu_pool.release(held_gpus)
 
     # --- results ---------------------------------------------------------------------------------
+    def _on_message(self, w: _Worker, msg: Done | Revoked) -> None:
+        w.heard = time.monotonic()
+        if isinstance(msg, Revoked):
+            self._on_revoked(w, msg.tasks)
+        else:
+            self._on_done(w, msg)
+
     def _on_done(self, w: _Worker, done: Done) -> None:
-        if not w.outstanding or w.outstanding[0][0] != done.id:
+        info = w.batches.get(done.id)
+        if info is None:
             return  # a batch we already gave up on
-        if done.final:
-            _, leases, sent, cpus, gpus = w.outstanding.popleft()
-            self._release_resources(cpus, gpus)
         if done.ok:
             self.pending_ok[w.id].extend(done.ok)
         if done.others:
             self.pending_other[w.id].extend(done.others)
         n = len(done.ok) + len(done.others)
+        if not n:
+            return
         self.n_pending += n
-        if n:
-            busy = max(done.busy / n, 2e-6)
-            self.per_task_s = busy if self.per_task_s is None else 0.7 * self.per_task_s + 0.3 * busy
+        if info[1] >= 0:
+            self._learn(info[1], done.busy / n)
+        else:
+            self._learn_mixed(w, done)
+        info[0] -= n
+        if info[0] <= 0:
+            self._batch_done(w, done.id)
+
+    def _learn(self, sid: int, seconds: float) -> None:
+        seconds = max(seconds, 2e-6)
+        old = self.spec_s.get(sid)
+        self.spec_s[sid] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def _learn_mixed(self, w: _Worker, done: Done) -> None:
+        """A batch of several specs: each learns from its own tasks' durations."""
+        leases = next((e[1] for e in w.outstanding if e[0] == done.id), [])
+        spec_of = {lz.task: lz.spec for lz in leases}
+        sums: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        for r in done.ok:
+            s = sums[spec_of.get(r[0], -1)]
+            s[0] += r[4] - r[3]
+            s[1] += 1
+        for f in done.others:
+            s = sums[spec_of.get(f.task, -1)]
+            s[0] += f.ended_at - f.started_at
+            s[1] += 1
+        for sid, (total, n) in sums.items():
+            if sid >= 0:
+                self._learn(sid, total / n)
+
+    def _batch_done(self, w: _Worker, bid: int) -> None:
+        """Every lease of batch ``bid`` was reported or handed back."""
+        del w.batches[bid]
+        for i, entry in enumerate(w.outstanding):
+            if entry[0] == bid:
+                del w.outstanding[i]
+                self._release_resources(entry[3], entry[4])
+                return
+
+    def _on_revoked(self, w: _Worker, tasks: list[int]) -> None:
+        """``w`` handed back ``tasks``: it never started them and never will."""
+        w.revoking = False
+        if not tasks:
+            return
+        back = set(tasks)
+        for entry in list(w.outstanding):
+            leases = entry[1]
+            kept = [lz for lz in leases if lz.task not in back]
+            if len(kept) != len(leases):
+                info = w.batches[entry[0]]
+                info[0] -= len(leases) - len(kept)
+                leases[:] = kept
+                if info[0] <= 0:
+                    self._batch_done(w, entry[0])
+        # leases live in memory only: dropping them makes the tasks ready for the idle workers
+        self.inflight.difference_update(back)
+        self.cursor = None
+        self.dry_until = 0.0
 
     def _commit(self, force: bool = False) -> None:
         if not self.n_pending:
@@ -499,7 +879,13 @@ class _Coordinator:
     def _replace(self, w: _Worker) -> None:
         self.deaths.append(time.monotonic())
         if len(self.deaths) >= 8 and self.deaths[-1] - self.deaths[-8] < 5.0 and self.attempts == 0:
-            raise RuntimeError("workers keep dying at start; see the worker logs in RUN/logs")
+            words = self._last_words(w)
+            raise RuntimeError(
+                "workers keep dying at start; "
+                + (f"the last one's stderr ends with:\n{words}" if words
+                   else "see the worker logs in RUN/logs")
+            )
+        self._forget(w)
         if self.interrupted:
             return
         self.workers[w.index] = self._spawn(w.index)
@@ -562,10 +948,9 @@ class _Coordinator:
         self.slots = Slots(slots_path(self.tag), self.cfg.n, create=True)
         try:
             self._setup_gpus()
-            with self.store.transaction():  # one commit for every worker's registration
-                self.workers = [self._spawn(i) for i in range(self.cfg.n)]
             self.counts = self.store.counts()
             self.counts_stale = False
+            self._start_workers()
             self._loop()
         except BaseException:
             try:
@@ -606,18 +991,13 @@ class _Coordinator:
     def _loop(self) -> None:
         last_hb = last_running = time.monotonic()
         while True:
-            if self.stop_event is not None and self.stop_event.is_set() and not self.interrupted:
-                self.interrupted = "stop"
-            if self.interrupted:
+            if self._stop_asked():
                 self._shutdown(kill=True)
                 return
             if self.feeding:
                 self.feeding = bool(self.feed(0.0))
                 self.dry_until = 0.0 if self.feeding else self.dry_until
-            claimed_any = False
-            for depth in range(1, self._depth() + 1):  # every worker one batch before any two
-                for w in self.workers:
-                    claimed_any |= self._fill(w, depth)
+            claimed_any = self._dispatch()
             busy = [w for w in self.workers if w.alive and w.outstanding]
             if not busy and not claimed_any:
                 self._commit(force=True)
@@ -629,10 +1009,12 @@ class _Coordinator:
                     continue
                 # nothing in flight and nothing claimable: done, unless tasks wait in backoff
                 nxt = self.store.next_ready_at() if hasattr(self.store, "next_ready_at") else None
-                if nxt is None and not self._more_claimable():
+                if nxt is None:
+                    if self._more_claimable():
+                        continue
                     self._shutdown(kill=False)
                     return
-                delay = 0.05 if nxt is None else min(max(nxt - time.time(), 0.0), 0.5)
+                delay = min(max(nxt - time.time(), 0.0), 0.5)
                 if self.stop_event is not None:
                     self.stop_event.wait(delay)
                 else:
@@ -646,12 +1028,14 @@ class _Coordinator:
                 ready = []
             for c in ready:
                 w = next(x for x in busy if x.conn_in is c)
+                if not w.alive:
+                    continue  # found dead while handling an earlier message
                 try:
                     msg = c.recv_bytes()
                 except (EOFError, OSError):
                     self._on_worker_exit(w)
                     continue
-                self._on_done(w, msgspec.msgpack.decode(msg, type=Done))
+                self._on_message(w, from_worker_decoder.decode(msg))
             self._commit()
             self._check_timeouts()
             now = time.monotonic()
@@ -684,14 +1068,15 @@ class _Coordinator:
     def _more_claimable(self) -> bool:
         self.dry_until = 0.0
         self.cursor = None
-        probe = [w for w in self.workers if w.alive]
-        return any(self._fill(w, 1) for w in probe[:1])
+        return self._dispatch()
 
     def _shutdown(self, kill: bool) -> None:
         if kill:
-            for w in self.workers:
-                if w.alive:
-                    self._kill(w)
+            alive = [w for w in self.workers if w.alive]
+            for w in alive:  # all at once: they die in parallel, then each is reaped
+                _sigkill(w.pid)
+            for w in alive:
+                self._kill(w)
             for w in self.workers:
                 if w.outstanding:
                     self._abandon(w, None, "released: the run was stopped")
@@ -706,6 +1091,8 @@ class _Coordinator:
                 if w.alive:
                     w.alive = False
                     self._reap_child(w, block=True)
+        for w in self.workers:
+            self._forget(w)
         try:
             self._commit(force=True)
         except Exception:
