@@ -307,6 +307,6 @@ def test_a_long_timeout_does_not_kill_command_tasks(tmp_path, timeout):
 def test_a_long_timeout_works_for_python_tasks_on_every_backend(tmp_path):
     for backend in ("local", "sequential"):
         run = pf.Run.create(tmp_path / backend)
-        task = run.submit_task(abs, (-5,), timeout=1e8)
+        tasks = [run.submit_task(abs, (-5,), timeout=t) for t in (2147484, 1e8, 1e11)]
         run.execute(backend=backend, progress=False)
-        assert run.result(task) == 5
+        assert [run.result(t) for t in tasks] == [5, 5, 5]

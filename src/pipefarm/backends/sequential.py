@@ -23,6 +23,11 @@ from ..worker import LeaseRunner
 from .local import Summary
 
 
+#: setitimer() overflows time_t a little beyond 1e10 s here; a timeout of over 31 years is
+#: no timeout in practice.
+_LONGEST_TIMER_S = 1e9
+
+
 class _Timeout(TaskInterrupt):
     """Raised inside a task whose time is up (BaseException: the task must not catch it)."""
 
@@ -66,7 +71,7 @@ class SequentialBackend:
 
     @staticmethod
     def _run_one(runner: LeaseRunner, lease: Any, timeout: float | None) -> Finished:
-        if timeout is None or not math.isfinite(timeout):
+        if timeout is None or not math.isfinite(timeout) or timeout > _LONGEST_TIMER_S:
             return runner(lease)
 
         def on_alarm(signum: int, frame: Any) -> None:
