@@ -87,7 +87,18 @@ def test_plan_blocks_sizes_and_tail():
     assert min(sizes) <= 16 + 1
     # per-task claims are far below one metadata operation per task
     assert len(sizes) < 100_000 / 500
-    assert F.plan_blocks([1.0] * 10, workers=8) == [10]  # min_block: one block
+    # few tasks: one per block, so that every worker gets some (8 x `sleep 2` on 2 workers)
+    assert F.plan_blocks([1.0] * 10, workers=8) == [1] * 10
+    assert F.plan_blocks([1.0] * 8, workers=2) == [1] * 8
+    assert F.plan_blocks([1.0] * 64, workers=2) == [4] * 16
+
+
+def test_plan_blocks_from_cost():
+    # long tasks (cost read as seconds) go one per block, cheap ones keep the metadata floor
+    sizes = F.plan_blocks([2.0] * 200, workers=2, mean_cost=2.0)
+    assert sum(sizes) == 200 and max(sizes) <= 13 and sizes[-4:] == [1, 1, 1, 1]
+    assert min(F.plan_blocks([1e-6] * 200_000, workers=8, mean_cost=1e-6)[:-1]) >= 16
+    assert F.min_block_for(1000, 2, 0.25) == 4 and F.min_block_for(1000, 2, None) == 16
 
 
 def test_plan_blocks_by_cost():
@@ -248,7 +259,7 @@ def test_claim_records_apply_before_a_zombies_late_end_in_the_same_pass(tmp_path
     Z wakes and journals its end of t. One fold sees all of it: B's result is the task's,
     Z's attempt is lost and its late result stale."""
     store, sid = new_store(tmp_path, 3, workers=1)
-    store.export()
+    store.export(min_block=3)  # one block of the three
     lay = store.layout
     t1, t2, t3 = 1, 2, 3
     tok0 = {t: token_of(1, 0, t) for t in (t1, t2, t3)}

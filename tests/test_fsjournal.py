@@ -170,7 +170,8 @@ def test_eight_workers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path)
 def test_zombie_results_after_takeover_are_stale(tmp_path):
     lease = 1.0
     store, sid, ids = make_run(tmp_path, who, [(i, 0.4) for i in range(6)], lease_s=lease,
-                               workers=1)
+                               workers=1, export=False)
+    store.export(min_block=6)  # one block of the six
     lay = store.layout
     zout, bout = str(tmp_path / "z.json"), str(tmp_path / "b.json")
     z = spawn(lay.run, "zombie", zout)
@@ -241,7 +242,7 @@ SKEW_MAIN = (
     "    time.time = lambda: _t() + {offset}\n"
     "    time.time_ns = lambda: _tn() + int({offset} * 1e9)\n"
     "from pipefarm.store.fsjournal import work_loop\n"
-    "s = work_loop(sys.argv[1], sys.argv[2])\n"
+    "s = work_loop(sys.argv[1], sys.argv[2], steal=False)  # takeovers, not splits, here\n"
     "json.dump(s.__dict__, open(sys.argv[3], 'w'))\n"
 )
 
@@ -346,7 +347,8 @@ def test_clock_skew_neither_steals_live_blocks_nor_keeps_dead_ones(tmp_path):
 def test_drain_signal_releases_the_block_for_others_at_once(tmp_path):
     lease = 30.0  # nobody waits for a lease to expire here
     store, sid, ids = make_run(tmp_path, value_of, [(i, 0.1) for i in range(20)], lease_s=lease,
-                               workers=1, max_attempts=1, max_lost=1)
+                               workers=1, max_attempts=1, max_lost=1, export=False)
+    store.export(min_block=20)  # one block of the twenty
     lay = store.layout
     out = str(tmp_path / "a.json")
     a = spawn(lay.run, "a", out, drain_signals=(signal.SIGTERM,))

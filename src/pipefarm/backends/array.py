@@ -50,6 +50,15 @@ def export(run: Any, workers: int) -> Any:
     return export_wave(layout, run.store, workers=max(1, workers))
 
 
+def lease_of(run: Any) -> float:
+    """The lease the run's workers judge each other by: ``fs/config``'s, fixed at the first
+    export (``pipefarm array --lease``), else the catalog's default."""
+    from ..store.fsjournal import Layout, read_config
+
+    cfg = read_config(Layout(run.path)) if (Path(run.path) / "fs").is_dir() else None
+    return float(cfg.lease_s) if cfg is not None else float(run.store.lease_s)
+
+
 def recall(run: Any, *, dead: bool = False) -> int:
     """Take back into the catalog the blocks that no live worker holds.
 
@@ -65,7 +74,7 @@ def recall(run: Any, *, dead: bool = False) -> int:
     me = os.path.join(layout.hb, "catalog")
     touch(me)
     ref = mtime_ns(me) or time.time_ns()
-    lease = 0.0 if dead else run.store.lease_s
+    lease = 0.0 if dead else lease_of(run)
     with run.store.transaction():
         return recall_blocks(layout, run.store, lease_s=lease, ref_ns=ref)
 
@@ -159,7 +168,7 @@ class ArrayBackend:
         waits on an array that is over, with or without the scheduler's accounting.
         """
         t0 = time.time()
-        watch = HeartbeatWatch(run.path, float(run.store.lease_s))
+        watch = HeartbeatWatch(run.path, lease_of(run))
         state = poll_state(self.scheduler, job)
         missed = int(state == "unknown")
         last_poll = time.monotonic()

@@ -61,6 +61,7 @@ and leave the block. A race with a worker taking the same epoch is decided by th
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -73,16 +74,20 @@ from .. import states
 from ..states import Outcome, State
 from ..task import Finished, Resources
 from .fsjournal import (
+    CHILD_BASE,
     MAX_EPOCH,
     BlockFile,
     Claimed,
+    Cut,
     Layout,
     Liveness,
     Wave,
     create_excl,
     decode,
+    is_child,
     mtime_ns,
     read_small,
+    seal_cuts,
     split_token,
     stale,
     token_of,
@@ -103,6 +108,9 @@ CREATE TABLE IF NOT EXISTS fs_blocks(
 CREATE INDEX IF NOT EXISTS ix_fs_blocks_open ON fs_blocks(id) WHERE closed = 0;
 CREATE TABLE IF NOT EXISTS fs_cursors(journal TEXT PRIMARY KEY, offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS fs_specs(id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS fs_children(
+  id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, parent_epoch INTEGER NOT NULL,
+  cut INTEGER NOT NULL);
 """
 
 _CHUNK = 500
@@ -275,6 +283,7 @@ class FoldStats:
     lost: int = 0  # in-flight attempts ended as lost by a takeover
     unknown: int = 0  # records that could not be decoded or name an unknown block
     closed: int = 0  # blocks with nothing left in them
+    splits: int = 0  # child blocks (made by splits) that this pass learnt of
     torn: list[str] = field(default_factory=list)  # journals whose tail is (for now) torn
     corrupt: list[str] = field(default_factory=list)  # journals damaged before their tail
     skipped: bool = False  # another process holds the fold lock: nothing done
@@ -364,8 +373,10 @@ def _apply(layout: Layout, catalog: SQLiteStore, batch: list, now: float, stats:
         key=lambda x: x[:3],
     )
     for b, _, _, w, rec in claims:
-        _apply_claimed(catalog, rec, w, now, stats)
+        _apply_claimed(layout, catalog, rec, w, now, stats)
         touched.add(b)
+        if is_child(b):  # its tasks left the parent: that may have emptied it
+            touched.update(_ancestors(db, b))
     # a start whose end is in the same pass needs no write: the end moves the task from
     # claimed straight to its outcome (and carries the start time)
     ends = {(rec.task, rec.token) for _, rec in batch if isinstance(rec, Ended)}
@@ -414,11 +425,80 @@ def _lose(catalog: SQLiteStore, task: int, row: tuple, now: float, why: str) -> 
     )
 
 
-def _apply_claimed(catalog: SQLiteStore, rec: Claimed, worker: str, now: float,
-                   stats: FoldStats) -> None:
+def _end_held(catalog: SQLiteStore, task: int, row: tuple, worker: str, now: float,
+              why: str) -> None:
+    """End a lease held in ``row`` (state, token, worker, started_at): released when it never
+    started, lost when it did."""
+    if row[0] == State.CLAIMED:
+        catalog.release(row[2] or worker, [(task, row[1])], now=now)
+    else:
+        _lose(catalog, task, row, now, why)
+
+
+def _ancestors(db, block: int) -> set[int]:
+    """The blocks ``block`` was split from, transitively (empty for an exported block)."""
+    out: set[int] = set()
+    while is_child(block):
+        row = db.execute("SELECT parent FROM fs_children WHERE id=?", (block,)).fetchone()
+        if row is None or row[0] in out:
+            break
+        block = row[0]
+        out.add(block)
+    return out
+
+
+def register_child(layout: Layout, catalog: SQLiteStore, block: int, now: float,
+                   stats: FoldStats | None = None) -> bool:
+    """Learn of the child block ``block`` a split made (its file says where from): a catalog
+    row for it, and its tasks move out of the parent's export into it. Only for children whose
+    cut is known to be agreed (a worker claimed it, or a seal read the cut). False when its
+    file is missing."""
+    db = catalog.db
+    if db.execute("SELECT 1 FROM fs_blocks WHERE id=?", (block,)).fetchone():
+        return True
+    try:
+        with open(layout.block(block), "rb") as fh:
+            bf = msgspec.msgpack.decode(fh.read(), type=BlockFile)
+    except (OSError, msgspec.DecodeError):
+        return False
+    if is_child(bf.parent):
+        register_child(layout, catalog, bf.parent, now, stats)
+    db.execute(
+        "INSERT OR IGNORE INTO fs_children(id, parent, parent_epoch, cut) VALUES (?,?,?,?)",
+        (block, bf.parent, bf.parent_epoch, bf.cut),
+    )
+    db.execute(
+        "INSERT INTO fs_blocks(id, n, cpus, gpus, written, wave, created) VALUES (?,?,?,?,1,NULL,?)",
+        (block, len(bf.entries), bf.cpus, bf.gpus, now),
+    )
+    tasks = [x[0] for x in bf.entries]
+    for chunk in _chunks(tasks):
+        db.execute(
+            f"UPDATE fs_export SET block=? WHERE block=? AND task IN ({_qs(len(chunk))})",
+            [block, bf.parent, *chunk],
+        )
+    if stats is not None:
+        stats.splits += 1
+    return True
+
+
+def _register_cuts(layout: Layout, catalog: SQLiteStore, cuts: list[Cut], now: float
+                   ) -> list[int]:
+    """Register the children of agreed cuts (from :func:`~.fsjournal.seal_cuts`)."""
+    out = []
+    for cut in cuts:
+        if register_child(layout, catalog, cut.child, now):
+            out.append(cut.child)
+    return out
+
+
+def _apply_claimed(layout: Layout, catalog: SQLiteStore, rec: Claimed, worker: str,
+                   now: float, stats: FoldStats) -> None:
     db = catalog.db
     b, e = rec.block, rec.epoch
     row = db.execute("SELECT epoch FROM fs_blocks WHERE id=?", (b,)).fetchone()
+    if row is None and is_child(b) and register_child(layout, catalog, b, now, stats):
+        row = (-1,)  # a split's child, first heard of
     if row is None:
         stats.unknown += 1  # a block this catalog never exported
         return
@@ -430,13 +510,18 @@ def _apply_claimed(catalog: SQLiteStore, rec: Claimed, worker: str, now: float,
         tasks = [t for (t,) in db.execute("SELECT task FROM fs_export WHERE block=?", (b,))]
     else:
         tasks = list(rec.tasks)
-    if e > 0:
+    ancestors = _ancestors(db, b)
+    if e > 0 or ancestors:
         lost = set(rec.lost)
         for t, cur in _current(db, set(tasks) | lost).items():
             state, tok = cur[0], cur[1]
             if state not in _ACTIVE or tok is None:
                 continue
             tb, te = split_token(tok, t)
+            if tb in ancestors:  # claimed in the block it was split from, never started there
+                _end_held(catalog, t, cur, worker, now,
+                          f"lost: running in block {tb} when it was split off to block {b}")
+                continue
             if tb != b or te >= e:
                 continue
             if t in lost:
@@ -578,7 +663,8 @@ def _new_blocks(layout: Layout, catalog: SQLiteStore, groups: list[list[tuple]],
                 wave: int | None) -> list[tuple[int, BlockFile]]:
     """Insert catalog rows for blocks of ``groups`` (rows of :func:`_block_rows`)."""
     db = catalog.db
-    first = (db.execute("SELECT max(id) FROM fs_blocks").fetchone()[0] or 0) + 1
+    first = (db.execute("SELECT max(id) FROM fs_blocks WHERE id < ?",
+                        (CHILD_BASE,)).fetchone()[0] or 0) + 1
     out = []
     for i, rows in enumerate(groups):
         b = first + i
@@ -611,19 +697,49 @@ def export_block(layout: Layout, catalog: SQLiteStore, ids: Sequence[int], now: 
     return b
 
 
-def plan_blocks(weights: Sequence[float], workers: int, min_block: int = 16,
-                max_block: int = 4096) -> list[int]:
+#: Blocks per worker a wave aims at: each worker claims about this many, so the last ones to
+#: finish are small next to the whole, and claims stay far below one metadata op per task.
+BLOCKS_PER_WORKER = 8
+#: Fewest tasks in a block of cheap tasks, or of tasks of unknown cost. A block costs its worker
+#: ~8 run-directory metadata operations (a readdir of claims/, the claim's create, the block
+#: file's open, the journal's Claimed append and fsync, the done marker, ...); measured with
+#: W7 (100,000 no-op tasks, 8 workers, 64 blocks of ~1,560 and a tail of blocks shrinking to
+#: this size): 0.015 operations per task, a third of the 0.05 budget.
+CHEAP_MIN_BLOCK = 16
+#: The least estimated work (``cost`` read as seconds) worth a block of its own: a block's
+#: ~8 metadata operations take ~10 ms on an NFS server that answers in ~1 ms, 1 % of 1 s.
+#: Costlier tasks go down to one per block.
+MIN_BLOCK_S = 1.0
+
+
+def min_block_for(n: int, workers: int, mean_cost: float | None = None) -> int:
+    """Fewest tasks per block for ``n`` tasks on ``workers``: :data:`CHEAP_MIN_BLOCK`, fewer
+    for tasks whose mean ``cost`` (seconds) makes :data:`MIN_BLOCK_S` with fewer, and never so
+    many that some workers get no block (``n / (workers * BLOCKS_PER_WORKER)``), down to 1."""
+    floor = CHEAP_MIN_BLOCK
+    if mean_cost:
+        floor = min(floor, math.ceil(MIN_BLOCK_S / mean_cost))
+    return max(1, min(floor, n // (max(1, workers) * BLOCKS_PER_WORKER)))
+
+
+def plan_blocks(weights: Sequence[float], workers: int, min_block: int | None = None,
+                max_block: int = 4096, *, mean_cost: float | None = None) -> list[int]:
     """Block sizes for tasks of these weights (costs), in order.
 
-    A block targets ``total / (workers * 8)`` of the weight, so that each worker takes about
-    eight blocks (claims stay far below one metadata operation per task), between
-    ``min_block`` and ``max_block`` tasks. The tail is balanced: once less than a quarter is
-    left, blocks shrink to ``remaining / (2 * workers)``, down to ``min_block``.
+    A block targets ``total / (workers * BLOCKS_PER_WORKER)`` of the weight, so that each
+    worker takes about eight blocks (claims stay far below one metadata operation per task),
+    between ``min_block`` (default: :func:`min_block_for` the task count, the workers and
+    ``mean_cost``, the tasks' mean estimated seconds or None) and ``max_block`` tasks. The tail
+    is balanced: once less than a quarter is left, blocks shrink to
+    ``remaining / (2 * workers)``, down to ``min_block``; workers also split the tails of
+    each other's blocks as they run (see :mod:`.fsjournal`).
     """
     n = len(weights)
     total = float(sum(weights))
     workers = max(1, workers)
-    target = total / (workers * 8)
+    if min_block is None:
+        min_block = min_block_for(n, workers, mean_cost)
+    target = total / (workers * BLOCKS_PER_WORKER)
     sizes: list[int] = []
     i, remaining = 0, total
     while i < n:
@@ -655,7 +771,7 @@ def export(
     *,
     workers: int = 8,
     now: float | None = None,
-    min_block: int = 16,
+    min_block: int | None = None,
     max_block: int = 4096,
     limit: int | None = None,
 ) -> ExportStats:
@@ -677,12 +793,13 @@ def export(
                 by_class.setdefault((r[5], r[6]), []).append(r)
             costs = dict(_cost_rows(db, ids))
             known = [c for c in costs.values() if c > 0]
-            mean = sum(known) / len(known) if known else 1.0
+            mean_cost = sum(known) / len(known) if known else None
             groups: list[list[tuple]] = []
             for rows_c in by_class.values():
-                weights = [costs.get(r[0], 0.0) or mean for r in rows_c]
+                weights = [costs.get(r[0], 0.0) or mean_cost or 1.0 for r in rows_c]
                 k = 0
-                for size in plan_blocks(weights, workers, min_block, max_block):
+                for size in plan_blocks(weights, workers, min_block, max_block,
+                                        mean_cost=mean_cost):
                     groups.append(rows_c[k : k + size])
                     k += size
             rank = {t: i for i, t in enumerate(ids)}
@@ -715,14 +832,16 @@ def _cost_rows(db, ids: Sequence[int]) -> list[tuple[int, float]]:
 
 def _write_wave(layout: Layout, catalog: SQLiteStore, seq: int) -> bool:
     db = catalog.db
-    top = db.execute("SELECT max(id) FROM fs_blocks WHERE written=1").fetchone()[0] or 0
+    top = db.execute("SELECT max(id) FROM fs_blocks WHERE written=1 AND id < ?",
+                     (CHILD_BASE,)).fetchone()[0] or 0
     pending = db.execute(
         f"SELECT 1 FROM tasks t WHERE t.state={int(State.BLOCKED)} OR (t.state={int(State.READY)}"
         " AND NOT EXISTS (SELECT 1 FROM fs_export e WHERE e.task=t.id)) LIMIT 1"
     ).fetchone()
     classes: list[tuple[int, int, int, int]] = []
     for b, cpus, gpus in db.execute(
-        "SELECT id, cpus, gpus FROM fs_blocks WHERE cpus > 1 OR gpus > 0 ORDER BY id"
+        "SELECT id, cpus, gpus FROM fs_blocks WHERE (cpus > 1 OR gpus > 0) AND id < ? ORDER BY id",
+        (CHILD_BASE,),
     ):
         if classes and classes[-1][1] == b - 1 and classes[-1][2:] == (cpus, gpus):
             classes[-1] = (classes[-1][0], b, cpus, gpus)
@@ -766,8 +885,9 @@ def _fence_effects(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, now
         (b,),
     ).fetchall()
     n = 0
+    mine = _ancestors(db, b) | {b}
     for tid, state, tok, worker, started_at, lost, max_lost in rows:
-        if tok is None or split_token(tok, tid)[0] != b:
+        if tok is None or split_token(tok, tid)[0] not in mine:
             continue
         n += 1
         if state == State.CLAIMED:
@@ -783,6 +903,14 @@ def _fence_effects(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, now
     return n
 
 
+def _fenced(layout: Layout, catalog: SQLiteStore, b: int, k: int, now: float, me: str) -> int:
+    """Block ``b`` is ours at epoch ``k`` (a tombstone): seal the cut slots of the epochs
+    before it, hand the tasks they gave away to their child blocks, then end the rest."""
+    if k > 0:
+        _register_cuts(layout, catalog, seal_cuts(layout, b, k - 1, me), now)
+    return _fence_effects(layout, catalog, b, k, now)
+
+
 def _fence(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, *, dead, now: float,
            me: str) -> int | None:
     """Take block ``b`` back, starting at ``epoch`` (its latest known epoch + 1). ``dead(h)``
@@ -791,11 +919,11 @@ def _fence(layout: Layout, catalog: SQLiteStore, b: int, epoch: int, *, dead, no
     k = epoch
     while k <= MAX_EPOCH:
         if create_excl(layout.claim(b, k), f"!fence {me}".encode()):
-            return _fence_effects(layout, catalog, b, k, now)
+            return _fenced(layout, catalog, b, k, now, me)
         data = read_small(layout.claim(b, k), 4096)
         holder = (data or b"").decode(errors="replace").strip()
         if holder.startswith("!"):
-            return _fence_effects(layout, catalog, b, k, now)  # an earlier fence, half done
+            return _fenced(layout, catalog, b, k, now, me)  # an earlier fence, half done
         if holder:
             if not dead(holder):
                 return None
@@ -881,20 +1009,43 @@ def recall_blocks(
     dead = _expiry(layout, ref_ns, lease_s, set(), liveness)
     db = catalog.db
     n = 0
-    for b, e in db.execute("SELECT id, epoch FROM fs_blocks WHERE closed=0").fetchall():
+    done: set[int] = set()
+    while True:  # a fence can register child blocks (split off before it): those too
+        todo = [(b, e) for b, e in db.execute("SELECT id, epoch FROM fs_blocks WHERE closed=0")
+                if b not in done]
+        if not todo:
+            return n
+        done.update(b for b, _ in todo)
+        n += _recall_pass(layout, catalog, todo, dead, now, me)
+
+
+def _recall_pass(layout: Layout, catalog: SQLiteStore, todo: list[tuple[int, int]], dead,
+                 now: float, me: str) -> int:
+    db = catalog.db
+    n = 0
+    for b, e in todo:
         k = e
         while os.path.exists(layout.claim(b, k + 1)):
             k += 1
         if k >= 0 and not os.path.exists(f"{layout.claim(b, k)}.released"):
             holder = (read_small(layout.claim(b, k), 4096) or b"").decode().strip()
             if holder.startswith("!"):
-                _fence_effects(layout, catalog, b, k, now)
+                _fenced(layout, catalog, b, k, now, me)
                 continue
             if holder and not dead(holder):
                 continue
             if not holder and not dead(None, layout.claim(b, k)):
                 continue
-        left = db.execute("SELECT count(*) FROM fs_export WHERE block=?", (b,)).fetchone()[0]
+        left = _exported(db, b) + _in_children(db, b)
         if _fence(layout, catalog, b, k + 1, dead=dead, now=now, me=me) is not None:
-            n += left
+            n += left - _in_children(db, b)  # split off meanwhile: its child's to take back
     return n
+
+
+def _exported(db, b: int) -> int:
+    return db.execute("SELECT count(*) FROM fs_export WHERE block=?", (b,)).fetchone()[0]
+
+
+def _in_children(db, b: int) -> int:
+    return db.execute("SELECT count(*) FROM fs_export e JOIN fs_children c ON c.id = e.block"
+                      " WHERE c.parent=?", (b,)).fetchone()[0]

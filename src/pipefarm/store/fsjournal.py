@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -102,7 +103,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +160,87 @@ encode = encode_record
 decode = decode_record
 
 
+# ----------------------------------------------------------------------------------- splits
+#: Ids of the blocks that splits make. Workers allocate them without the catalog, so they live
+#: far above anything an exporter reaches: ``CHILD_BASE + (root << CHILD_BITS) + k`` for the
+#: ``k``-th split (1 .. :data:`MAX_SPLITS`) of the family of exported block ``root`` (< 2**32).
+#: Tokens stay below 2**62: ``(CHILD_BASE * 2) << EPOCH_BITS`` is 2**61.
+CHILD_BASE = 1 << 40
+CHILD_BITS = 8
+MAX_SPLITS = (1 << CHILD_BITS) - 1
+
+#: How often a worker that holds a block looks for a steal request: one ``open`` of a name that
+#: usually does not exist. Once a second is what the metadata budget allows (W7, 8 workers on
+#: 100,000 no-op tasks: each holds blocks ~3.5 s, so ~30 opens in all, 0.0003 per task) and
+#: what a thief waits at most before its answer, next to tasks that it would run for seconds.
+STEAL_CHECK_S = 1.0
+#: A thief withdraws its request when no answer came for this long (the holder is stopped, or
+#: too slow to answer) and asks elsewhere; 5 answering periods. With a short lease both shrink
+#: (see :class:`FsWorker`): a thief waiting for an answer takes no dead holder's block over.
+ASK_PATIENCE_S = 5 * STEAL_CHECK_S
+#: The least work, in seconds, a holder gives away in one split (by its measured mean task
+#: duration): a split and the thief's claim of the child cost ~12 metadata operations, ~10 ms
+#: on an NFS server that answers in ~1 ms; 1 s of work keeps that at 1 %. Below it a thief is
+#: told "none" (the holder finishes the tail itself sooner than a split would pay off).
+MIN_SPLIT_S = 1.0
+#: After "none", a thief leaves that holder alone for this long (its tail only shrinks).
+DECLINED_BACKOFF_S = 5.0
+
+
+def is_child(block: int) -> bool:
+    """Whether ``block`` was made by a split (not by the exporter)."""
+    return block >= CHILD_BASE
+
+
+def root_of(block: int) -> int:
+    """The exported block a (child) block's family started from."""
+    return (block - CHILD_BASE) >> CHILD_BITS if block >= CHILD_BASE else block
+
+
+def child_id(root: int, k: int) -> int:
+    return CHILD_BASE + (root << CHILD_BITS) + k
+
+
+class Cut(msgspec.Struct, array_like=True):
+    """``claims/<b>.<e>.cut<n>``: the holder of ``<b>.<e>`` gave ``tasks`` (never started by
+    it) to the new block ``child``, claimed at epoch 0 for ``thief``. The file's existence is
+    the agreement; a slot whose content starts with ``!`` is no cut (see the module docstring)."""
+
+    child: int
+    tasks: list[int]
+    thief: str
+
+
+def encode_cut(cut: Cut) -> bytes:
+    """The content of a cut slot that records ``cut`` (a msgpack array: never starts with ``!``)."""
+    return msgspec.msgpack.encode(cut)
+
+
+def read_cut(data: bytes | None) -> Cut | None:
+    """The cut in a cut slot's content; None for a marker (``!...``), nothing, or garbage."""
+    if not data or data[:1] == b"!":
+        return None
+    try:
+        return msgspec.msgpack.decode(data, type=Cut)
+    except msgspec.DecodeError:
+        return None
+
+
 # ------------------------------------------------------------------------------ files on disk
 class BlockFile(msgspec.Struct, array_like=True):
-    """An immutable block: tasks in claim order, all of one resource class."""
+    """An immutable block: tasks in claim order, all of one resource class.
+
+    A block made by a split names where it came from: cut slot ``cut`` of claim
+    ``<parent>.<parent_epoch>`` (``parent`` 0: an exported block).
+    """
 
     block: int
     cpus: int
     gpus: int
     entries: list[tuple[int, int, bytes | None, int, int]]  # task, spec, args, attempt, lost
+    parent: int = 0
+    parent_epoch: int = 0
+    cut: int = 0
 
 
 class Wave(msgspec.Struct):
@@ -284,6 +358,36 @@ def create_excl(path: str, content: bytes = b"") -> bool:
     return True
 
 
+def write_link(path: str, data: bytes, *, fsync: bool = False) -> bool:
+    """Create ``path`` with ``data`` as a whole, exclusively: False when it already exists.
+
+    The content is written to a temporary name first and hard-linked into place (``link`` is
+    atomic and exclusive on NFS, Lustre and GPFS, as O_EXCL is), so a reader never sees a
+    half-written file, and a writer that dies leaves either nothing or everything. A link whose
+    reply was lost (NFS retransmits it and gets EEXIST) is recognised by the link count.
+    """
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(3)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return os.stat(tmp).st_nlink > 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def read_small(path: str, limit: int = 1 << 16) -> bytes | None:
     """The first ``limit`` bytes of ``path``; None when it does not exist."""
     try:
@@ -392,11 +496,19 @@ def read_wave(layout: Layout) -> Wave:
 
 @dataclass
 class BlockState:
-    """What ``claims/`` says about a block: its latest epoch and that epoch's markers."""
+    """What ``claims/`` says about a block: its latest epoch and that epoch's markers, the
+    steal requests of the latest epoch (``asks``) and the cut slots of every epoch."""
 
     epoch: int
     done: bool = False
     released: bool = False
+    asks: set[int] = field(default_factory=set)
+    cuts: dict[int, set[int]] = field(default_factory=dict)  # epoch -> filled cut slots
+
+    def next_slot(self) -> int:
+        """The first cut slot of the latest epoch that the listing saw empty."""
+        got = self.cuts.get(self.epoch, set())
+        return max(got) + 1 if got else 0
 
 
 def list_claims(layout: Layout) -> dict[int, BlockState]:
@@ -419,11 +531,18 @@ def list_claims(layout: Layout) -> dict[int, BlockState]:
             marks.append((b, e, parts[2]))
     for b, e, kind in marks:
         st = latest.get(b)
-        if st is not None and st.epoch == e:
-            if kind == "done":
-                st.done = True
-            elif kind == "released":
-                st.released = True
+        if st is None:
+            continue
+        if kind.startswith("cut") and kind[3:].isdigit():
+            st.cuts.setdefault(e, set()).add(int(kind[3:]))
+        elif st.epoch != e:
+            continue
+        elif kind == "done":
+            st.done = True
+        elif kind == "released":
+            st.released = True
+        elif kind.startswith("ask") and kind[3:].isdigit():
+            st.asks.add(int(kind[3:]))
     return latest
 
 
@@ -463,6 +582,7 @@ class Entry:
     spec: int
     args: bytes | None
     attempt: int
+    lost: int = 0  # lost attempts so far: the block's base plus those in its history
 
 
 @dataclass
@@ -472,6 +592,9 @@ class HeldBlock:
     block: int
     epoch: int
     entries: list[Entry]
+    cpus: int = 1
+    gpus: int = 0
+    asked: int = 0  # the steal request (cut slot) this holder answers next
 
     def token(self, task: int) -> int:
         return token_of(self.block, self.epoch, task)
@@ -482,21 +605,67 @@ class WorkStats:
     """What one worker did (returned by :func:`work_loop`)."""
 
     worker: str = ""
-    blocks: int = 0  # claims taken (fresh and takeovers)
+    blocks: int = 0  # claims taken (fresh, takeovers and children got by asking)
     takeovers: int = 0  # of which takeovers of stale or released blocks
     tasks: int = 0  # attempts run
     released: int = 0  # unstarted tasks handed back
     abandoned: int = 0  # blocks dropped because a newer epoch appeared (zombie)
     verifies: int = 0  # stats of claims/<b>.<e+1>
     scans: int = 0
+    asks: int = 0  # steal requests made
+    stolen: int = 0  # child blocks got by asking
+    given: int = 0  # splits agreed to ...
+    given_tasks: int = 0  # ... and the tasks they gave away
+    steal_checks: int = 0  # looks for a steal request (one open each)
     exit: str = ""
 
 
+def seal_cuts(layout: Layout, block: int, upto: int, me: str) -> list[Cut]:
+    """Close the cut slots of epochs ``0..upto`` of ``block``; return every cut made in them.
+
+    Called by whoever just created a newer epoch of ``block`` (a takeover, the catalog's fence),
+    before it reads the block's history: each epoch's first empty slot gets ``!sealed``, so a
+    holder that does not know yet that it was superseded can give nothing away any more, and
+    every cut it did make is in the returned list.
+    """
+    cuts: list[Cut] = []
+    mark = f"!sealed {me}".encode()
+    for e in range(upto + 1):
+        n = 0
+        while True:
+            slot = f"{layout.claim(block, e)}.cut{n}"
+            if write_link(slot, mark):
+                break
+            data = read_small(slot)
+            if data is None:
+                continue  # cannot happen (nothing is deleted); try the link again
+            if data.startswith(b"!sealed"):
+                break
+            cut = read_cut(data)
+            if cut is not None:
+                cuts.append(cut)
+            n += 1
+    return cuts
+
+
+def child_committed(layout: Layout, bf: BlockFile, me: str) -> bool:
+    """Whether block ``bf`` (a split's child) was really given away: the parent's cut slot
+    names it. An empty slot is voided first (``!void``): a holder that died half-way through a
+    split, or is still in it, can then no longer complete it."""
+    slot = f"{layout.claim(bf.parent, bf.parent_epoch)}.cut{bf.cut}"
+    if write_link(slot, f"!void {me}".encode()):
+        return False
+    cut = read_cut(read_small(slot))
+    return cut is not None and cut.child == bf.block
+
+
 class FsWorker:
-    """The worker side of the protocol: claims blocks, journals, heartbeats.
+    """The worker side of the protocol: claims blocks, journals, heartbeats, splits.
 
     Use :func:`work_loop` for the whole loop; this class is its parts, for callers (the CLI,
-    backends) that need their own loop. Not thread-safe except :meth:`beat`.
+    backends) that need their own loop. Not thread-safe except :meth:`beat` and
+    :meth:`answer_steal` (the heartbeat thread's), which share the held block's entries with
+    :meth:`run_block` under a lock.
     """
 
     def __init__(
@@ -508,8 +677,10 @@ class FsWorker:
         resources: Resources | None = None,
         fsync: bool = True,
         fsync_interval: float = 0.5,
+        steal: bool = True,
     ) -> None:
         self.layout = Layout(run_dir)
+        self.steal = steal  # ask busy holders for the tails of their blocks when idle
         self.id = worker_id or new_worker_id()
         check_worker_id(self.id)
         cfg = read_config(self.layout)
@@ -525,13 +696,28 @@ class FsWorker:
         self._wave_at = float("-inf")
         self._cursor = 1
         self._holders: dict[tuple[int, int], str] = {}
-        self._taken: set[tuple[int, int]] = set()  # claims made by this process
+        self._taken: set[tuple[int, int]] = set()  # claims made by (or for) this process
         self._last_touch = float("-inf")  # monotonic time a successful touch began
         self._gap = False  # the heartbeat lapsed for a while: verify before the next task
         self._last_verify = time.monotonic()
         self._last_stale_scan = time.monotonic()  # the first stale scan after lease_s / 4
         self._listing: dict[int, BlockState] = {}
         self._live = Liveness(self.lease_s)
+        # the held block, shared between run_block and answer_steal (the heartbeat thread)
+        self._lock = threading.Lock()
+        self._held: HeldBlock | None = None
+        self._next = 0  # index in _held.entries of the next task to start
+        self._running_since: float | None = None  # monotonic start of the running task
+        self._mean_s: float | None = None  # measured task duration (moving average)
+        # this worker as a thief: its pending steal request (block, epoch, slot, since)
+        self._ask: tuple[int, int, int, float] | None = None
+        self._declined: dict[tuple[int, int], float] = {}
+        self._rng = random.Random(self.id)
+        #: how often the held block's steal requests are looked at, and how long a thief
+        #: waits for an answer: at most lease_s / 2, so that waiting never delays the
+        #: takeover of a dead holder's block much (it expires after lease_s / 2 at the least)
+        self.check_s = min(STEAL_CHECK_S, self.lease_s / 4)
+        self.patience_s = min(ASK_PATIENCE_S, max(self.lease_s / 2, 4 * self.check_s))
 
     # --- lifecycle -------------------------------------------------------------------------------
     def register(self) -> None:
@@ -577,6 +763,7 @@ class FsWorker:
     def _fits(self, block: int, wave: Wave) -> bool:
         if self.resources is None:
             return True
+        block = root_of(block)  # a child has its family's resource class
         for first, last, cpus, gpus in wave.classes:
             if first <= block <= last:
                 return cpus <= self.resources.cpus and gpus <= self.resources.gpus
@@ -591,11 +778,20 @@ class FsWorker:
                 self._holders[key] = h  # a written claim never changes
         return h
 
+    @property
+    def asking(self) -> bool:
+        """Whether a steal request of this worker awaits its answer."""
+        return self._ask is not None
+
     def claim_block(self) -> HeldBlock | None:
         """Take one block: released ones first, then (at most every ``lease_s / 4``) stale
-        ones, then fresh ones. None when nothing is claimable now."""
+        ones, then fresh ones; with none of those, ask a busy holder for the tail of its block
+        (the answer is picked up by a later call). While a request is pending, only its answer
+        is looked at. None when nothing is claimable now."""
         self.stats.scans += 1
         listing = self._listing = list_claims(self.layout)
+        if self._ask is not None:
+            return self._poll_ask(listing)
         for b in sorted(listing):
             st = listing[b]
             if st.released and not st.done:
@@ -620,6 +816,8 @@ class FsWorker:
                 self._taken.add((b, 0))
                 return self._start_fresh(b)
             listing[b] = BlockState(0)
+        if self.steal:
+            self._ask_for_work(listing)
         return None
 
     def _stale_scan(self, listing: dict[int, BlockState]) -> HeldBlock | None:
@@ -649,6 +847,153 @@ class FsWorker:
                     return blk
         return None
 
+    # --- splits: this worker as a thief ----------------------------------------------------------
+    def _ask_for_work(self, listing: dict[int, BlockState]) -> None:
+        """Ask the holder of a busy block (chosen at random) for the unstarted tail of it:
+        create ``claims/<b>.<e>.ask<n>`` for the first cut slot ``n`` still empty."""
+        mono = time.monotonic()
+        wave = self._wave
+        candidates = []
+        for b, st in listing.items():
+            key = (b, st.epoch)
+            if st.done or st.released or key in self._taken:
+                continue
+            if mono - self._declined.get(key, float("-inf")) < DECLINED_BACKOFF_S:
+                continue
+            n = st.next_slot()
+            if any(a >= n for a in st.asks):
+                continue  # another thief's request is pending there
+            if self._fits(b, wave):
+                candidates.append((b, st.epoch, n))
+        if not candidates:
+            return
+        b, e, n = self._rng.choice(candidates)
+        holder = self._holder(b, e)
+        if not holder or holder.startswith("!") or holder == self.id:
+            self._declined[(b, e)] = mono
+            return
+        if create_excl(f"{self.layout.claim(b, e)}.ask{n}", self.id.encode()):
+            self._ask = (b, e, n, mono)
+            self.stats.asks += 1
+
+    def _poll_ask(self, listing: dict[int, BlockState]) -> HeldBlock | None:
+        """The answer to our steal request: the child block it gave us, or None (no answer
+        yet, "none", or withdrawn: after ``patience_s``, or when the block ended)."""
+        assert self._ask is not None
+        b, e, n, since = self._ask
+        slot = f"{self.layout.claim(b, e)}.cut{n}"
+        data = read_small(slot)
+        if data is None:
+            st = listing.get(b)
+            ended = st is None or st.epoch != e or st.done or st.released
+            if not ended and time.monotonic() - since < self.patience_s:
+                return None
+            if write_link(slot, f"!withdrawn {self.id}".encode()):
+                self._ask = None
+                self._declined[(b, e)] = time.monotonic()
+                return None
+            data = read_small(slot)  # answered at the last moment
+        self._ask = None
+        cut = read_cut(data)
+        if cut is None or cut.thief != self.id:
+            self._declined[(b, e)] = time.monotonic()
+            return None
+        # the holder created claims/<child>.0 for us before it committed the cut
+        self._taken.add((cut.child, 0))
+        blk = self._start_fresh(cut.child)
+        if blk is not None:
+            self.stats.stolen += 1
+        return blk
+
+    def withdraw(self) -> None:
+        """Withdraw the pending steal request (this worker is leaving); a child block granted
+        at the last moment is released at once, for anyone to take."""
+        if self._ask is None:
+            return
+        b, e, n, _ = self._ask
+        self._ask = None
+        slot = f"{self.layout.claim(b, e)}.cut{n}"
+        if write_link(slot, f"!withdrawn {self.id}".encode()):
+            return
+        cut = read_cut(read_small(slot))
+        if cut is not None and cut.thief == self.id:
+            create_excl(self.layout.claim(cut.child, 0) + ".released")
+
+    # --- splits: this worker as the holder -------------------------------------------------------
+    def answer_steal(self, stop: threading.Event | None = None) -> int:
+        """Answer the next steal request on the held block, if there is one (one ``open``
+        when there is none): give about half of the unstarted tasks (the running one counted
+        on our side) to a new child block claimed for the thief, or say "none". Returns the
+        number of tasks given. Runs in the heartbeat thread, every ``check_s``."""
+        with self._lock:
+            blk = self._held
+            if blk is None:
+                return 0
+            n = blk.asked
+        base = self.layout.claim(blk.block, blk.epoch)
+        self.stats.steal_checks += 1
+        data = read_small(f"{base}.ask{n}", 4096)
+        if not data:
+            return 0  # no request (or its writer is still writing it: next time)
+        thief = data.decode(errors="replace").strip()
+        slot = f"{base}.cut{n}"
+        with self._lock:
+            if self._held is not blk or blk.asked != n:
+                return 0
+            blk.asked = n + 1
+            give = self._giveable(blk, stop)
+            try:
+                check_worker_id(thief)
+            except ValueError:
+                give = 0
+            taken = blk.entries[len(blk.entries) - give:] if give else []
+            child = self._make_child(blk, n, taken, thief) if taken else None
+            if child is None:
+                write_link(slot, b"!none")  # whoever fills the slot, nothing was given
+                return 0
+            if write_link(slot, encode_cut(Cut(child, [x.task for x in taken], thief))):
+                del blk.entries[len(blk.entries) - give:]  # agreed: never ours to run again
+                self.stats.given += 1
+                self.stats.given_tasks += give
+                return give
+            # the slot was filled first: withdrawn by the thief, or sealed by a takeover
+            create_excl(self.layout.claim(child, 0) + ".done")  # the child never runs
+            if (read_small(slot) or b"").startswith(b"!sealed"):
+                self._gap = True  # we were superseded: the loop verifies before its next task
+            return 0
+
+    def _giveable(self, blk: HeldBlock, stop: threading.Event | None) -> int:
+        """How many tasks of the tail of ``blk`` to give away now (call under the lock)."""
+        if stop is not None and stop.is_set():
+            return 0  # draining: the whole rest is released in a moment
+        unstarted = len(blk.entries) - self._next
+        since = self._running_since
+        give = min(unstarted, (unstarted + (since is not None)) // 2)
+        mean = self._mean_s
+        if since is not None:  # the running task has taken this long already
+            mean = max(mean or 0.0, time.monotonic() - since)
+        if give <= 0 or mean is None or give * mean < MIN_SPLIT_S:
+            return 0
+        return give
+
+    def _make_child(self, blk: HeldBlock, n: int, taken: list[Entry], thief: str) -> int | None:
+        """Write the child block of ``taken`` and claim it (epoch 0) for ``thief``; its id, or
+        None when the family has no split left."""
+        root = root_of(blk.block)
+        if root >= 1 << 32:
+            return None
+        used = [(b - CHILD_BASE) & MAX_SPLITS for b in self._listing
+                if is_child(b) and root_of(b) == root]
+        bf = BlockFile(0, blk.cpus, blk.gpus,
+                       [(x.task, x.spec, x.args, x.attempt - 1, x.lost) for x in taken],
+                       parent=blk.block, parent_epoch=blk.epoch, cut=n)
+        for k in range(max(used, default=0) + 1, MAX_SPLITS + 1):
+            bf.block = c = child_id(root, k)
+            if write_link(self.layout.block(c), msgspec.msgpack.encode(bf), fsync=True):
+                return c if create_excl(self.layout.claim(c, 0), thief.encode()) else None
+        return None
+
+    # --- reading blocks --------------------------------------------------------------------------
     def _spec(self, sid: int) -> Spec:
         spec = self.specs.get(sid)
         if spec is None:
@@ -672,10 +1017,12 @@ class FsWorker:
             return None
         self._journal_claim(Claimed(b, 0, self.id, time.time()))
         self.stats.blocks += 1
-        return HeldBlock(b, 0, [Entry(t, s, a, att + 1) for t, s, a, att, _ in bf.entries])
+        return HeldBlock(b, 0, [Entry(t, s, a, att + 1, lo) for t, s, a, att, lo in bf.entries],
+                         bf.cpus, bf.gpus)
 
     def _take_over(self, b: int, e: int) -> HeldBlock | None:
-        """Create ``claims/<b>.<e+1>``, adopt what earlier epochs left unsettled."""
+        """Create ``claims/<b>.<e+1>``, adopt what earlier epochs left unsettled (and did not
+        give away in a split)."""
         if e + 1 > MAX_EPOCH or not create_excl(self.layout.claim(b, e + 1), self.id.encode()):
             return None
         self._taken.add((b, e + 1))
@@ -684,7 +1031,11 @@ class FsWorker:
         except FileNotFoundError:
             create_excl(self.layout.claim(b, e + 1) + ".done")
             return None
-        adopted, lost = self._adopt(bf, e)
+        if bf.parent and not child_committed(self.layout, bf, self.id):
+            create_excl(self.layout.claim(b, e + 1) + ".done")  # a split that never happened
+            return None
+        given = {t for cut in seal_cuts(self.layout, b, e, self.id) for t in cut.tasks}
+        adopted, lost = self._adopt(bf, e, given)
         self._journal_claim(
             Claimed(b, e + 1, self.id, time.time(), tasks=[x.task for x in adopted], lost=lost)
         )
@@ -693,7 +1044,7 @@ class FsWorker:
         if not adopted:
             create_excl(self.layout.claim(b, e + 1) + ".done")
             return None
-        return HeldBlock(b, e + 1, adopted)
+        return HeldBlock(b, e + 1, adopted, bf.cpus, bf.gpus)
 
     def _history(self, b: int, e: int) -> Iterator[Record]:
         """Every journal record about block ``b`` written under epochs ``0..e``."""
@@ -714,9 +1065,11 @@ class FsWorker:
                     if rb == b and re_ <= e:
                         yield rec
 
-    def _adopt(self, bf: BlockFile, e: int) -> tuple[list[Entry], list[int]]:
+    def _adopt(self, bf: BlockFile, e: int, given: frozenset[int] | set[int] = frozenset()
+               ) -> tuple[list[Entry], list[int]]:
         """Which tasks of block ``bf`` the claimant of epoch ``e + 1`` runs (see the module
-        docstring), and which tasks' in-flight attempts are lost."""
+        docstring), and which tasks' in-flight attempts are lost. Tasks in ``given`` were
+        split off to child blocks: never adopted here."""
         b = bf.block
         owned: dict[int, set[int] | None] = {}  # epoch -> adopted tasks (None: all)
         lost_at: dict[int, set[int]] = {}
@@ -739,6 +1092,8 @@ class FsWorker:
         adopted: list[Entry] = []
         lost: list[int] = []
         for task, sid, args, attempt_base, lost_base in bf.entries:
+            if task in given:
+                continue  # a child block holds it
             mine = [k for k in epochs if owned[k] is None or task in owned[k]]  # type: ignore[operator]
             owner = mine[-1] if mine else None
             inflight = False
@@ -761,7 +1116,8 @@ class FsWorker:
             elif lost_before and lost_base + lost_before >= spec.max_lost:
                 continue
             runs = sum((task, k) in started for k in mine)
-            adopted.append(Entry(task, sid, args, attempt_base + 1 + runs))
+            adopted.append(Entry(task, sid, args, attempt_base + 1 + runs,
+                                 lost_base + lost_before + inflight))
         return adopted, lost
 
     # --- running ---------------------------------------------------------------------------------
@@ -789,38 +1145,57 @@ class FsWorker:
         stop: threading.Event | None = None,
     ) -> str:
         """Run ``blk``'s tasks in order. Returns ``"done"``, ``"released"`` (stopped: the
-        unstarted tasks were handed back) or ``"abandoned"`` (a newer epoch took it over)."""
+        unstarted tasks were handed back) or ``"abandoned"`` (a newer epoch took it over).
+        Meanwhile :meth:`answer_steal` may give the unstarted tail away (a split)."""
         journal = self.journal
         assert journal is not None, "register() first"
         pending: list[bytes] = []
         remaining: list[Entry] = []
         outcome = "done"
-        for i, ent in enumerate(blk.entries):
-            if stop is not None and stop.is_set():
-                remaining = blk.entries[i:]
-                outcome = "released"
-                break
-            if self._need_verify() and self.superseded(blk):
-                outcome = "abandoned"
-                break
-            try:
-                self._spec(ent.spec)
-            except (OSError, msgspec.DecodeError):
-                pass  # the runner reports the missing spec as the task's failure
-            token = blk.token(ent.task)
-            lease = Lease(ent.task, token, ent.attempt, ent.spec, ent.args)
-            pending.append(encode(Started(ent.task, token, ent.attempt, self.id, time.time())))
-            journal.append(pending)
-            pending = []
-            try:
-                fin = runner(lease)
-            except Exception as exc:  # noqa: BLE001 - the runner failed, not the worker
-                now = time.time()
-                fin = Finished(ent.task, token, int(Outcome.FAILED), now, now,
-                               error=f"worker error: {type(exc).__name__}: {exc}",
-                               attempt=ent.attempt)
-            pending.append(encode(ended_record(self.layout, fin)))
-            self.stats.tasks += 1
+        i = 0
+        with self._lock:
+            self._held, self._next, self._running_since = blk, 0, None
+        try:
+            while True:
+                with self._lock:  # the tail may shrink under a split: read it under the lock
+                    if i >= len(blk.entries):
+                        break
+                    if stop is not None and stop.is_set():
+                        remaining = blk.entries[i:]
+                        outcome = "released"
+                        break
+                    ent = blk.entries[i]
+                    i = self._next = i + 1  # from here on no split gives it away
+                if self._need_verify() and self.superseded(blk):
+                    outcome = "abandoned"
+                    break
+                try:
+                    self._spec(ent.spec)
+                except (OSError, msgspec.DecodeError):
+                    pass  # the runner reports the missing spec as the task's failure
+                token = blk.token(ent.task)
+                lease = Lease(ent.task, token, ent.attempt, ent.spec, ent.args)
+                pending.append(encode(Started(ent.task, token, ent.attempt, self.id, time.time())))
+                journal.append(pending)
+                pending = []
+                t0 = self._running_since = time.monotonic()
+                try:
+                    fin = runner(lease)
+                except Exception as exc:  # noqa: BLE001 - the runner failed, not the worker
+                    now = time.time()
+                    fin = Finished(ent.task, token, int(Outcome.FAILED), now, now,
+                                   error=f"worker error: {type(exc).__name__}: {exc}",
+                                   attempt=ent.attempt)
+                finally:
+                    self._running_since = None
+                took = time.monotonic() - t0
+                # a moving average over the last ~5 tasks: what a split of the tail is worth
+                self._mean_s = took if self._mean_s is None else 0.8 * self._mean_s + 0.2 * took
+                pending.append(encode(ended_record(self.layout, fin)))
+                self.stats.tasks += 1
+        finally:
+            with self._lock:
+                self._held = None
         if outcome == "released":
             pending += [encode(Released(x.task, blk.token(x.task))) for x in remaining]
             self.stats.released += len(remaining)
@@ -834,7 +1209,8 @@ class FsWorker:
 
     def finished(self) -> bool:
         """Whether nothing is left: the exporter's last wave is final and every block offered
-        is done (uses the listing of the last :meth:`claim_block`)."""
+        is done, and so is every child block a split made (uses the listing of the last
+        :meth:`claim_block`)."""
         wave = self._read_wave(0.0)
         if not wave.final:
             return False
@@ -845,6 +1221,9 @@ class FsWorker:
                 if st is not None and self._holder(b, st.epoch).startswith("!"):
                     continue  # fenced: the catalog took its tasks back
                 return False
+        for b, st in listing.items():
+            if b > wave.blocks and not st.done and not self._holder(b, st.epoch).startswith("!"):
+                return False  # a child block (or a newer wave's) still runs
         return True
 
 
@@ -862,6 +1241,7 @@ def work_loop(
     max_poll: float = 2.0,
     fsync_interval: float = 0.5,
     on_block: Callable[[HeldBlock], None] | None = None,
+    steal: bool = True,
 ) -> WorkStats:
     """Claim blocks of ``run_dir`` and run them until nothing is left; return what was done.
 
@@ -872,11 +1252,13 @@ def work_loop(
     The loop returns when the exporter's wave is final and every block offered is done, or
     after ``idle_exit`` seconds with nothing to claim. A worker waits (polling every ``poll``
     to ``max_poll`` seconds) while other live workers hold blocks, so that it can take them over
-    if their holders die.
+    if their holders die, and meanwhile asks them for the tails of their blocks. A heartbeat
+    thread touches the heartbeat file every ``lease_s / 4`` and answers steal requests on the
+    held block every :data:`STEAL_CHECK_S`. ``steal=False``: never ask (still answers).
     """
     stop = stop if stop is not None else threading.Event()
     w = FsWorker(run_dir, worker_id, lease_s=lease_s, resources=resources,
-                 fsync_interval=fsync_interval)
+                 fsync_interval=fsync_interval, steal=steal)
     w.register()
     if runner is None:
         from ..worker import LeaseRunner
@@ -896,10 +1278,15 @@ def work_loop(
     hb_stop = threading.Event()
 
     def heartbeat() -> None:
-        period = max(0.02, w.lease_s / 4)
+        beat_every = max(0.02, w.lease_s / 4)
+        period = max(0.02, w.check_s)
+        next_beat = time.monotonic() + beat_every
         while not hb_stop.wait(period):
             with contextlib.suppress(OSError):
-                w.beat()
+                if time.monotonic() >= next_beat:
+                    next_beat += beat_every
+                    w.beat()
+                w.answer_steal(stop)
 
     hb = threading.Thread(target=heartbeat, name=f"pipefarm-hb-{w.id}", daemon=True)
     hb.start()
@@ -914,6 +1301,9 @@ def work_loop(
                     on_block(blk)
                 w.run_block(blk, runner, stop)
                 continue
+            if w.asking:
+                stop.wait(poll)  # an answer comes within STEAL_CHECK_S: look often
+                continue
             if w.finished():
                 w.stats.exit = "finished"
                 break
@@ -926,6 +1316,8 @@ def work_loop(
             delay = min(max_poll, delay * 1.5)
         else:
             w.stats.exit = "stopped"
+        if w.asking:  # leaving: nobody will run what an answer would give us
+            w.withdraw()
     finally:
         hb_stop.set()
         hb.join()
