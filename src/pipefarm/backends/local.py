@@ -570,6 +570,12 @@ class _Coordinator:
         chunks, whole = self._split(leases, k)
         # what was left out lies before the returned cursor: search from the top next time
         self.cursor = cursor if whole else None
+        for _, sid in chunks:
+            for s in ((sid,) if sid >= 0 else {lz.spec for lz in leases}):
+                self._spec(s)
+        if self.resourceful:  # a spec that needs several CPUs or GPUs: they go one by one
+            self.cursor = None  # (leases in memory only: dropping them leaves them ready)
+            return False
         sent = False
         for i, (chunk, sid) in enumerate(chunks):
             if i < len(targets):
@@ -1077,9 +1083,10 @@ class _Coordinator:
                 _sigkill(w.pid)
             for w in alive:
                 self._kill(w)
-            for w in self.workers:
-                if w.outstanding:
-                    self._abandon(w, None, "released: the run was stopped")
+            with self.store.transaction():  # one commit, not one (and its fsync) per worker
+                for w in self.workers:
+                    if w.outstanding:
+                        self._abandon(w, None, "released: the run was stopped")
         else:
             for w in self.workers:
                 if w.alive:
