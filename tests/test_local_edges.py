@@ -144,7 +144,9 @@ def test_random_worker_kills_every_task_succeeds_exactly_once(tmp_path):
     assert summary.ok, summary
     assert len(kills) >= 10, f"only {len(kills)} kills: the test did not exercise anything"
     assert [run.result(t) for t in ids] == list(range(n))
-    _assert_each_succeeded_once(run, ids)
+    # "released": a task that had been marked running and had ended, unreported, when its
+    # worker was killed running the next one
+    _assert_each_succeeded_once(run, ids, allowed=("lost", "released"))
 
 
 # --- item 5: workers that cannot start ------------------------------------------------------------------

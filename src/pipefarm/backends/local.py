@@ -252,6 +252,15 @@ def _copy_stderr(stream: Any, tail: bytearray, log: str | None) -> None:
         stream.close()
 
 
+def _send_or_eof(conn: Connection, data: bytes) -> bool:
+    """Send ``data``; False when the other end is gone (EPIPE: the worker died)."""
+    try:
+        conn.send_bytes(data)
+    except OSError:
+        return False
+    return True
+
+
 def _sigkill(pid: int) -> None:
     """SIGKILL a worker's process group (its task's children too), or the worker alone."""
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
@@ -560,7 +569,8 @@ class _Coordinator:
 
     def _hand_out(self, targets: list[_Worker], spare: int) -> bool:
         """Lease work for ``targets`` and ``spare`` workers not started yet, split evenly over
-        them (starting workers for the shares beyond ``targets``); False when none was sent."""
+        them (starting workers for the shares beyond ``targets``); False when nothing was
+        ready (True even when a worker turned out dead: its share is ready again)."""
         k = len(targets) + spare
         leases, cursor = self.store.lease_ready(self._per_batch(self.last_spec) * k, self.inflight,
                                                 self.cursor)
@@ -570,13 +580,12 @@ class _Coordinator:
         chunks, whole = self._split(leases, k)
         # what was left out lies before the returned cursor: search from the top next time
         self.cursor = cursor if whole else None
-        for _, sid in chunks:
-            for s in ((sid,) if sid >= 0 else {lz.spec for lz in leases}):
-                self._spec(s)
+        sids = {sid for _, sid in chunks}
+        for s in {lz.spec for lz in leases} if -1 in sids else sids:
+            self._spec(s)  # learns whether the spec needs several CPUs or GPUs
         if self.resourceful:  # a spec that needs several CPUs or GPUs: they go one by one
             self.cursor = None  # (leases in memory only: dropping them leaves them ready)
-            return False
-        sent = False
+            return True
         for i, (chunk, sid) in enumerate(chunks):
             if i < len(targets):
                 w = targets[i]
@@ -592,8 +601,8 @@ class _Coordinator:
                     self.cursor = None
                     break
                 self.workers.append(w)
-            sent |= self._send(w, chunk, sid)
-        return sent
+            self._send(w, chunk, sid)
+        return True
 
     def _split(self, leases: list[Lease], k: int) -> tuple[list[tuple[list[Lease], int]], bool]:
         """Cut ``leases`` (in claim order) into at most ``k`` batches of about equal measured
@@ -661,10 +670,8 @@ class _Coordinator:
         w.heard = now
         if self.resourceful:
             self.cpus_free -= held_cpus
-        try:
-            w.conn_out.send_bytes(msgspec.msgpack.encode(Batch(bid, leases, specs, env)))
-        except OSError:  # it died since we last heard of it (EPIPE): a lost worker
-            self._on_worker_exit(w)
+        if not _send_or_eof(w.conn_out, msgspec.msgpack.encode(Batch(bid, leases, specs, env))):
+            self._on_worker_exit(w)  # it died since we last heard of it: a lost worker
             return False
         if self.on_dispatch is not None:
             self.on_dispatch(leases)
@@ -706,9 +713,7 @@ class _Coordinator:
         chosen = victims[: len(idle)]
         thieves = max(1, len(idle) // len(chosen))
         for _, w in chosen:
-            try:
-                w.conn_out.send_bytes(msgspec.msgpack.encode(Revoke(thieves)))
-            except OSError:
+            if not _send_or_eof(w.conn_out, msgspec.msgpack.encode(Revoke(thieves))):
                 self._on_worker_exit(w)
                 continue
             w.revoking = True
@@ -1039,6 +1044,8 @@ class _Coordinator:
                 try:
                     msg = c.recv_bytes()
                 except (EOFError, OSError):
+                    msg = None  # handled outside the except block: no exception context
+                if msg is None:
                     self._on_worker_exit(w)
                     continue
                 self._on_message(w, from_worker_decoder.decode(msg))
