@@ -545,7 +545,8 @@ class _Coordinator:
         return spec
 
     def _dispatch(self) -> bool:
-        """Hand ready tasks to the workers that want work; True when anything was sent."""
+        """Hand ready tasks to the workers that want work (or ask busy ones to hand some back
+        for idle ones); True when there was work to hand out."""
         if self.interrupted:
             return False
         if self.resourceful:
