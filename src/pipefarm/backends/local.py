@@ -591,6 +591,9 @@ class _Coordinator:
             if i < len(targets):
                 w = targets[i]
             else:
+                if self._stop_asked():  # starting many workers: a stop signal ends it at once
+                    self.cursor = None
+                    break
                 try:
                     w = self._spawn(len(self.workers))
                 except OSError as exc:  # out of processes or file descriptors
