@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Run": ("pipefarm.run", "Run"),
     "Executor": ("pipefarm.executor", "Executor"),
+    "BrokenExecutor": ("pipefarm.executor", "BrokenExecutor"),
     "Summary": ("pipefarm.backends.local", "Summary"),
     "TaskFailed": ("pipefarm.errors", "TaskFailed"),
     "TaskNotFinished": ("pipefarm.errors", "TaskNotFinished"),
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TaskNotFinished,
         UnsafeRun,
     )
-    from .executor import Executor  # noqa: F401
+    from .executor import BrokenExecutor, Executor  # noqa: F401
     from .run import Run  # noqa: F401
     from .states import Outcome, State  # noqa: F401
     from .store.sqlite import DiskFull  # noqa: F401

@@ -22,7 +22,6 @@ from ..task import Finished
 from ..worker import LeaseRunner
 from .local import Summary
 
-
 #: setitimer() overflows time_t a little beyond 1e10 s here; a timeout of over 31 years is
 #: no timeout in practice.
 _LONGEST_TIMER_S = 1e9
