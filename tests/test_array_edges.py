@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -138,8 +139,9 @@ def test_tasks_under_an_array_script_hear_usr1_and_workers_survive_it(tmp_path: 
     marks.mkdir()
     # a "simulation" that checkpoints and exits on SIGUSR1; a shell keeps a signal that was
     # ignored on entry ignored, trap or not, so the trap only works with default dispositions
-    task = (f"grep -E 'SigIgn|SigBlk' /proc/$$/status; trap 'echo checkpointed; exit 0' USR1; "
-            f"touch {marks}/{{index}}; while :; do sleep 0.2; done")
+    task = (f"grep -E 'SigIgn|SigBlk' /proc/self/status; trap 'echo checkpointed; exit 0' USR1; "
+            f"echo $$ > {marks}/{{index}}.tmp; mv {marks}/{{index}}.tmp {marks}/{{index}}; "
+            "while :; do sleep 0.2; done")
     r = pf("submit", "run", "--array", f"0-{n - 1}", "--", "sh", "-c", task, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out_f, err_f = tmp_path / "wait.out", tmp_path / "wait.err"
@@ -151,9 +153,15 @@ def test_tasks_under_an_array_script_hear_usr1_and_workers_survive_it(tmp_path: 
     try:
         wait_until(lambda: "submitted slurm job" in out_f.read_text(), 60, "the submission")
         job = job_of(out_f.read_text())
-        wait_until(lambda: len(list(marks.iterdir())) == n, 180, "both tasks to run")
-        # USR1 to every process of the job: the batch shell, the workers, the tasks
+        wait_until(lambda: len([p for p in marks.iterdir() if p.suffix != ".tmp"]) == n, 180,
+                   "both tasks to run")
+        # USR1 to the job's session (SGE and `scancel --signal --full` send it group-wide):
+        # the batch shell ignores it, the workers keep running
         subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True)
+        time.sleep(2)
+        assert in_queue(job) and waiter.poll() is None, "USR1 stopped the array"
+        for p in marks.iterdir():  # the checkpoint signal, to each simulation
+            os.kill(int(p.read_text()), signal.SIGUSR1)
         waiter.wait(timeout=120)
     finally:
         if waiter.poll() is None:

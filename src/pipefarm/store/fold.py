@@ -19,6 +19,12 @@ Catalog tables added here (``CREATE TABLE IF NOT EXISTS``; sqlite.py is not chan
     covers, so a fold is idempotent and a folder killed mid-way loses nothing.
 ``fs_specs(id)``
     specs written to ``fs/specs``.
+``fs_children(id, parent, parent_epoch, cut)``
+    child blocks made by workers' splits (see :mod:`.fsjournal`), once the catalog learns of
+    them: from a worker's ``Claimed`` of the child, or from the cut slots a fence seals. The
+    child's tasks then move from the parent's rows of ``fs_export`` to the child's, and leases
+    held under the parent's token end (released: they never started there) when the child's
+    claim is applied.
 
 Folding (:func:`fold`) reads every journal from its cursor (a torn tail stops the read there;
 its owner truncates it when it reopens), decodes the records and applies them in one
@@ -46,7 +52,10 @@ judged by its mtime against the folder's own freshly touched heartbeat, or at on
 holder was a process on this host that no longer exists).
 
 Exporting (:func:`export`) moves ready tasks that are in no block into new blocks, in claim
-order (priority, cost, id), grouped by resource class, sized by :func:`plan_blocks`. The catalog
+order (priority, cost, id), grouped by resource class, sized by :func:`plan_blocks` from the
+task count, the workers and the tasks' ``cost`` (read as estimated seconds): about eight blocks
+per worker, at least :data:`CHEAP_MIN_BLOCK` cheap tasks per block, down to one task per block
+for long tasks or when there are few. The catalog
 rows are committed first, then the spec and block files are written, then ``fs/wave``; blocks
 whose files were never written (a crash in between) are written by the next export before
 anything else. Dependent tasks become ready as the fold records their dependencies' success,
@@ -54,8 +63,10 @@ and go out in a later wave.
 
 Fencing (:func:`reap_blocks`, :func:`recall_blocks`): the catalog holder takes a block back by
 winning the exclusive create of its next epoch with a tombstone (``!fence ...``) plus a
-``.done`` marker; the block's claimed and running tasks become released and ``lost`` attempts
-and leave the block. A race with a worker taking the same epoch is decided by the create.
+``.done`` marker, then seals the cut slots of the earlier epochs (tasks already given to a
+child block go to that child, which is fenced in turn when nobody holds it); the block's other
+claimed and running tasks become released and ``lost`` attempts and leave the block. A race
+with a worker taking the same epoch is decided by the create.
 """
 
 from __future__ import annotations

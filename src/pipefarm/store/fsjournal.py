@@ -23,6 +23,14 @@ Layout (under ``RUN/fs``)
 ``claims/<block>.<epoch>.done``      the holder of that epoch settled every task it adopted.
 ``claims/<block>.<epoch>.released``  the holder handed the block back (drain, walltime): anyone
                              may take the next epoch at once, without waiting for the lease.
+``claims/<block>.<epoch>.ask<n>``    a steal request to the holder of that epoch (content: the
+                             thief's id); ``n`` is the cut slot it asks to fill.
+``claims/<block>.<epoch>.cut<n>``    cut slot ``n`` of that epoch, filled exactly once by an
+                             exclusive hard link of a complete file: a :class:`Cut` (the holder
+                             gave tasks away to a child block) or a marker ``!none``,
+                             ``!withdrawn``, ``!sealed``, ``!void`` (see Splits).
+``blocks/<child>.blk``       a child block made by a split (ids from :data:`CHILD_BASE`),
+                             written by the giving holder; it names its parent claim and slot.
 ``journal/<worker>.log``     one append-only framed journal per worker (:mod:`.journal`).
 ``hb/<worker>``              the worker's heartbeat: its *mtime*, set with ``os.utime(path, None)``
                              so that the file server stamps it.
@@ -85,6 +93,53 @@ Drain: :func:`work_loop` stops claiming when its ``stop`` event is set (or one o
 ``drain_signals`` arrives), finishes the running task, journals ``Released`` for the unstarted
 tasks of its block and creates ``claims/<b>.<e>.released``: the block's remaining tasks stay in
 the block, the next claimant adopts them at once, and no budget is spent.
+
+Splits (work stealing)
+----------------------
+A worker with nothing to claim (no released, stale or fresh block) asks the holder of a busy
+block (``<b>.<e>``, chosen at random, not done, not released) for the unstarted tail of it:
+
+1. The thief creates ``claims/<b>.<e>.ask<n>`` exclusively, ``n`` the first cut slot its
+   listing saw empty (none is asked while another request there is unanswered).
+2. The holder looks for ``ask<n>`` (its next slot) every :data:`STEAL_CHECK_S` from its
+   heartbeat thread, so a long task does not delay the answer: one ``open`` a second, and
+   nothing per task. It gives about half of its unstarted tasks (the running one counted on its
+   side), if that is worth :data:`MIN_SPLIT_S` of its measured task time; else it answers
+   ``!none``.
+3. To give, it writes the child block file (a new id ``CHILD_BASE + (root << 8) + k``, ``k``
+   allocated by the exclusive link of the file, ``root`` the exported block of the family:
+   workers allocate ids without the catalog), creates ``claims/<child>.0`` with the *thief's*
+   id, and then links the :class:`Cut` into ``cut<n>``. **The link is the agreement**: if it
+   wins, the given tasks leave the holder's list (under a lock shared with its run loop, which
+   marks a task as started before it can be given) and are never run by the holder; if the
+   slot was filled first (``!withdrawn`` by a thief that gave up, ``!sealed`` by a takeover)
+   nothing was given, and ``claims/<child>.0.done`` buries the child.
+4. The thief reads ``cut<n>``: a :class:`Cut` naming it means ``claims/<child>.0`` is its claim
+   (journaled as ``Claimed(child, 0)``, then run like any block). It waits at most
+   ``patience_s`` (at most ``lease_s / 2``), then withdraws by filling the slot with
+   ``!withdrawn``: a race with the holder's answer is decided by that one link.
+
+A child is an ordinary block from then on: heartbeats, takeovers, drains and further splits
+work on it unchanged, and ``finished`` waits for children too. What keeps it exactly-once:
+
+* **Sealing.** Whoever creates a newer epoch of a block (a worker's takeover, the catalog's
+  fence) first fills the first empty cut slot of every earlier epoch with ``!sealed``, then
+  reads every cut made before: a superseded holder that does not know it yet can give nothing
+  away after the seal, and everything it did give is known. A takeover adopts no task that a
+  cut gave away (the holder's death after agreeing keeps the split); the catalog hands those
+  tasks to the child (:func:`~pipefarm.store.fold.register_child`) instead of taking them back.
+* **Voiding.** Whoever takes a child over (epoch 1 and up: its thief died, or released it)
+  first checks that the parent's cut slot names it, filling an empty slot with ``!void``: a
+  child whose split was never agreed (the holder died between writing it and linking the cut)
+  is buried, never run. The thief's death after agreeing keeps the split: the child's tasks are
+  adopted by its taker, and the parent's never are.
+* **Zombies** are as before: a holder stats ``<b>.<e+1>`` before its next task when its
+  heartbeat may have lapsed, and a failed cut on a ``!sealed`` slot tells it at once. What a
+  superseded holder still runs is stale; it never runs a task it gave away.
+
+Metadata: a split costs ~12 operations (ask, a few answer polls, the child file, its claim,
+the cut, the thief's claim record); only idle workers ask, and holders decline tails worth
+less than :data:`MIN_SPLIT_S`, so no-op tasks are almost never split.
 
 The catalog side (folding, exporting waves, fencing stale blocks, the fold lock) lives in
 :mod:`pipefarm.store.fold`. :class:`FsJournalStore` puts both sides behind the
@@ -1282,11 +1337,14 @@ def work_loop(
         period = max(0.02, w.check_s)
         next_beat = time.monotonic() + beat_every
         while not hb_stop.wait(period):
-            with contextlib.suppress(OSError):
-                if time.monotonic() >= next_beat:
-                    next_beat += beat_every
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + beat_every
+                with contextlib.suppress(OSError):
                     w.beat()
+            try:
                 w.answer_steal(stop)
+            except Exception:  # noqa: BLE001 - an unanswered request is withdrawn by its
+                pass  # thief; this thread must go on beating whatever happens here
 
     hb = threading.Thread(target=heartbeat, name=f"pipefarm-hb-{w.id}", daemon=True)
     hb.start()
