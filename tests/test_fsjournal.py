@@ -129,6 +129,7 @@ def test_eight_workers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path)
     rng = random.Random(20_000)
     live = {f"w{i}": spawn(run, f"w{i}") for i in range(8)}
     gen, kills, same_id = 8, 0, 0
+    gone: set[str] = set()
     t0 = time.monotonic()
     while kills < 16 and time.monotonic() - t0 < 30:
         time.sleep(rng.uniform(0.05, 0.25))
@@ -141,8 +142,10 @@ def test_eight_workers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path)
         if kills % 3 == 0:  # restarted under the same id: it must finish its own old block
             wid = victim
             same_id += 1
+            gone.discard(victim)
         else:
             wid, gen = f"w{gen}", gen + 1
+            gone.add(victim)  # never reopens its journal: a torn tail there stays torn
         live[wid] = spawn(run, wid)
     for p in live.values():
         p.join(90)
@@ -150,7 +153,10 @@ def test_eight_workers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path)
     assert kills >= 8 and same_id >= 2
 
     st = store.fold()
-    assert st.torn == [] and st.corrupt == []
+    # a SIGKILL may cut a worker's last append: that tail is ignored, and repaired only by
+    # its owner reopening the journal, so it may stay torn in workers that never came back
+    assert set(st.torn) <= {f"{w}.log" for w in gone}, (st.torn, gone)
+    assert st.corrupt == []
     assert store.counts()["succeeded"] == n
     for row in store.results():
         assert row[2] == 4 and pickle.loads(row[5]) == (row[0] - 1) * 7 + 1
