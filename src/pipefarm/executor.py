@@ -93,13 +93,8 @@ class Executor(cf.Executor):
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
+                for fut in self._take_queued():
+                    fut.cancel()
                 for fut in list(self._futures.values()):
                     fut.cancel()  # only those no worker has started
             self._inbox.put(None)
@@ -215,6 +210,17 @@ class Executor(cf.Executor):
         finally:
             store.close()
 
+    def _take_queued(self) -> list[cf.Future]:
+        """Empty the inbox: the futures of calls the engine has not taken yet."""
+        futures = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return futures
+            if item is not None:
+                futures.append(item[0])
+
     def _break(self, error: BrokenExecutor, cause: BaseException | None = None) -> None:
         """Fail every call not answered yet with ``error``; refuse new ones (when ``cause``)."""
         error.__cause__ = cause
@@ -223,12 +229,6 @@ class Executor(cf.Executor):
                 self._error = error
             pending = list(self._futures.values())
             self._futures.clear()
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    pending.append(item[0])
+            pending += self._take_queued()
         for fut in pending:
             _fail(fut, error)

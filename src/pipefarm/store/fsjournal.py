@@ -383,20 +383,26 @@ def check_worker_id(worker: str) -> None:
 def write_atomic(path: str, data: bytes, *, fsync: bool = True) -> None:
     """Write ``path`` as a whole: a temporary file in the same directory, then rename."""
     tmp = f"{path}.tmp.{os.getpid()}.{secrets.token_hex(3)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_new(tmp, data, fsync)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def _write_new(path: str, data: bytes, fsync: bool) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; fsync'd when asked."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         if fsync:
             os.fsync(fd)
-    except BaseException:
+    finally:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
 
 
 def create_excl(path: str, content: bytes = b"") -> bool:
@@ -423,16 +429,8 @@ def write_link(path: str, data: bytes, *, fsync: bool = False) -> bool:
     """
     d, name = os.path.split(path)
     tmp = os.path.join(d, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(3)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data, fsync)
         try:
             os.link(tmp, path)
             return True
