@@ -123,7 +123,7 @@ def test_any_positive_timeout_is_accepted_and_inf_means_none(tmp_path: Path) -> 
         out = ok("submit", f"c{value}", "--timeout", value, "--", "true", cwd=tmp_path)
         assert out.startswith("added task 1 (1)"), out
     ok("run", "cinf", "--no-progress", "-w", "1", cwd=tmp_path)  # inf: runs, and is not killed
-    (row,) = [json.loads(x) for x in ok("results", "cinf", "--format", "json", cwd=tmp_path).splitlines()]
+    (row,) = [json.loads(x) for x in ok("results", "cinf", "--format", "jsonl", cwd=tmp_path).splitlines()]
     assert row["state"] == "succeeded"
     with pf.Run.open(tmp_path / "cinf") as r:
         assert r.store.spec(r.tasks()[0].spec).timeout is None
@@ -189,7 +189,7 @@ def test_dict_and_list_results_export_in_every_format(tmp_path: Path, values: li
         assert [json.loads(v) for v in got_pq] == values
     got_csv = [json.loads(r["result"]) for r in csv.DictReader(open(tmp_path / "out.csv"))]
     assert got_csv == values
-    got_json = [json.loads(x)["result"] for x in (tmp_path / "out.json").read_text().splitlines()]
+    got_json = [r["result"] for r in json.loads((tmp_path / "out.json").read_text())]  # an array
     assert got_json == values
 
 
@@ -251,7 +251,7 @@ def test_cli_exports_mixed_results_as_json_text_or_a_marker(tmp_path: Path) -> N
     expect_json = ["a", [1, "a"], 2**70, None]
     markers = ["<not JSON-encodable: decimal.Decimal>", "<not JSON-encodable: dict>"]
 
-    rows = [json.loads(x) for x in ok("results", "r", "--format", "json", cwd=tmp_path).splitlines()]
+    rows = [json.loads(x) for x in ok("results", "r", "--format", "jsonl", cwd=tmp_path).splitlines()]
     assert [r["result"] for r in rows] == expect_json + markers
 
     rows_csv = list(csv.DictReader(io.StringIO(ok("results", "r", "--format", "csv", cwd=tmp_path))))
@@ -290,7 +290,7 @@ def test_cli_retry_ids_refuses_succeeded_tasks_without_force(tmp_path: Path) -> 
     assert out.startswith("1 task(s)"), out
     p = pf_cli("run", "r", "--no-progress", "-w", "1", cwd=tmp_path)
     assert p.returncode == 1, p.stderr  # task 4 fails again
-    rows = {r["task_id"]: r for r in map(json.loads, ok("results", "r", "--format", "json",
+    rows = {r["task_id"]: r for r in map(json.loads, ok("results", "r", "--format", "jsonl",
                                                         cwd=tmp_path).splitlines())}
     assert rows[1]["state"] == "succeeded" and rows[1]["attempts"] == 2
     assert rows[2]["attempts"] == 1  # untouched

@@ -22,14 +22,55 @@ def _die(msg: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+def _damaged(exc: Any) -> None:
+    """A damaged catalog: what and where on one line, how to recover on a second."""
+    click.echo(f"pipefarm: error: {exc.args[0]}", err=True)
+    click.echo(f"pipefarm: hint: {exc.hint}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+#: the run directory the last ``_open`` opened: a damaged page found by a later query is
+#: reported against its catalog
+_opened: Path | None = None
+
+#: verbs that only read a run: on a directory others can write they warn and go on, as long
+#: as they unpickle nothing (``results`` decodes Python results, so it refuses when there are)
+_READING_VERBS = frozenset({"status", "results", "failures", "logs", "list", "show"})
+
+
+def _holds_pickles(run: Any) -> bool:
+    """Whether any succeeded task of ``run`` has a result (a pickle) to decode."""
+    from .states import State
+
+    return run.store.db.execute(
+        "SELECT 1 FROM tasks WHERE state=? AND (result IS NOT NULL OR result_file IS NOT NULL)"
+        " LIMIT 1", (int(State.SUCCEEDED),)
+    ).fetchone() is not None
+
+
 def _open(path: str) -> Any:
+    """Open RUN for the verb being run: writing verbs refuse a directory others can write,
+    reading verbs warn and proceed unless they would unpickle from it."""
+    global _opened
     from .run import Run
 
-    return Run.open(path)
+    ctx = click.get_current_context(silent=True)
+    verb = ctx.info_name if ctx is not None else None
+    _opened = Path(path)
+    if verb not in _READING_VERBS:
+        return Run.open(path)
+    run = Run.open(path, readonly=True)
+    if run.unsafe and verb in ("results", "show") and _holds_pickles(run):
+        from .errors import UnsafeRun
+
+        run.close()
+        raise UnsafeRun(f"{path} can be written by other users and holds Python results, "
+                        f"which `pipefarm {verb}` would unpickle. Fix with: chmod go-w {path}")
+    return run
 
 
 def _ids(text: str | None) -> list[int] | None:
-    """``"1,5,10-20"`` -> ids."""
+    """``"1,5,10-20"`` -> ids; an empty list, a reversed range or a non-id is a usage error."""
     if text is None:
         return None
     out: list[int] = []
@@ -39,12 +80,39 @@ def _ids(text: str | None) -> list[int] | None:
         try:
             if "-" in part:
                 a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise click.BadParameter(
+                        f"{part!r} is an empty range: write it low-high, e.g. {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
             raise click.BadParameter(f"{part!r} is not an id or a range like 10-20") from None
+    if not out:
+        raise click.BadParameter(f"{text!r} names no task ids; give ids or ranges like 7,12-20")
     return out
+
+
+def _spans(ids: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``: ids as the user would type them."""
+    parts: list[str] = []
+    for i in sorted(ids):
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _known(run: Any, ids: list[int], run_dir: str) -> list[int]:
+    """``ids``, or a usage error naming those that are not tasks of ``run``."""
+    there = {t.id for t in run.tasks(ids=ids)}
+    missing = [i for i in set(ids) if i not in there]
+    if missing:
+        raise click.BadParameter(f"no task {_spans(missing)} in {run_dir}"
+                                 f" (it has {len(run):,} task(s))", param_hint="--ids")
+    return ids
 
 
 class _Seconds(click.ParamType):
@@ -72,9 +140,10 @@ class _Main(click.Group):
     """Turns expected errors into one line and exit status 2."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        import sqlite3
         import warnings
 
-        from .errors import PipefarmError
+        from .errors import CatalogDamaged, PipefarmError
 
         kwargs["standalone_mode"] = False
         warnings.formatwarning = _warning_line  # one line, as the errors are
@@ -89,9 +158,17 @@ class _Main(click.Group):
             _die(f"{exc.format_message()} (see: {cmd} --help)")
         except click.ClickException as exc:
             _die(exc.format_message())
+        except CatalogDamaged as exc:
+            _damaged(exc)
         except (PipefarmError, FileNotFoundError, FileExistsError, NotADirectoryError,
                 PermissionError) as exc:
             _die(str(exc))
+        except sqlite3.DatabaseError as exc:  # damage found past the open, by a query
+            from .store.sqlite import _is_damage
+
+            if not _is_damage(exc) or _opened is None:
+                raise
+            _damaged(CatalogDamaged(str(_opened / "catalog.db"), str(exc)))
         except KeyError as exc:  # TemplateError and unknown ids
             _die(str(exc.args[0]) if exc.args else str(exc))
         except BrokenPipeError:
@@ -210,20 +287,62 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
 
 
 # --- run -------------------------------------------------------------------------------------------
+#: ``pipefarm run`` stopped by SIGTERM (scheduler cancel, ``kill``): 128 + 15, as a shell reports it
+EXIT_SIGTERM = 143
+#: ``pipefarm run`` stopped by Ctrl-C (SIGINT): 128 + 2
+EXIT_SIGINT = 130
+#: ``pipefarm run --halt`` stopped early because tasks failed
+EXIT_HALTED = 3
+
+
+def _halt_spec(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .backends.local import HaltPolicy
+
+    try:
+        HaltPolicy.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--halt {value!r}: ")) from None
+    return value
+
+
+def _not_succeeded_lines(run_dir: str, counts: dict[str, int]) -> list[str]:
+    """What the tasks that did not succeed are, each kind with where to look next."""
+    lines = []
+    if counts.get("failed"):
+        lines.append(f"{counts['failed']:,} task(s) did not succeed; see: pipefarm failures"
+                     f" {run_dir}")
+    if counts.get("skipped"):
+        lines.append(f"{counts['skipped']:,} task(s) skipped (a dependency did not succeed)")
+    if counts.get("cancelled"):
+        lines.append(f"{counts['cancelled']:,} task(s) cancelled (pipefarm cancel); run them with:"
+                     f" pipefarm retry {run_dir} --all")
+    left = sum(n for k, n in counts.items()
+               if k not in ("succeeded", "failed", "skipped", "cancelled"))
+    if left:
+        lines.append(f"{left:,} task(s) not finished; resume with: pipefarm run {run_dir}")
+    return lines
+
+
 @main.command("run")
 @click.argument("run_dir", metavar="RUN")
 @click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes (default: the CPU count).")
 @click.option("--backend", type=click.Choice(["local", "sequential"]), default="local", show_default=True)
 @click.option("--gpus-available", metavar="LIST", help="GPU ids to hand out, e.g. 0,1,2,3 (default: detected).")
+@click.option("--halt", metavar="WHEN,fail=N", callback=_halt_spec, help="Stop early when tasks fail (as GNU parallel): soon,fail=3 hands out no new task after 3 failures, the running ones finish; now,fail=3 stops the running ones too (released, no retry spent); soon,fail=10% counts the share of ended tasks (from 10 ended on).")
 @click.option("--no-progress", is_flag=True, help="No progress display.")
 def run_cmd(run_dir: str, workers: int | None, backend: str, gpus_available: str | None,
-            no_progress: bool) -> int:
+            halt: str | None, no_progress: bool) -> int:
     """Execute RUN (or resume it): every task not finished yet.
 
     \b
       pipefarm run runs/sweep --workers 8
+      pipefarm run runs/sweep --halt soon,fail=5     # stop handing out tasks after 5 failures
     Progress shows on a terminal as a bar, elsewhere as a line every 10 s. Ctrl-C stops
-    cleanly; run it again to resume. Exit status: 0 all succeeded, 1 some did not.
+    cleanly; run it again to resume. Tasks that need more GPUs than there are stop it before
+    anything runs (exit 2).
+    Exit status: 0 all succeeded, 1 some did not, 3 halted by --halt, 130 Ctrl-C, 143 SIGTERM.
     """
     run = _open(run_dir)
     options: dict[str, Any] = {}
@@ -231,15 +350,26 @@ def run_cmd(run_dir: str, workers: int | None, backend: str, gpus_available: str
         from .execute.gpus import parse_device_list
 
         options["gpus_available"] = parse_device_list(gpus_available)
+    if halt is not None:
+        if backend != "local":
+            raise click.UsageError("--halt works with --backend local")
+        options["halt"] = halt
     try:
         summary = run.execute(workers=workers, backend=backend, progress=not no_progress, **options)
     except KeyboardInterrupt:
         click.echo(f"interrupted; resume with: pipefarm run {run_dir}", err=True)
-        return 130
+        return EXIT_SIGINT
     click.echo(str(summary), err=True)
+    if summary.interrupted:  # SIGTERM (Ctrl-C raises KeyboardInterrupt): nothing was charged
+        click.echo(f"interrupted; resume with: pipefarm run {run_dir}", err=True)
+        return EXIT_SIGTERM
+    if summary.halted:
+        click.echo(f"halted: {summary.halted}; see: pipefarm failures {run_dir}; the rest"
+                   f" resume with: pipefarm run {run_dir}", err=True)
+        return EXIT_HALTED
     if not summary.ok:
-        bad = summary.total - summary.succeeded
-        click.echo(f"{bad:,} task(s) did not succeed; see: pipefarm failures {run_dir}", err=True)
+        for line in _not_succeeded_lines(run_dir, summary.counts):
+            click.echo(line, err=True)
         return EXIT_FAILED_TASKS
     return 0
 
@@ -281,46 +411,63 @@ def status(run_dir: str, as_json: bool) -> None:
 
 
 # --- results ---------------------------------------------------------------------------------------
+def _results_format(fmt: str | None, output: str | None) -> str:
+    """The export format: given, else from -o's suffix (.jsonl/.ndjson: jsonl), else csv."""
+    if fmt is not None:
+        return fmt
+    suffix = Path(output).suffix.lower().lstrip(".") if output and output != "-" else ""
+    if suffix == "ndjson":
+        return "jsonl"
+    return suffix if suffix in ("parquet", "csv", "json", "jsonl") else "csv"
+
+
 @main.command()
 @click.argument("run_dir", metavar="RUN")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json"]), default=None, help="Default: from -o's suffix, else csv.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json", "jsonl"]), default=None, help="json: one JSON array; jsonl: one object per line. Default: from -o's suffix, else csv.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), help="File to write; - or none: stdout.")
 def results(run_dir: str, fmt: str | None, output: str | None) -> None:
-    """One row per task: task_id, key, state, attempts, exit_code, result, error, times, worker.
+    """One row per task, joinable to the rows it came from.
 
     \b
       pipefarm results runs/sweep -o results.parquet
       pipefarm results runs/sweep --format csv > results.csv
+      pipefarm results runs/sweep --format jsonl -o - | jq .param_alpha
+    \b
+    Columns: task_id, key, state, attempts, exit_code, result, error, started_at, ended_at
+    (UTC timestamps), duration_s, worker, command (as run, rendered), stdout_tail (the last
+    1 KiB of stdout; all of it: pipefarm logs RUN ID), then param_NAME for each placeholder
+    value of the source row (--from-csv: one per CSV column, as text).
     Results that are not one plain type (mixed, or objects) are JSON text, and a value JSON
     cannot encode shows as <not JSON-encodable: TYPE>: read it with Run.open(RUN).result(ID).
-    In CSV, dicts and lists are JSON text too. -o FILE is replaced only once the new file is
-    complete: a failed export leaves it as it was.
+    In CSV, dicts and lists are JSON text too. The export streams: memory stays flat however
+    large the run. -o FILE is replaced only once the new file is complete: a failed export
+    leaves it as it was.
     """
-    if fmt is None:
-        suffix = Path(output).suffix.lower().lstrip(".") if output else ""
-        fmt = suffix if suffix in ("parquet", "csv", "json") else "csv"
-    if fmt == "parquet" and output is None and sys.stdout.isatty():
+    fmt = _results_format(fmt, output)
+    to_stdout = output is None or output == "-"
+    if fmt == "parquet" and to_stdout and sys.stdout.isatty():
         raise click.UsageError("parquet is binary: give -o FILE or redirect stdout")
     import pyarrow as pa
 
     from .backends.array import sync
-    from .observe.results import replace_file, write
+    from .observe.results import replace_file, result_batches, write_stream
 
     run = _open(run_dir)
     sync(run)
-    table = run.results()
-    if output is None:
-        write(table, fmt, sys.stdout.buffer)
+    if to_stdout:
+        write_stream(result_batches(run), fmt, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
+    assert output is not None
     existed = Path(output).exists()
+    written: list[int] = []
     try:
-        replace_file(output, lambda f: write(table, fmt, f))
+        replace_file(output, lambda f: written.append(write_stream(result_batches(run), fmt, f)))
     except (OSError, pa.ArrowException) as exc:
         why = (getattr(exc, "strerror", None) or str(exc)).strip().splitlines()[0]
         kept = f"{output} was left as it was" if existed else "nothing was written"
         raise click.ClickException(f"cannot write {output}: {why}; {kept}") from None
-    click.echo(f"wrote {table.num_rows:,} rows to {output}", err=True)
+    click.echo(f"wrote {sum(written):,} rows to {output}", err=True)
 
 
 # --- logs ------------------------------------------------------------------------------------------
@@ -336,14 +483,21 @@ def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> Non
       pipefarm logs runs/sweep 42
       pipefarm logs runs/sweep 42 --attempt 1 --stderr
     """
-    from .execute.output import read_output
+    from .execute.output import OutputUnavailable, read_output
 
     run = _open(run_dir)
+    rows = run.store.tasks(ids=[task])
+    if not rows:
+        raise click.UsageError(f"no task {task} in {run_dir}")
+    made = rows[0].attempts
+    if attempt is not None and not 1 <= attempt <= made:
+        have = f"attempts 1-{made}" if made > 1 else "attempt 1" if made else "no attempt yet"
+        raise click.UsageError(f"task {task} has {have}; there is no attempt {attempt}")
+    ref = run.store.output_ref(task, attempt)
     try:
-        ref = run.store.output_ref(task, attempt)
-    except KeyError:
-        raise click.UsageError(f"no task {task} in {run_dir}") from None
-    data = read_output(run.path, ref, "stderr" if want_stderr else "stdout")
+        data = read_output(run.path, ref, "stderr" if want_stderr else "stdout")
+    except OutputUnavailable as exc:
+        raise click.ClickException(f"task {task}'s output cannot be read: {exc}") from None
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -370,8 +524,15 @@ def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None,
 
     if force and ids is None:
         raise click.UsageError("--force goes with --ids: name the succeeded tasks to run again")
+    if failed_only and everything:
+        raise click.UsageError("--failed and --all contradict each other: choose one")
+    if ids is not None and (failed_only or everything):
+        raise click.UsageError("--ids names exactly the tasks to retry: drop --failed/--all")
+    wanted = _ids(ids)
+    run = _open(run_dir)
     try:
-        n = _open(run_dir).retry(_ids(ids), failed_only=not everything, force=force)
+        n = run.retry(_known(run, wanted, run_dir) if wanted is not None else None,
+                      failed_only=not everything, force=force)
     except RetryRefused as exc:
         raise RetryRefused(exc.succeeded, exc.asked, "add --force") from None
     click.echo(f"{n:,} task(s) will run again; now: pipefarm run {run_dir}")
@@ -425,6 +586,36 @@ def failures(run_dir: str, as_json: bool, top: int) -> None:
 
 
 # --- many hosts: worker and array -------------------------------------------------------------------
+def _array_spec(scheduler: str, run_dir: str, *, walltime: str | None, python: str | None,
+                **fields: Any) -> Any:
+    """The ArraySpec of ``pipefarm array``'s options, checked before anything is written.
+
+    Every mistake (a bad --time, --mem, --pe, a warning not shorter than the walltime, a path
+    the scheduler cannot take, a missing python) is one UsageError; a python under a
+    node-local directory is one warning line.
+    """
+    import shlex
+
+    from .backends.schedulers import ArraySpec, check_python, render, time_seconds
+
+    try:
+        secs = time_seconds(walltime, scheduler)  # two fields: the scheduler's convention
+        hms = None if secs is None else f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+        if python is not None:
+            fields["python"] = python
+        spec = ArraySpec(run_dir=run_dir, time=hms, **fields)
+        render(scheduler, spec)  # refuses paths its directives cannot take
+        warning = check_python(spec.python)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if warning:
+        click.echo(f"pipefarm: warning: {warning}", err=True)
+    if python is None and spec.setup:
+        click.echo(f"pipefarm: note: the workers start with {shlex.quote(spec.python)}, not the "
+                   "python of the --setup environment (--python python3 for that)", err=True)
+    return spec
+
+
 @main.command()
 @click.argument("run_dir", metavar="RUN")
 @click.option("--element", type=int, default=None, help="This worker's array element (from the scheduler).")
@@ -451,6 +642,8 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
     # scheduler's group-wide USR1/USR2, its tasks start with default dispositions and an
     # empty signal mask, so a simulation that checkpoints on SIGUSR1 hears it)
     reset_inherited_signals()
+    if not Path(run_dir).is_dir():
+        raise click.UsageError(f"run {run_dir} does not exist (no such directory)")
     if not (Path(run_dir) / "fs" / "wave").exists():
         raise click.UsageError(f"{run_dir} has no exported tasks; use `pipefarm array` to start workers")
     name = sig.upper().removeprefix("SIG")
@@ -471,16 +664,21 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 @click.option("--elements", type=click.IntRange(min=1), default=1, show_default=True, help="Array elements (jobs).")
 @click.option("--workers-per-element", "-w", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("-n", "--workers", "n_workers", type=click.IntRange(min=1), help="With --launch: number of worker processes.")
-@click.option("--time", "walltime", help="Walltime per element: minutes, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--time", "walltime", help="Walltime per element: minutes (--time 90), HH:MM:SS or D-HH:MM:SS. Two fields follow the scheduler: --time 2:00 is 2 minutes for SLURM and PBS (MM:SS), 2 hours for LSF (HH:MM); SGE and HTCondor want HH:MM:SS.")
 @click.option("--partition", "--queue", "partition", help="Partition (SLURM) or queue.")
 @click.option("--account", help="Account / project to charge.")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--gpus-per-worker", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--throttle", type=click.IntRange(min=1), help="At most this many elements at once (SLURM %N).")
-@click.option("--extra", multiple=True, help="A raw directive, e.g. '--mem=4G' (repeatable).")
+@click.option("--extra", multiple=True, help="Passed verbatim to the named scheduler as one directive after the generated ones (its prefix, e.g. #SBATCH, is added unless the line starts with #; HTCondor: a submit command), e.g. --extra '--qos=long' (repeatable).")
+@click.option("--mem", help="Memory per element, e.g. --mem 16G (units K, M, G, T, binary; a bare number is MiB), written in the scheduler's own syntax: SLURM --mem, PBS select :mem=, SGE -l h_vmem= (per slot, divided for you), HTCondor request_memory, LSF -R rusage[mem=].")
+@click.option("--mem-per-worker", help="Memory per worker, e.g. --mem-per-worker 4G: each element asks for -w times as much (instead of --mem).")
+@click.option("--pe", "parallel_env", default="smp", show_default=True, help="SGE parallel environment for elements of more than one slot, e.g. --pe mpislots.")
+@click.option("--setup", multiple=True, metavar="LINE", help="A shell line run in each element before the workers start, in order (repeatable), e.g. --setup 'module load python/3.11' --setup 'source ~/venv/bin/activate'. A failing line stops the element.")
+@click.option("--python", "python", metavar="PATH", help="The Python that starts the workers (default: the one running this command, checked to exist). A bare name is looked up on the element's PATH after --setup: --setup 'source ~/venv/bin/activate' --python python3.")
 @click.option("--signal", "sig", default="TERM", show_default=True, help="Walltime warning signal sent to the workers.")
 @click.option("--warn-seconds", type=click.IntRange(min=0), default=120, show_default=True, help="How long before the walltime the warning comes.")
-@click.option("--dry-run", is_flag=True, help="Print the script; submit nothing.")
+@click.option("--dry-run", is_flag=True, help="Also print the submit script on stdout, exactly as written (notes go to stderr); submit nothing. It can be saved and submitted as is: --dry-run > job.sh && sbatch job.sh.")
 @click.option("--submit", "do_submit", is_flag=True, help="Submit the script with the scheduler's own command.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end, folding results as they come.")
 @click.option("--poll", type=click.FloatRange(min=1), default=30.0, show_default=True, help="Seconds between scheduler queries while waiting.")
@@ -488,20 +686,25 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: int,
           workers_per_element: int, n_workers: int | None, walltime: str | None,
           partition: str | None, account: str | None, cpus_per_worker: int,
-          gpus_per_worker: int, throttle: int | None, extra: tuple[str, ...], sig: str,
-          warn_seconds: int, dry_run: bool, do_submit: bool, wait: bool, poll: float,
-          lease: float | None) -> int:
+          gpus_per_worker: int, throttle: int | None, extra: tuple[str, ...], mem: str | None,
+          mem_per_worker: str | None, parallel_env: str, setup: tuple[str, ...],
+          python: str | None, sig: str, warn_seconds: int, dry_run: bool, do_submit: bool,
+          wait: bool, poll: float, lease: float | None) -> int:
     """Run RUN's tasks on many hosts: a scheduler job array of `pipefarm worker`s.
 
     \b
       pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --dry-run
       pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --submit --wait
       pipefarm array runs/sweep --launch srun -n 64      # inside an salloc/sbatch allocation
-    Workers coordinate through the run directory alone; a lost element's blocks are taken
+      pipefarm array runs/sweep --scheduler sge --elements 4 --mem 8G --pe mpi \\
+          --setup 'module load python/3.11' --setup 'source ~/venv/bin/activate' --python python3
+
+    With --scheduler it exports the ready tasks and writes the submit script under RUN/array
+    (printing its path and the command that submits it); --submit also submits it, --dry-run
+    also prints it. Workers coordinate through the run directory alone; a lost element's blocks are taken
     over by the others once its heartbeat is older than the lease.
     """
     from .backends import array as arr
-    from .backends.schedulers import ArraySpec
 
     if (scheduler is None) == (launcher is None):
         raise click.UsageError("choose one of --scheduler and --launch")
@@ -514,23 +717,28 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
         click.echo(str(summary), err=True)
         return 0 if summary.ok else EXIT_FAILED_TASKS
     assert scheduler is not None
-    spec = ArraySpec(
-        run_dir=str(run.path), elements=elements, workers_per_element=workers_per_element,
-        time=walltime, partition=partition, account=account, cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker, throttle=throttle, extra=list(extra), signal=sig,
-        warn_seconds=warn_seconds,
-    )
+    spec = _array_spec(scheduler, str(run.path), elements=elements,
+                       workers_per_element=workers_per_element, walltime=walltime,
+                       partition=partition, account=account, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker, throttle=throttle, extra=list(extra),
+                       signal=sig, warn_seconds=warn_seconds, mem=mem,
+                       mem_per_worker=mem_per_worker, parallel_env=parallel_env,
+                       setup=list(setup), python=python)
     backend = arr.ArrayBackend(scheduler, spec, poll_s=poll)
+    script = backend.prepare(run)  # the tasks exported: a printed script runs as is
     if dry_run:
-        from .backends.schedulers import render
-
-        rendered = render(scheduler, spec)
-        for name, text in rendered.files.items():
-            click.echo(f"# --- {name}\n{text}")
+        click.echo(script.read_text(), nl=False)
+        extra_files = sorted(p.name for p in script.parent.iterdir()
+                             if p.name.startswith(f"{spec.job_name}.{scheduler}.") and p != script)
+        also = f" (with {', '.join(extra_files)}, which it runs)" if extra_files else ""
+        click.echo(f"pipefarm: wrote {script}{also}; nothing submitted", err=True)
         return 0
-    script = backend.prepare(run)
     if not do_submit:
-        click.echo(f"wrote {script}; submit it, or add --submit")
+        from .backends.schedulers import submit_command
+
+        cmd = submit_command(scheduler, script)
+        how = " ".join(cmd.argv) + (f" < {cmd.stdin}" if cmd.stdin else "")
+        click.echo(f"wrote {script}; submit it with: {how}  (or add --submit)")
         return 0
     job = backend.submit(run, script)
     click.echo(f"submitted {scheduler} job {job} ({elements} x {workers_per_element} workers)")
