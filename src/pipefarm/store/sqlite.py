@@ -679,8 +679,10 @@ class SQLiteStore(Store):
         name = f"{f.task}-{f.token:x}.pkl"
         tmp = rdir / (name + ".tmp")
         try:
-            rdir.mkdir(exist_ok=True)
-            with open(tmp, "wb") as fh:
+            rdir.mkdir(mode=0o700, exist_ok=True)
+            # private like the run directory: results may be confidential, and a pickle that
+            # another user could replace would run their code when read back
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
                 fh.write(f.result)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -1153,6 +1155,33 @@ class SQLiteStore(Store):
             if not rows:
                 return
             yield from rows
+
+    def export_rows(self) -> Iterable[tuple[Any, ...]]:
+        """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
+        ended_at, worker, spec, args, output)`` per task, in id order, one row at a time (an
+        export of any size holds one row of the cursor in memory, not the run)."""
+        cur = self.db.execute(
+            "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
+            " ended_at, worker, spec, args, output FROM tasks ORDER BY id"
+        )
+        yield from cur
+
+    def spec_rows(self) -> list[tuple[int, str, bytes]]:
+        """``(id, kind, payload)`` of every spec (to render commands and name functions)."""
+        return self.db.execute("SELECT id, kind, payload FROM specs ORDER BY id").fetchall()
+
+    def task_detail(self, task: int) -> dict[str, Any]:
+        """Every column of one task's row (``KeyError`` if there is none)."""
+        cur = self.db.execute("SELECT * FROM tasks WHERE id=?", (task,))
+        row = cur.fetchone()
+        if row is None:
+            raise KeyError(task)
+        return dict(zip((d[0] for d in cur.description), row, strict=True))
+
+    def attempt_outputs(self, task: int) -> dict[int, str | None]:
+        """The output reference of each archived attempt of ``task``, by attempt number."""
+        return dict(self.db.execute(
+            "SELECT attempt, output FROM attempts WHERE task=? ORDER BY attempt, rowid", (task,)))
 
     def size(self) -> int:
         """Number of tasks."""
