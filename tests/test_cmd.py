@@ -138,10 +138,17 @@ def test_missing_placeholder_is_a_clear_keyerror():
     assert "{sample}" in msg and "{index}" in msg and not msg.startswith("'")
 
 
-@pytest.mark.parametrize("bad", ["{", "}", "{}", "{a!r}", "{a:{b}}"])
-def test_bad_template_syntax_is_refused(bad):
-    with pytest.raises(TemplateError):
-        placeholders(Command(argv=["x", bad]))
+# issue 8: brace text that is not {name}, {name:spec}, {N} or {} is literal (it was refused)
+@pytest.mark.parametrize(
+    ("text", "names", "rendered"),
+    [("{", set(), "{"), ("}", set(), "}"), ("{a!r}", set(), "{a!r}"),
+     ("{a:{b}}", {"b"}, "{a:B}"), ("{}", {""}, "V"), ("${a}", set(), "${a}"),
+     ("{{a}}", set(), "{a}"), ("{ echo; }", set(), "{ echo; }")],
+)
+def test_non_placeholder_brace_text_is_literal(text, names, rendered):
+    cmd = Command(argv=["x", text])
+    assert placeholders(cmd) == names
+    assert render(cmd, {"b": "B"} if names == {"b"} else {"v": "V"})[1] == rendered
 
 
 def test_command_needs_exactly_one_of_argv_and_shell():
@@ -434,11 +441,11 @@ def test_pdeathsig_mode_kills_the_direct_child(tmp_path, reap_leftovers):
     assert wait_dead(pids, within=3.0)
 
 
-def test_shell_variable_written_as_placeholder_gets_a_hint(sink):
-    with pytest.raises(TemplateError, match=r"double the braces: \$\{\{HOME\}\}"):
-        render(Command(shell="echo ${HOME}"), {})
-    res = run(Command(shell="printf %s ${{HOME}}"), sink=sink)
-    assert out(sink, res) == os.environ["HOME"].encode()
+def test_shell_variable_reaches_the_shell(sink):
+    # issue 8: ${HOME} is the shell's (it used to be refused); ${{HOME}} still works
+    for line in ("printf %s ${HOME}", "printf %s ${{HOME}}"):
+        res = run(Command(shell=line), sink=sink)
+        assert out(sink, res) == os.environ["HOME"].encode()
 
 
 def test_pipe_held_outside_the_group_does_not_hang_the_worker(sink):

@@ -16,12 +16,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .execute.cmd import Command, TemplateError, render, shell_var_hint, templates
+from .execute.cmd import (
+    EMPTY_PLACEHOLDER_HINT,
+    Command,
+    TemplateError,
+    literal_braces,
+    render,
+)
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape"}
 # structured text as spreadsheets write it: a leading UTF-8 byte-order mark is not data
 _ENC_SIG = {"encoding": "utf-8-sig", "errors": "surrogateescape"}
 _MAX_ELEMENT = 1 << 26  # characters one JSON element may span before we call it malformed
+# characters one CSV cell may hold: Python's csv module stops at 128 KiB by default, too
+# little for a sequence or an embedded document; an unclosed quote still ends at this bound
+# instead of swallowing the whole file into memory
+_MAX_CSV_FIELD = 1 << 26
 
 
 def _ranges(spec: str) -> list[range]:
@@ -103,28 +113,38 @@ def csv_source(path: str | Path, delimiter: str = ",") -> Iterator[dict[str, str
     """
     import csv
 
+    if csv.field_size_limit() < _MAX_CSV_FIELD:  # process-wide; only ever raised
+        csv.field_size_limit(_MAX_CSV_FIELD)
     with open(path, newline="", **_ENC_SIG) as f:  # type: ignore[call-overload]
         reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        names = [h.strip() for h in header]
-        if any(not n for n in names):
-            raise ValueError(f"{path}: the header row has an empty column name: {header!r}")
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"{path}: the header row names {dup} more than once")
-        width = len(names)
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != width:
-                n = len(row)
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: {n} cell{'s' if n != 1 else ''} but the"
-                    f" header has {width}"
-                )
-            yield dict(zip(names, row, strict=True))
+        try:
+            yield from _csv_rows(path, reader)
+        except csv.Error as exc:  # a cell over the bound, a NUL byte, ...: name the line
+            raise ValueError(f"{path}, line {reader.line_num}: {exc}") from None
+
+
+def _csv_rows(path: str | Path, reader: Any) -> Iterator[dict[str, str]]:
+    """The rows of :func:`csv_source`, named by the header row."""
+    header = next(reader, None)
+    if header is None:
+        return
+    names = [h.strip() for h in header]
+    if any(not n for n in names):
+        raise ValueError(f"{path}: the header row has an empty column name: {header!r}")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path}: the header row names {dup} more than once")
+    width = len(names)
+    for row in reader:
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != width:
+            n = len(row)
+            raise ValueError(
+                f"{path}, line {reader.line_num}: {n} cell{'s' if n != 1 else ''} but the"
+                f" header has {width}"
+            )
+        yield dict(zip(names, row, strict=True))
 
 
 def _str(value: Any) -> str:
@@ -226,6 +246,67 @@ def json_source(path: str | Path) -> Iterator[dict[str, str]]:
                     raise ValueError(f"{path}: expected ',' or ']' after element {n - 1}")
 
 
+#: The GNU parallel separators: ``::: VALUE...`` and ``:::: FILE...`` (one value per line).
+ARGS_SEP, FILES_SEP = ":::", "::::"
+
+
+def split_inline_args(words: Iterable[str]) -> tuple[list[str], list[list[str]] | None]:
+    """Split ``CMD... ::: a b ::: 1 2 :::: FILE`` into the command and its input groups.
+
+    As GNU parallel reads them: each ``:::`` starts a group of the values after it; each
+    FILE after ``::::`` is a group of its own, one value per line (line ending dropped, blank
+    lines skipped as ``--from-file`` does). Returns ``(command words, groups)``, groups None
+    without a separator. Raises ValueError for an empty group or a file that cannot be read.
+    """
+    words = list(words)
+    at = next((i for i, w in enumerate(words) if w in (ARGS_SEP, FILES_SEP)), None)
+    if at is None:
+        return words, None
+    groups: list[list[str]] = []
+    sep, files_seen = None, 0
+    for w in words[at:]:
+        if w in (ARGS_SEP, FILES_SEP):
+            if sep == ARGS_SEP and not groups[-1] or sep == FILES_SEP and files_seen == 0:
+                raise ValueError(f"nothing after {sep!r}: give it at least one value")
+            sep, files_seen = w, 0
+            if w == ARGS_SEP:
+                groups.append([])
+        elif sep == ARGS_SEP:
+            groups[-1].append(w)
+        else:
+            try:
+                values = [ln for ln in _lines(w) if ln.strip()]
+            except OSError as exc:
+                raise ValueError(f"{FILES_SEP} {w}: {exc.strerror or exc}") from None
+            if not values:
+                raise ValueError(f"{FILES_SEP} {w}: the file has no values (no non-blank line)")
+            groups.append(values)
+            files_seen += 1
+    if sep == ARGS_SEP and not groups[-1] or sep == FILES_SEP and files_seen == 0:
+        raise ValueError(f"nothing after {sep!r}: give it at least one value")
+    return words[:at], groups
+
+
+def inline_size(groups: list[list[str]]) -> int:
+    """How many tasks :func:`inline_source` yields: the product of the group sizes."""
+    n = 1
+    for g in groups:
+        n *= len(g)
+    return n
+
+
+def inline_source(groups: list[list[str]]) -> Iterator[dict[str, str]]:
+    """``{"1": a, "2": b, ...}`` for every combination of the groups, in GNU parallel's order.
+
+    The last group varies fastest: ``::: a b ::: 1 2`` gives a 1, a 2, b 1, b 2.
+    """
+    import itertools
+
+    names = [str(i) for i in range(1, len(groups) + 1)]
+    for combo in itertools.product(*groups):
+        yield dict(zip(names, combo, strict=True))
+
+
 def source_for(path: str | Path) -> Iterator[dict[str, str]]:
     """The source a file's extension implies: .csv, .tsv, .json/.jsonl, else lines."""
     suffix = Path(path).suffix.lower()
@@ -244,21 +325,33 @@ def check_template(
     """Refuse a template that uses a placeholder the source does not provide.
 
     Call with the first row before anything is written. Raises
-    :class:`~pipefarm.execute.cmd.TemplateError` naming the missing and the available names
-    (pass ``command`` to add a hint when a missing one looks like a shell ``${VAR}``).
+    :class:`~pipefarm.execute.cmd.TemplateError` naming the missing and the available names.
+    ``{}`` (placeholder name ``""``) is provided by a row with exactly one value. With
+    ``command``, also refuse literal brace text that names a column (``{my-col}``: not an
+    identifier, so not a placeholder), which would otherwise pass silently.
     """
     if first_values is None:
         if placeholders:
             raise TemplateError("the value source is empty: no task to fill the template")
         return
-    missing = sorted(placeholders - first_values.keys())
+    missing = sorted(
+        p for p in placeholders - first_values.keys() if not (p == "" and len(first_values) == 1)
+    )
     if missing:
         have = ", ".join("{" + k + "}" for k in sorted(first_values, key=_name_order)) or "none"
-        hint = shell_var_hint(missing, templates(command)) if command is not None else ""
+        hint = f"; {EMPTY_PLACEHOLDER_HINT}" if "" in missing else ""
         raise TemplateError(
             f"the command uses {', '.join('{' + m + '}' for m in missing)} but the source "
             f"provides no such value; available: {have}{hint}"
         )
+    if command is not None:
+        named = sorted((literal_braces(command) - placeholders) & first_values.keys())
+        if named:
+            raise TemplateError(
+                f"{{{named[0]}}} names a column of the source but is not a placeholder: "
+                "placeholder names are identifiers (letters, digits, _); rename the column, "
+                f"or write {{{{{named[0]}}}}} for the literal text"
+            )
 
 
 def _name_order(name: str) -> tuple[int, int, str]:
@@ -284,7 +377,7 @@ def checked(
     for n, row in enumerate(it, start=2):
         if not placeholders <= row.keys():
             try:
-                check_template(placeholders, row, command)
+                check_template(placeholders, row)  # literal braces: checked on the first row
             except TemplateError as exc:
                 raise TemplateError(f"row {n}: {exc}") from None
         yield row

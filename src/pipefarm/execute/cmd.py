@@ -22,8 +22,8 @@ groups (SIGTERM, grace, SIGKILL); its cost does not show in the spawn rate.
 from __future__ import annotations
 
 import os
+import re
 import shlex
-import string
 import sys
 import threading
 import time
@@ -61,12 +61,15 @@ class TemplateError(KeyError):
 class Command(msgspec.Struct, omit_defaults=True):
     """The template of a command task: an argv list or a shell line, plus how to run it.
 
-    Placeholders are ``{name}`` (``{{`` and ``}}`` are literal braces) and may carry a format
-    spec applied to the value as a number when it looks like one (``{index:05d}``).
+    Placeholders are ``{name}`` (an identifier), ``{N}`` (digits) and ``{}`` (the only value
+    of a single-column source), and may carry a format spec applied to the value as a number
+    when it looks like one (``{index:05d}``). Any other brace is literal, so shell and awk
+    text needs no escaping (``awk '{print $1}'``, ``{ echo x; exit 7; }``); a ``{`` right
+    after ``$`` is always literal (the shell's ``${VAR}``); ``{{`` and ``}}`` are one literal
+    brace each (so write awk's ``}}`` as ``} }``).
     In ``argv`` mode a value becomes part of exactly one argv element; no shell is involved.
     In ``shell`` mode each value is quoted with :func:`shlex.quote` before it goes into the
-    line, which runs under ``/bin/sh -c`` -- so do not put placeholders inside quotes there,
-    and write the shell's own ``${VAR}`` as ``${{VAR}}`` (``$VAR`` needs nothing).
+    line, which runs under ``/bin/sh -c`` -- so do not put placeholders inside quotes there.
     ``cwd`` may contain placeholders too (a per-task working directory); ``env`` is literal.
     """
 
@@ -166,34 +169,60 @@ def _has_surrogates(s: str) -> bool:
 
 # -- templates -----------------------------------------------------------------------------
 
-_formatter = string.Formatter()
+# What a placeholder is: {name}, {name:spec}, {N} or {} -- name an identifier, N digits, spec
+# without braces. Every other brace is literal text, so ordinary shell and awk need no
+# escaping: awk '{print $1}', ${HOME}, { cmd; exit 7; }. A "{" right after "$" is always
+# literal (the shell's ${VAR}); "{{" and "}}" still stand for one literal brace.
+_PLACEHOLDER = re.compile(r"\{(?:([^\W\d]\w*|\d+)(?::([^{}]*))?)?\}")
+_BRACE = re.compile(r"[{}]")
 
 
 @lru_cache(maxsize=4096)
 def _parse(template: str) -> tuple[tuple[str, str | None, str], ...]:
-    """``(literal, field or None, format spec)`` pieces of one template string (cached)."""
-    try:
-        pieces = list(_formatter.parse(template))
-    except ValueError as exc:
-        raise TemplateError(f"bad template {template!r}: {exc}") from None
-    out = []
-    for literal, field, spec, conversion in pieces:
-        if field is not None:
-            if field == "":
-                raise TemplateError(
-                    f"bad template {template!r}: empty placeholder {{}}; name it, e.g. {{index}}"
-                )
-            if conversion:
-                raise TemplateError(
-                    f"bad template {template!r}: conversions like !{conversion} are not supported"
-                )
-            if spec and "{" in spec:
-                raise TemplateError(
-                    f"bad template {template!r}: nested placeholders in a format spec "
-                    "are not supported"
-                )
-        out.append((literal, field, spec or ""))
+    """``(literal, field or None, format spec)`` pieces of one template string (cached).
+
+    ``field`` is the placeholder's name, or ``""`` for ``{}`` (the source's only value).
+    Never raises: text that is not a placeholder is literal.
+    """
+    out: list[tuple[str, str | None, str]] = []
+    literal: list[str] = []
+    i, n = 0, len(template)
+    while i < n:
+        j = _next_brace(template, i)
+        literal.append(template[i:j])
+        if j >= n:
+            break
+        c = template[j]
+        if template.startswith(c * 2, j):  # "{{" / "}}": one literal brace
+            literal.append(c)
+            i = j + 2
+            continue
+        m = _PLACEHOLDER.match(template, j) if c == "{" and template[j - 1 : j] != "$" else None
+        if m is None:
+            literal.append(c)
+            i = j + 1
+            continue
+        out.append(("".join(literal), m.group(1) or "", m.group(2) or ""))
+        literal = []
+        i = m.end()
+    if literal or not out:
+        out.append(("".join(literal), None, ""))
     return tuple(out)
+
+
+def _next_brace(s: str, start: int) -> int:
+    m = _BRACE.search(s, start)
+    return len(s) if m is None else m.start()
+
+
+def _unparse(pieces: Iterable[tuple[str, str | None, str]]) -> str:
+    """The template text of parsed pieces (literal braces doubled): ``_parse`` inverts it."""
+    out = []
+    for literal, field, spec in pieces:
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            out.append("{" + field + (":" + spec if spec else "") + "}")
+    return "".join(out)
 
 
 def templates(cmd: Command) -> list[str]:
@@ -232,6 +261,15 @@ def _apply_spec(value: str, spec: str) -> str:
     raise TemplateError(f"cannot format value {value!r} with format spec {spec!r}")
 
 
+def _value(field: str, values: dict[str, str]) -> str | None:
+    """The value of one placeholder: ``{}`` is the row's only value (or its ``""`` entry)."""
+    if field in values:
+        return values[field]
+    if field == "" and len(values) == 1:
+        return next(iter(values.values()))
+    return None
+
+
 def _render(template: str, values: dict[str, str], quote: bool) -> str:
     pieces = _parse(template)
     if len(pieces) == 1 and pieces[0][1] is None:
@@ -241,10 +279,9 @@ def _render(template: str, values: dict[str, str], quote: bool) -> str:
         out.append(literal)
         if field is None:
             continue
-        try:
-            value = values[field]
-        except KeyError:
-            raise _missing(template, values) from None
+        value = _value(field, values)
+        if value is None:
+            raise _missing(template, values)
         if spec:
             value = _apply_spec(value, spec)
         out.append(shlex.quote(value) if quote else value)
@@ -253,29 +290,49 @@ def _render(template: str, values: dict[str, str], quote: bool) -> str:
 
 def _missing(template: str, values: dict[str, str]) -> TemplateError:
     names = {f for _, f, _ in _parse(template) if f is not None}
-    missing = sorted(names - set(values))
+    missing = sorted(f for f in names if _value(f, values) is None)
     have = ", ".join("{" + k + "}" for k in sorted(values)) or "none"
+    extra = f"; {EMPTY_PLACEHOLDER_HINT}" if "" in missing else ""
     return TemplateError(
         f"no value for placeholder {', '.join('{' + m + '}' for m in missing)} "
-        f"in {template!r}; available: {have}{shell_var_hint(missing, [template])}"
+        f"in {template!r}; available: {have}{extra}"
     )
 
 
-def shell_var_hint(missing: Iterable[str], templates: Iterable[str]) -> str:
-    """A hint for missing placeholders written as ``${NAME}``: probably meant for the shell.
+#: Why ``{}`` found no value: it stands for a source's only column.
+EMPTY_PLACEHOLDER_HINT = (
+    "{} stands for the only value of a single-column source (--array, --from-file, a "
+    "one-column CSV, one ::: list); name the column instead, e.g. {index}"
+)
 
-    ``${HOME}`` in a template is the placeholder ``{HOME}`` after a ``$``; refusing it loudly
-    beats guessing (a guess would silently turn a mistyped placeholder into an empty shell
-    variable), and this says how to write the shell's own expansion.
+
+def literal_braces(cmd: Command) -> set[str]:
+    """The texts in literal braces of a Command's templates: ``{my-col}`` gives ``my-col``.
+
+    Such text is not a placeholder (names are identifiers); when it names a source column
+    the user most likely meant it as one, and :func:`pipefarm.sources.check_template` says so.
     """
-    missing = set(missing)
-    dollar = sorted(
-        {f for t in templates for lit, f, _ in _parse(t) if f in missing and lit.endswith("$")}
-    )
-    if not dollar:
-        return ""
-    examples = ", ".join("${{" + d + "}}" for d in dollar)
-    return f" (for the shell's own variables double the braces: {examples})"
+    found: set[str] = set()
+    for template in _templates(cmd):
+        # not after "{" or "$" and not before "}": {{x}} and ${x} are meant literally
+        found.update(re.findall(r"(?<![{$])\{([^{}:]+)(?::[^{}]*)?\}(?!\})", template))
+    return found
+
+
+def name_default(cmd: Command, name: str) -> Command:
+    """``cmd`` with every ``{}`` (spec kept) written as ``{name}``: for a source whose only
+    column is ``name``, so the stored template says what it uses."""
+
+    def fix(template: str) -> str:
+        pieces = _parse(template)
+        if not any(f == "" for _, f, _ in pieces):
+            return template
+        return _unparse((lit, name if f == "" else f, spec) for lit, f, spec in pieces)
+
+    argv = None if cmd.argv is None else [fix(a) for a in cmd.argv]
+    shell = None if cmd.shell is None else fix(cmd.shell)
+    cwd = None if cmd.cwd is None else fix(cmd.cwd)
+    return msgspec.structs.replace(cmd, argv=argv, shell=shell, cwd=cwd)
 
 
 def render(cmd: Command, values: dict[str, str]) -> list[str]:
