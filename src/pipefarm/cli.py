@@ -384,6 +384,12 @@ def status(run_dir: str, as_json: bool) -> None:
     \b
       pipefarm status runs/sweep
       pipefarm status runs/sweep --json | jq .counts
+    An ETA shows only while the run is being worked on (a live `pipefarm run`, or array
+    workers with fresh heartbeats), from the last minute's completion rate and how long the
+    running tasks have run; a stopped run says how to resume instead. Only reads the run.
+    Exit status: 0 whenever the status could be read, whatever the tasks' states (use
+    --json's counts, or `pipefarm run`'s exit status, to test for failures); 2 on a usage
+    error such as a missing run.
     """
     from .backends.array import sync
     from .observe.status import status_report
@@ -397,9 +403,12 @@ def status(run_dir: str, as_json: bool) -> None:
     c = rep["counts"]
     click.echo(f"{rep['run']}: {rep['total']:,} tasks, {rep['done']:,} done")
     click.echo("  " + "  ".join(f"{k} {v:,}" for k, v in c.items() if v))
-    if rep["throughput_per_s"]:
-        eta = f", eta {rep['eta_s']:,.0f} s" if rep["eta_s"] else ""
-        click.echo(f"  throughput {rep['throughput_per_s']:,.1f} tasks/s (last minute){eta}")
+    left = rep["total"] - rep["done"]
+    if rep["live"]:
+        eta = f", eta {rep['eta_s']:,.0f} s" if rep["eta_s"] is not None else ", eta -"
+        click.echo(f"  running: {rep['throughput_per_s']:,.2f} tasks/s (last minute){eta}")
+    elif left:
+        click.echo(f"  not running: {left:,} task(s) left; resume with: pipefarm run {run_dir}")
     if rep["last_failures"]:
         click.echo("  latest failures:")
         for f in rep["last_failures"]:
@@ -600,6 +609,12 @@ def _array_spec(scheduler: str, run_dir: str, *, walltime: str | None, python: s
 
     try:
         secs = time_seconds(walltime, scheduler)  # two fields: the scheduler's convention
+        warn = fields.get("warn_seconds", 0)
+        if secs is not None and warn >= secs:
+            raise ValueError(
+                f"--warn-seconds {warn} is not shorter than the walltime: --time {walltime} is "
+                f"{secs} s for {scheduler}; lower --warn-seconds (0: no warning) or raise --time"
+            )
         hms = None if secs is None else f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
         if python is not None:
             fields["python"] = python
@@ -677,7 +692,7 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 @click.option("--setup", multiple=True, metavar="LINE", help="A shell line run in each element before the workers start, in order (repeatable), e.g. --setup 'module load python/3.11' --setup 'source ~/venv/bin/activate'. A failing line stops the element.")
 @click.option("--python", "python", metavar="PATH", help="The Python that starts the workers (default: the one running this command, checked to exist). A bare name is looked up on the element's PATH after --setup: --setup 'source ~/venv/bin/activate' --python python3.")
 @click.option("--signal", "sig", default="TERM", show_default=True, help="Walltime warning signal sent to the workers.")
-@click.option("--warn-seconds", type=click.IntRange(min=0), default=120, show_default=True, help="How long before the walltime the warning comes.")
+@click.option("--warn-seconds", type=click.IntRange(min=0), default=120, show_default=True, help="How long before the walltime the warning comes; shorter than --time (0: no warning), e.g. --warn-seconds 600.")
 @click.option("--dry-run", is_flag=True, help="Also print the submit script on stdout, exactly as written (notes go to stderr); submit nothing. It can be saved and submitted as is: --dry-run > job.sh && sbatch job.sh.")
 @click.option("--submit", "do_submit", is_flag=True, help="Submit the script with the scheduler's own command.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end, folding results as they come.")

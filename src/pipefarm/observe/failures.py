@@ -49,8 +49,10 @@ def signature(exit_code: int | None, error: str | None) -> str:
     return normalise(last)
 
 
-def group_failures(rows: Iterable[tuple[int, int | None, str | None]], examples: int = 20) -> list[FailureGroup]:
-    """Group ``(task, exit_code, error)`` rows by :func:`signature`."""
+def group_failures(rows: Iterable[tuple[int, int | None, str | None]],
+                   examples: int | None = None) -> list[FailureGroup]:
+    """Group ``(task, exit_code, error)`` rows by :func:`signature`; each group lists every
+    task id (or the first ``examples``: ``count`` still says how many there are)."""
     groups: dict[str, FailureGroup] = {}
     for task, code, err in rows:
         sig = signature(code, err)
@@ -59,7 +61,7 @@ def group_failures(rows: Iterable[tuple[int, int | None, str | None]], examples:
             groups[sig] = FailureGroup(sig, 1, task, (err or "").strip(), [task])
         else:
             g.count += 1
-            if len(g.task_ids) < examples:
+            if examples is None or len(g.task_ids) < examples:
                 g.task_ids.append(task)
     return sorted(groups.values(), key=lambda g: (-g.count, g.example_task))
 

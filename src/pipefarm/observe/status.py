@@ -1,32 +1,134 @@
-"""What a run looks like now: counts, throughput, ETA and the latest failures (read only)."""
+"""What a run looks like now: counts, throughput, ETA and the latest failures (read only).
+
+An ETA is given only while the run is being worked on -- a live coordinator (``pipefarm run``
+holds ``RUN/coordinator.lock``) or array workers whose heartbeats are fresh -- because a
+stopped run finishes never, whatever its last minute's throughput was.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ..states import State
 
+#: throughput is measured over the tasks that ended in this many recent seconds
+RATE_WINDOW_S = 60.0
 
-def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> dict[str, Any]:
+
+def coordinator_alive(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a ``pipefarm run`` holds ``RUN/coordinator.lock`` now (same host).
+
+    Reads ``/proc/locks`` where there is one, so that looking never takes the lock (a
+    ``pipefarm run`` starting at that moment would find it busy); elsewhere it tries a shared
+    lock for an instant.
+    """
+    path = Path(run_dir) / "coordinator.lock"
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    try:
+        with open("/proc/locks") as f:
+            locks = f.read()
+    except OSError:
+        locks = None
+    if locks is not None:
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        return any(line.split()[5:6] == [dev] for line in locks.splitlines()
+                   if " FLOCK " in line and "->" not in line)
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock, if we got it
+    return False
+
+
+def live_workers(run_dir: str | os.PathLike[str], lease_s: float) -> int:
+    """Array workers of a shared-filesystem run whose heartbeat is younger than the lease."""
+    hb = Path(run_dir) / "fs" / "hb"
+    try:
+        entries = list(os.scandir(hb))
+    except OSError:
+        return 0
+    now = time.time()
+    n = 0
+    for e in entries:
+        if e.name == "catalog" or e.name.startswith("fold-"):
+            continue  # the catalog's own stamp and fold lock holders are no workers
+        try:
+            if now - e.stat().st_mtime < lease_s:
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+def being_worked_on(run: Any) -> bool:
+    """Whether a coordinator or live array workers are running ``run`` now."""
+    if coordinator_alive(run.path):
+        return True
+    if not (Path(run.path) / "fs").is_dir():
+        return False
+    from ..backends.array import lease_of
+
+    return live_workers(run.path, lease_of(run)) > 0
+
+
+def estimate_eta(queued: int, running_elapsed: list[float], rate: float,
+                 mean_duration: float | None) -> float | None:
+    """Seconds until the run ends: the running tasks finish after about the mean duration of
+    recent tasks (less what they have run), the queued ones at the recent completion rate."""
+    remaining = [max(0.0, mean_duration - el) for el in running_elapsed] if mean_duration else []
+    if queued == 0:
+        if not running_elapsed:
+            return 0.0
+        return max(remaining) if remaining else None
+    if rate <= 0:
+        return None
+    return queued / rate + (sum(remaining) / len(remaining) if remaining else 0.0)
+
+
+def status_report(run: Any, window_s: float = RATE_WINDOW_S, last_failures: int = 5) -> dict[str, Any]:
     """The status of ``run`` as a JSON-ready dict (``pipefarm status --json``)."""
     db = run.store.db
     counts = run.store.counts()
     total = sum(counts.values())
     now = time.time()
-    recent = db.execute(
-        f"SELECT count(*), min(ended_at) FROM tasks WHERE state IN ({int(State.SUCCEEDED)},"
-        f" {int(State.FAILED)}) AND ended_at >= ?",
+    ended = f"({int(State.SUCCEEDED)}, {int(State.FAILED)})"
+    n_recent, first, mean = db.execute(
+        f"SELECT count(*), min(ended_at), avg(ended_at - started_at) FROM tasks"
+        f" WHERE state IN {ended} AND ended_at >= ?",
         (now - window_s,),
     ).fetchone()
-    n_recent, first = recent
     span = (now - first) if first else 0.0
+    # at least the window's first task's own duration: one task ending just now is not a
+    # burst of infinite speed
+    span = max(span, mean or 0.0)
     rate = n_recent / span if n_recent and span > 0 else 0.0
-    left = sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+    if mean is None:  # nothing ended lately: the run's mean duration, for the running tasks
+        mean = db.execute(f"SELECT avg(ended_at - started_at) FROM tasks WHERE state IN {ended}"
+                          " AND started_at IS NOT NULL").fetchone()[0]
+    running = [now - t0 for (t0,) in db.execute(
+        f"SELECT started_at FROM tasks WHERE state={int(State.RUNNING)} AND started_at IS NOT NULL")]
+    queued = sum(counts[k] for k in ("blocked", "ready", "claimed"))
+    left = queued + counts["running"]
+    live = being_worked_on(run) if left else False
+    eta = estimate_eta(queued, running, rate, mean) if live and left else None
     fails = [
         {"task_id": t, "key": k, "exit_code": code, "error": (err or "").strip().splitlines()[-1:] and
-         (err or "").strip().splitlines()[-1], "ended_at": ended}
-        for t, k, code, err, ended in db.execute(
+         (err or "").strip().splitlines()[-1], "ended_at": ended_at}
+        for t, k, code, err, ended_at in db.execute(
             f"SELECT id, key, exit_code, error, ended_at FROM tasks WHERE state={int(State.FAILED)}"
             " ORDER BY ended_at DESC LIMIT ?",
             (last_failures,),
@@ -44,8 +146,9 @@ def status_report(run: Any, window_s: float = 60.0, last_failures: int = 5) -> d
         "total": total,
         "counts": counts,
         "done": counts["succeeded"] + counts["failed"] + counts["skipped"] + counts["cancelled"],
+        "live": live,  # a coordinator or live array workers are running it now
         "throughput_per_s": round(rate, 3),
-        "eta_s": round(left / rate, 1) if rate > 0 and left else None,
+        "eta_s": round(eta, 1) if eta is not None else None,
         "last_failures": fails,
         "last_notes": notes,  # e.g. output cut at its cap
     }
