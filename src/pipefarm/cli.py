@@ -228,54 +228,103 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/b --from-file inputs.txt -- gzip -k {line}
       pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
       pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
+    \b
+    As GNU parallel: values after ::: (or one per line of the files after ::::); several
+    groups make every combination, named {1} {2} ...; {} is the value of a single source:
+      pipefarm submit runs/e -- gzip -k {} ::: a.txt b.txt c.txt
+      pipefarm submit runs/f -- ./sim --alpha {1} --beta {2} ::: 0.1 0.2 ::: 1 2 3
+      pipefarm submit runs/g -- gzip -k {} :::: inputs.txt
+      pipefarm submit runs/h --array 1-100 -- ./sim --seed {}
+    Without any placeholder, the ::: values are appended to CMD, as GNU parallel does.
     Values are passed as separate arguments (no shell, no injection); with --shell they are
-    quoted. A placeholder with no source column is refused before anything is written.
-    With --key, a task whose key is already in RUN is not added again: submitting the same
-    sweep twice adds only what is new.
+    quoted. Only {name}, {name:spec}, {N} and {} are placeholders: other braces are plain
+    text, and ${VAR} is the shell's, so shell and awk need no escaping ({{ and }} are one
+    literal brace):
+      pipefarm submit runs/i --from-file inputs.txt -- awk '{print $1}' {line}
+    A placeholder with no source column is refused before anything is written, and a refused
+    submission leaves no new RUN behind. With --key, a task whose key is already in RUN is
+    not added again: submitting the same sweep twice adds only what is new.
     """
+    import itertools
+
     from . import sources
-    from .execute.cmd import Command, render
+    from .execute.cmd import Command, name_default, placeholders, render
     from .run import Run
 
-    chosen = [s for s in (array_spec, from_file, from_csv, from_json) if s is not None]
+    try:
+        words, groups = sources.split_inline_args(command)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not words:
+        raise click.UsageError(f"no command before {command[0]!r}")
+    chosen = [s for s in (array_spec, from_file, from_csv, from_json, groups) if s is not None]
     if len(chosen) > 1:
-        raise click.UsageError("choose at most one of --array, --from-file, --from-csv, --from-json")
+        raise click.UsageError(
+            "choose at most one of --array, --from-file, --from-csv, --from-json, :::/::::")
+    _refuse_undecodable(words, "CMD")
+    _refuse_undecodable([run_dir], "RUN")
+    _refuse_undecodable([cwd, key_template, *env], "option")
     env_map = {}
     for item in env:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
         k, v = item.split("=", 1)
         env_map[k] = v
+    if groups is not None and not any(
+            placeholders(Command(argv=[w])) for w in [*words, *([cwd] if cwd else [])]):
+        # GNU parallel appends the values to a command that names none of them
+        words += ["{}"] if len(groups) == 1 else [f"{{{i}}}" for i in range(1, len(groups) + 1)]
     if shell:
-        cmd = Command(shell=" ".join(command), cwd=cwd, env=env_map, output_cap=output_cap,
+        cmd = Command(shell=" ".join(words), cwd=cwd, env=env_map, output_cap=output_cap,
                       output_per_task=output_per_task)
     else:
-        cmd = Command(argv=list(command), cwd=cwd, env=env_map, output_cap=output_cap,
+        cmd = Command(argv=list(words), cwd=cwd, env=env_map, output_cap=output_cap,
                       output_per_task=output_per_task)
+    key_cmd = Command(argv=[key_template]) if key_template is not None else None
     rows: Any = None
+    size: int | None = None  # known before reading: for the large-submission note
+    value_bytes = 0.0
+    only: str | None = None  # the column {} stands for
     try:
         if array_spec is not None:
-            rows = sources.array_source(array_spec)
+            rows, only = sources.array_source(array_spec), "index"
+            size = sources.array_size(array_spec)
+            value_bytes = max(len(d) for d in array_spec.replace("-", ",").split(","))
         elif from_file is not None:
-            rows = sources.file_source(from_file)
-        elif from_csv is not None:
-            rows = sources.csv_source(from_csv)
-        elif from_json is not None:
-            rows = sources.json_source(from_json)
+            rows, only = sources.file_source(from_file), "line"
+        elif groups is not None:
+            rows, size = sources.inline_source(groups), sources.inline_size(groups)
+            only = "1" if len(groups) == 1 else None
+            value_bytes = sum(sum(map(len, g)) / len(g) for g in groups)
+        elif from_csv is not None or from_json is not None:
+            rows = (sources.csv_source(from_csv) if from_csv is not None
+                    else sources.json_source(from_json))  # type: ignore[arg-type]
+            first = next(rows, None)  # a one-column source: {} is that column
+            if first is not None:
+                only = next(iter(first)) if len(first) == 1 else None
+                rows = itertools.chain([first], rows)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if only is not None:
+        cmd = name_default(cmd, only)
+        key_cmd = name_default(key_cmd, only) if key_cmd is not None else None
+    if size is not None:
+        _note_large(size, value_bytes, run_dir)
     keys = None
-    if key_template is not None:
-        key_cmd = Command(argv=[key_template])
+    if key_cmd is not None:
         try:
             rows = list(rows) if rows is not None else [{}]
         except ValueError as exc:  # a malformed source row: nothing is written yet
             raise click.UsageError(str(exc)) from None
         keys = [render(key_cmd, r)[0] for r in rows]
     run = Run.create(run_dir, exist_ok=True)
-    ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
-                         priority=priority, cost=cost, after=_ids(after), cpus=cpus, gpus=gpus,
-                         tags=tags)
+    try:
+        ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
+                             priority=priority, cost=cost, after=_ids(after), cpus=cpus,
+                             gpus=gpus, tags=tags)
+    except BaseException:  # refused, or Ctrl-C: the transaction rolled back
+        _undo_create(run)
+        raise
     added = getattr(ids, "added", ids)  # a TaskIds list when some keys were there already
     there = len(ids) - len(added)
     if not added:
@@ -284,6 +333,68 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     span = f"{added[0]}" if len(added) == 1 else f"{added[0]}-{added[-1]}"
     click.echo(f"added task{'s' if len(added) > 1 else ''} {span} ({len(added):,}) to {run_dir}"
                + (f"; {there:,} already there (same key)" if there else ""))
+
+
+def _refuse_undecodable(args: list[str | None], what: str) -> None:
+    """Refuse arguments that are not UTF-8 (argv arrives surrogate-escaped): templates and
+    paths are stored as text. Values after ::: are not checked: they reach CMD byte-exact."""
+    for arg in args:
+        if arg is not None and _undecodable(arg):
+            _die(f"{what} argument {_shown(arg)} is not valid UTF-8; give such bytes as values "
+                 "(after ::: or in a --from-file), which reach the command byte-exact")
+
+
+def _undecodable(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(arg: str) -> str:
+    """An argument as a printable literal: undecodable bytes as \\xNN."""
+    return repr(arg.encode("utf-8", "surrogateescape"))[1:]
+
+
+def _note_large(size: int, value_bytes: float, run_dir: str) -> None:
+    """One line on stderr before a large submission is written: how many tasks, how much disk."""
+    import os
+
+    from .sources import LARGE_SUBMISSION, catalog_estimate
+
+    try:
+        threshold = int(os.environ.get("PIPEFARM_LARGE_SUBMISSION", LARGE_SUBMISSION))
+    except ValueError:
+        threshold = LARGE_SUBMISSION
+    if size < threshold:
+        return
+    est = catalog_estimate(size, value_bytes)
+    click.echo(f"pipefarm: note: submitting {size:,} tasks; the catalog in {run_dir} will take"
+               f" about {_human_bytes(est)} of disk (Ctrl-C now writes nothing)", err=True)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def _undo_create(run: Any) -> None:
+    """After a refused first submission: remove the run directory this submission made (and
+    only that), so a typo leaves nothing behind. A run that holds tasks is never removed."""
+    created = run.created
+    try:
+        empty = created is not None and not any(run.store.counts().values())
+    except Exception:  # cannot tell: keep it
+        empty = False
+    run.close()
+    if empty:
+        import shutil
+
+        shutil.rmtree(created, ignore_errors=True)
 
 
 # --- run -------------------------------------------------------------------------------------------
@@ -779,3 +890,74 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
                 " (with the same options)", err=True)
         return EXIT_FAILED_TASKS
     return 0
+
+
+# --- list / show -------------------------------------------------------------------------------------
+@main.command("list")
+@click.argument("top", metavar="[DIR]", default=".", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output: a JSON array.")
+def list_cmd(top: str, as_json: bool) -> None:
+    """The runs under DIR (default: here), with counts and where each stands.
+
+    \b
+      pipefarm list runs
+      pipefarm list --json | jq '.[] | select(.state == "interrupted-resumable") | .run'
+    \b
+    Searches four levels deep and never inside a run. State: running (a live `pipefarm run`
+    or array workers), interrupted-resumable (stopped with tasks left: `pipefarm run RUN`),
+    pending (submitted, never started), failed (ended, some tasks did not succeed), finished
+    (every task succeeded), empty, unreadable (the reason in its error). Only reads the runs.
+    """
+    from .observe.runs import list_runs
+
+    if not Path(top).is_dir():
+        raise click.UsageError(f"{top} is not a directory")
+    rows = list_runs(top)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no runs under {top}")
+        return
+    width = max(len(r["run"]) for r in rows)
+    click.echo(f"{'RUN':<{width}}  {'STATE':<21}  {'TASKS':>8}  {'OK':>8}  {'FAILED':>8}  {'LEFT':>8}")
+    for r in rows:
+        c = r["counts"]
+        if r["state"] == "unreadable":
+            click.echo(f"{r['run']:<{width}}  {'unreadable':<21}  {r['error']}")
+            continue
+        left = sum(c[k] for k in ("blocked", "ready", "claimed", "running"))
+        bad = c["failed"] + c["skipped"] + c["cancelled"]
+        click.echo(f"{r['run']:<{width}}  {r['state']:<21}  {r['total']:>8,}  {c['succeeded']:>8,}"
+                   f"  {bad:>8,}  {left:>8,}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.argument("task", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(run_dir: str, task: int, as_json: bool) -> None:
+    """One task in full: what it runs, its source row, every attempt, where its output is.
+
+    \b
+      pipefarm show runs/sweep 42
+      pipefarm show runs/sweep 42 --json | jq '.attempts[-1].exit_code'
+    \b
+    A command task shows the command as run (placeholders filled) and the source row's
+    values; a Python task its function and arguments (repr, cut at 200 characters). Each
+    attempt: worker, times (UTC), outcome, exit code or signal, first line of its error, and
+    the log files and byte ranges its stdout/stderr occupy. Only reads the run.
+    """
+    from .backends.array import sync
+    from .observe.show import render_text, show_task
+
+    run = _open(run_dir)
+    sync(run)
+    try:
+        info = show_task(run, task)
+    except KeyError:
+        raise click.UsageError(f"no task {task} in {run_dir}") from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(render_text(info))
