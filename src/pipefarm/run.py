@@ -17,6 +17,7 @@ from typing import Any
 from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
 from .backends import make_backend
 from .errors import (
+    PipefarmError,
     RetryRefused,
     RunLocked,
     SubmissionError,
@@ -27,6 +28,14 @@ from .errors import (
 from .states import State
 from .store.sqlite import SQLiteStore
 from .task import CMD, PY, Resources, Spec, dumps_args
+
+#: How many task ids an :class:`Unrunnable` error names (then "...").
+UNRUNNABLE_IDS_SHOWN = 10
+
+
+class Unrunnable(PipefarmError):
+    """Tasks ask for resources no worker of this backend has; nothing was run."""
+
 
 #: columns of :meth:`Run.results`
 RESULT_COLUMNS = (
@@ -288,6 +297,7 @@ class Run:
         backend: str | Any = "local",
         progress: bool = True,
         on_progress: Callable[[dict[str, int]], None] | None = None,
+        halt: str | None = None,
         **backend_options: Any,
     ) -> Any:
         """Run every task that is not finished; return a :class:`~pipefarm.backends.local.Summary`.
@@ -295,8 +305,24 @@ class Run:
         Resumes where an earlier execute stopped: leases of a dead coordinator are reaped at
         once. Ctrl-C stops cleanly (running tasks are released, not charged) and raises
         :class:`KeyboardInterrupt`; the run can be resumed.
+
+        ``halt`` stops early when tasks fail, as GNU parallel's ``--halt`` does:
+        ``"soon,fail=3"`` hands out no new task once 3 tasks failed for good in this call (the
+        running ones finish), ``"now,fail=3"`` also stops the running ones (released, no retry
+        spent), ``"soon,fail=10%"`` judges the share of the tasks ended in this call (from
+        :data:`~pipefarm.backends.local.HALT_PERCENT_MIN_ENDED` ended tasks on). Then
+        ``Summary.halted`` says why; execute again to go on.
+
+        With the local backend, tasks that ask for more GPUs than it has raise
+        :class:`Unrunnable` before anything runs.
         """
+        if halt is not None:
+            if backend != "local" and not isinstance(backend, _local.LocalBackend):
+                raise ValueError("halt= works with the local backend")
+            backend_options["halt"] = _local.HaltPolicy.parse(halt)
         be = make_backend(backend, workers=workers, **backend_options)
+        if isinstance(be, _local.LocalBackend):
+            self._check_gpus(be.gpus_available)
         lock = _RunLock(self.path)
         lock.acquire()
         display = None
@@ -325,6 +351,37 @@ class Run:
             if display is not None:
                 display.close()
             lock.release()
+
+    def _check_gpus(self, available: list[str] | None) -> None:
+        """Refuse (:class:`Unrunnable`) when unfinished tasks need more GPUs than ``available``
+        (None: the ones detected here): no worker could ever run them."""
+        pending = [(sid, g) for sid, _, g in self.store.pending_spec_resources() if g > 0]
+        if not pending:
+            return
+        if available is None:
+            from .execute.gpus import detect_gpus
+
+            available = detect_gpus()
+        have = len(available)
+        bad = {sid: g for sid, g in pending if g > have}
+        if not bad:
+            return
+        from .states import TERMINAL
+
+        ended = ",".join(str(int(s)) for s in TERMINAL)
+        marks = ",".join("?" * len(bad))
+        ids = [r[0] for r in self.store.db.execute(
+            f"SELECT id FROM tasks WHERE spec IN ({marks}) AND state NOT IN ({ended}) ORDER BY id"
+            f" LIMIT {UNRUNNABLE_IDS_SHOWN + 1}", list(bad))]
+        shown = ", ".join(map(str, ids[:UNRUNNABLE_IDS_SHOWN])) + (
+            ", ..." if len(ids) > UNRUNNABLE_IDS_SHOWN else "")
+        need = max(bad.values())
+        where = (f"{have} GPU(s) available ({', '.join(available)})" if have
+                 else "no GPU available")
+        raise Unrunnable(
+            f"no worker can run task(s) {shown}: they need up to {need} GPU(s) each and this"
+            f" host has {where}; give more with --gpus-available, or cancel them"
+            f" (pipefarm cancel {self.path} --ids ...); nothing was run")
 
     def _take_back_blocks(self) -> None:
         """A run that array workers worked on: fold their journals and take back the blocks

@@ -56,6 +56,9 @@ class Summary(msgspec.Struct):
     attempts: int  # attempts that ended during this call
     elapsed_s: float
     interrupted: bool = False
+    #: Why a ``halt`` policy stopped the run (``None``: it did not), e.g.
+    #: ``"3 task(s) failed (halt soon,fail=3)"``.
+    halted: str | None = None
 
     @property
     def succeeded(self) -> int:
@@ -80,12 +83,65 @@ class Summary(msgspec.Struct):
         for k in ("failed", "skipped", "cancelled", "ready", "blocked"):
             if c.get(k):
                 parts.append(f"{c[k]:,} {k}")
-        head = "interrupted" if self.interrupted else "done"
+        head = "interrupted" if self.interrupted else "halted" if self.halted else "done"
         return (
             f"{head}: {self.total:,} tasks ({', '.join(parts)}); {self.attempts:,} attempts in"
             f" {self.elapsed_s:.2f} s ({self.throughput:,.0f}/s)"
             + (f"; run: {self.run}" if self.run else "")
         )
+
+
+#: ``fail=N%`` is judged only once at least this many tasks have ended in the run being
+#: halted (GNU parallel judges from the first job): with fewer, one early failure among the
+#: first three would already be 33% and halt a sweep whose failure rate is 1%.
+HALT_PERCENT_MIN_ENDED = 10
+
+
+class HaltPolicy(msgspec.Struct, frozen=True):
+    """When to stop a run early because tasks fail (GNU parallel's ``--halt``).
+
+    ``when`` is ``"soon"`` (stop handing out tasks; the running ones finish) or ``"now"``
+    (stop at once; running tasks are released, spending no retry). ``fail`` is a number of
+    tasks that failed for good (after their retries) during this run, or with ``percent`` the
+    share of the tasks that ended during it, judged from :data:`HALT_PERCENT_MIN_ENDED` on.
+    """
+
+    when: str
+    fail: float
+    percent: bool = False
+
+    @classmethod
+    def parse(cls, text: str | HaltPolicy) -> HaltPolicy:
+        """``"soon,fail=3"``, ``"now,fail=1"``, ``"soon,fail=10%"`` -> a policy.
+
+        Raises ValueError naming what is wrong.
+        """
+        if isinstance(text, HaltPolicy):
+            return text
+        when, _, rule = str(text).replace(" ", "").partition(",")
+        key, _, value = rule.partition("=")
+        if when not in ("soon", "now") or key != "fail" or not value:
+            raise ValueError(f"--halt {text!r}: expected soon,fail=N or now,fail=N (N a count"
+                             " >= 1 or a percentage like 10%)")
+        percent = value.endswith("%")
+        try:
+            n = float(value[:-1]) if percent else int(value)
+        except ValueError:
+            n = -1
+        if not (0 < n <= 100 if percent else n >= 1):
+            raise ValueError(f"--halt {text!r}: fail= takes a count >= 1 or a percentage in"
+                             " (0, 100]")
+        return cls(when, n, percent)
+
+    def __str__(self) -> str:
+        n = f"{self.fail:g}%" if self.percent else f"{int(self.fail)}"
+        return f"{self.when},fail={n}"
+
+    def reached(self, failed: int, ended: int) -> bool:
+        """Whether ``failed`` failures among ``ended`` ended tasks trip the policy."""
+        if self.percent:
+            return ended >= HALT_PERCENT_MIN_ENDED and failed * 100 >= self.fail * ended
+        return failed >= self.fail
 
 
 @dataclass
@@ -129,6 +185,9 @@ STEAL_AFTER_S = 0.05
 #: from a worker that becomes idle (the cut-off the single run-wide estimate used before; W3's
 #: 20 ms tasks keep their efficiency with it).
 PREFETCH_BELOW_S = 0.5
+
+#: ``Revoke.thieves`` that takes back every unstarted lease of a worker (halt soon).
+HALT_TAKE_ALL = 1 << 30
 
 #: How much of a dying worker's stderr (or traceback) is kept to name the cause.
 LAST_WORDS_BYTES = 4096
@@ -286,8 +345,10 @@ class LocalBackend:
         commit_every_s: float = 0.05,
         capture_output: bool = True,
         gpus_available: list[str] | None = None,
+        halt: str | HaltPolicy | None = None,
     ) -> None:
         self.n = max(1, int(workers or os.cpu_count() or 1))
+        self.halt = None if halt is None else HaltPolicy.parse(halt)
         self.batch_target_s = batch_target_s
         self.max_batch = max_batch
         self.heartbeat_s = heartbeat_s
@@ -373,6 +434,11 @@ class _Coordinator:
         self.slots: Slots | None = None
         self.spawned = 0
         self.marked: set[int] = set()
+        # the halt policy: failures and ended tasks counted from this call's start
+        self.halted: str | None = None
+        self.halt_base: dict[str, int] = {}
+        self.halt_failed = 0
+        self.halt_ended = 0
 
     # --- workers ---------------------------------------------------------------------------------
     def _spawn(self, index: int) -> _Worker:
@@ -547,7 +613,7 @@ class _Coordinator:
     def _dispatch(self) -> bool:
         """Hand ready tasks to the workers that want work (or ask busy ones to hand some back
         for idle ones); True when there was work to hand out."""
-        if self.interrupted:
+        if self.interrupted or self.halted:
             return False
         if self.resourceful:
             return any([self._fill_resourceful(w) for w in list(self.workers)])
@@ -847,7 +913,36 @@ class _Coordinator:
             self.counts["ready"] = max(0, self.counts["ready"] - len(all_ok))
         if self.on_finished is not None:
             self.on_finished(all_ok, all_other)
+        if self.cfg.halt is not None and not self.halted:
+            self._check_halt(len(all_ok), bool(all_other))
         self._progress()
+
+    def _halt_now(self) -> bool:
+        return self.cfg.halt is not None and self.cfg.halt.when == "now"
+
+    def _check_halt(self, n_ok: int, others: bool) -> None:
+        """Apply the halt policy after a commit. Only a commit with unsuccessful outcomes
+        pays for a count of the catalog (whether a failure was the task's last try is the
+        store's to say); plain successes just add to the tasks that ended."""
+        halt = self.cfg.halt
+        assert halt is not None
+        if others:
+            c = self.store.counts()
+            self.halt_failed = c.get("failed", 0) - self.halt_base.get("failed", 0)
+            self.halt_ended = self.halt_failed + c.get("succeeded", 0) - self.halt_base.get(
+                "succeeded", 0)
+        else:
+            self.halt_ended += n_ok
+        if not self.halt_failed or not halt.reached(self.halt_failed, self.halt_ended):
+            return
+        share = (f" of {self.halt_ended:,} ended ({100 * self.halt_failed / self.halt_ended:.0f}%)"
+                 if halt.percent else "")
+        self.halted = f"{self.halt_failed:,} task(s) failed{share} (halt {halt})"
+        if halt.when == "soon":  # running tasks finish; unstarted leases come back at once
+            for w in self.workers:
+                if w.alive and w.outstanding and not w.revoking:
+                    if _send_or_eof(w.conn_out, msgspec.msgpack.encode(Revoke(HALT_TAKE_ALL))):
+                        w.revoking = True
 
     def _progress(self, final: bool = False) -> None:
         if self.on_progress is None:
@@ -965,6 +1060,7 @@ class _Coordinator:
             self._setup_gpus()
             self.counts = self.store.counts()
             self.counts_stale = False
+            self.halt_base = dict(self.counts)
             self._start_workers()
             self._loop()
         except BaseException:
@@ -987,7 +1083,7 @@ class _Coordinator:
             self._progress(final=True)
         summary = Summary(
             run=self.run_dir, total=sum(counts.values()), counts=counts, attempts=self.attempts,
-            elapsed_s=time.time() - t0, interrupted=bool(self.interrupted),
+            elapsed_s=time.time() - t0, interrupted=bool(self.interrupted), halted=self.halted,
         )
         if self.interrupted == "SIGINT":
             raise KeyboardInterrupt(str(summary))
@@ -1006,7 +1102,7 @@ class _Coordinator:
     def _loop(self) -> None:
         last_hb = last_running = time.monotonic()
         while True:
-            if self._stop_asked():
+            if self._stop_asked() or (self.halted and self._halt_now()):
                 self._shutdown(kill=True)
                 return
             if self.feeding:
@@ -1024,7 +1120,7 @@ class _Coordinator:
                     continue
                 # nothing in flight and nothing claimable: done, unless tasks wait in backoff
                 nxt = self.store.next_ready_at() if hasattr(self.store, "next_ready_at") else None
-                if nxt is None:
+                if nxt is None or self.halted:  # halted: tasks in backoff wait for the next run
                     if self._more_claimable():
                         continue
                     self._shutdown(kill=False)

@@ -1,0 +1,189 @@
+"""Habits users bring to ``pipefarm run`` and ``logs`` (issue 8): GNU parallel's ``--halt``,
+honest exit messages on signals and cancels, GPU asks no worker can meet, ``logs`` mistakes,
+and output caps that keep the head and the tail.
+
+Every test runs real ``pipefarm`` processes on real commands and real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PF = [sys.executable, "-m", "pipefarm"]
+PY = sys.executable
+
+
+def pf(*args: str | os.PathLike[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*PF, *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+    proc.stderr = proc.stderr.decode("utf-8", "replace")  # type: ignore[assignment]
+    return proc
+
+
+def pf_ok(*args: str | os.PathLike[str], cwd: Path) -> bytes:
+    proc = pf(*args, cwd=cwd)
+    assert proc.returncode == 0, (args, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipefarm: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def states(d: Path, run: str = "r") -> dict[int, tuple[str, int]]:
+    import pipefarm as pfm
+
+    with pfm.Run.open(d / run) as r:
+        return {t.id: (t.state, t.attempts) for t in r.tasks()}
+
+
+# --- halt ------------------------------------------------------------------------------------------
+def test_halt_soon_stops_handing_out_tasks_after_n_failures(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--array", "0-39", "--", "sh", "-c", "sleep 0.05; exit 1", cwd=tmp_path)
+    proc = pf("run", "r", "--no-progress", "-w", "1", "--halt", "soon,fail=3", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "halted: 3 task(s) failed (halt soon,fail=3)" in proc.stderr, proc.stderr
+    assert "pipefarm run r" in proc.stderr  # how to resume
+    st = states(tmp_path)
+    failed = [t for t, (s, _) in st.items() if s == "failed"]
+    ready = [t for t, (s, n) in st.items() if s == "ready" and n == 0]
+    # one worker: the task running when the third failure was committed may finish too
+    assert 3 <= len(failed) <= 5, st
+    assert len(ready) == 40 - len(failed), st
+
+
+def test_halt_now_releases_running_tasks_without_spending_retries(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--array", "0-1", "--", "sh", "-c", "sleep 60", cwd=tmp_path)
+    pf_ok("submit", "r", "--", "sh", "-c", "sleep 0.5; exit 7", cwd=tmp_path)
+    t0 = time.monotonic()
+    proc = pf("run", "r", "--no-progress", "-w", "3", "--halt", "now,fail=1", cwd=tmp_path)
+    assert time.monotonic() - t0 < 30, "halt now waited for the running tasks"
+    assert proc.returncode == 3, proc.stderr
+    assert "halted: 1 task(s) failed (halt now,fail=1)" in proc.stderr
+    st = states(tmp_path)
+    assert st[3][0] == "failed"
+    for t in (1, 2):  # released: ready again, no failure charged
+        assert st[t][0] == "ready", st
+
+
+def test_halt_percent_needs_ten_ended_tasks(tmp_path: Path) -> None:
+    # task 0 fails, 1-19 succeed: 1 of 1 ended is 100%, but fail=50% is judged from 10 ended
+    # tasks on, where it is 10%: no halt
+    pf_ok("submit", "r", "--array", "0-19", "--", "sh", "-c", "exit $(( {index} == 0 ))",
+          cwd=tmp_path)
+    proc = pf("run", "r", "--no-progress", "-w", "1", "--halt", "soon,fail=50%", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "halted" not in proc.stderr
+    # every task fails: halted once 10 have ended
+    pf_ok("submit", "all", "--array", "0-99", "--", "false", cwd=tmp_path)
+    proc = pf("run", "all", "--no-progress", "-w", "1", "--halt", "soon,fail=50%", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "(halt soon,fail=50%)" in proc.stderr
+    failed = sum(1 for s, _ in states(tmp_path, "all").values() if s == "failed")
+    assert 10 <= failed < 100
+
+
+@pytest.mark.parametrize("spec", ["later,fail=1", "soon", "soon,fail=0", "now,fail=x",
+                                  "soon,fail=150%", "soon,done=3"])
+def test_bad_halt_is_one_line(tmp_path: Path, spec: str) -> None:
+    pf_ok("submit", "r", "--", "true", cwd=tmp_path)
+    line = one_error_line(pf("run", "r", "--no-progress", "--halt", spec, cwd=tmp_path))
+    assert "--halt" in line
+    assert states(tmp_path) == {1: ("ready", 0)}
+
+
+def test_halt_from_python(tmp_path: Path) -> None:
+    import pipefarm as pfm
+    from pipefarm.execute.cmd import Command
+
+    with pfm.Run.create(tmp_path / "r") as run:
+        run.submit_cmd(Command(argv=["sh", "-c", "sleep 0.05; exit 1"]), [{}] * 30)
+        summary = run.execute(workers=1, progress=False, halt="soon,fail=2")
+        assert summary.halted is not None
+        assert summary.halted.endswith("task(s) failed (halt soon,fail=2)")
+        assert str(summary).startswith("halted: ")
+        assert 2 <= summary.counts["failed"] <= 4
+        assert summary.counts["ready"] == 30 - summary.counts["failed"]
+        with pytest.raises(ValueError, match="soon,fail=N"):
+            run.execute(progress=False, halt="sometime")
+
+
+# --- honest messages -------------------------------------------------------------------------------
+def _run_then_signal(d: Path, sig: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([*PF, "run", "r", "--no-progress", "-w", "2"], cwd=d,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sum(1 for s, _ in states(d).values() if s == "running") == 2:
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("tasks never started")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err.decode())
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_says_interrupted_and_how_to_resume(tmp_path: Path, sig: int, code: int) -> None:
+    pf_ok("submit", "r", "--array", "0-7", "--", "sleep", "60", cwd=tmp_path)
+    proc = _run_then_signal(tmp_path, sig)
+    assert proc.returncode == code, proc.stderr
+    assert "interrupted; resume with: pipefarm run r" in proc.stderr
+    assert "did not succeed" not in proc.stderr
+    assert pf_ok("failures", "r", cwd=tmp_path).decode().strip() == "no failed tasks"
+    assert all(s == "ready" for s, _ in states(tmp_path).values())
+
+
+def test_cancelled_tasks_are_called_cancelled(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--array", "0-9", "--", "true", cwd=tmp_path)
+    pf_ok("cancel", "r", "--ids", "1-4", cwd=tmp_path)
+    proc = pf("run", "r", "--no-progress", "-w", "1", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "4 task(s) cancelled" in proc.stderr
+    assert "did not succeed" not in proc.stderr
+
+
+# --- GPUs no worker has ----------------------------------------------------------------------------
+def test_more_gpus_than_available_refused_before_running(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--", "true", cwd=tmp_path)
+    pf_ok("submit", "r", "--gpus", "2", "--array", "0-1", "--", "true", cwd=tmp_path)
+    line = one_error_line(pf("run", "r", "--no-progress", "--gpus-available", "0",
+                             cwd=tmp_path))
+    assert "task(s) 2, 3" in line and "2 GPU(s)" in line and "1 GPU(s) available (0)" in line
+    assert states(tmp_path) == {1: ("ready", 0), 2: ("ready", 0), 3: ("ready", 0)}
+    # enough GPUs: it runs
+    pf_ok("run", "r", "--no-progress", "--gpus-available", "0,1", cwd=tmp_path)
+    assert {s for s, _ in states(tmp_path).values()} == {"succeeded"}
+
+
+# --- logs mistakes ---------------------------------------------------------------------------------
+def test_logs_attempt_that_does_not_exist(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--retries", "2", "--", "sh", "-c", "echo try; exit 1", cwd=tmp_path)
+    assert pf("run", "r", "--no-progress", cwd=tmp_path).returncode == 1
+    assert pf_ok("logs", "r", "1", "--attempt", "3", cwd=tmp_path) == b"try\n"
+    line = one_error_line(pf("logs", "r", "1", "--attempt", "5", cwd=tmp_path))
+    assert "attempts 1-3" in line and "no attempt 5" in line
+
+
+def test_logs_when_the_log_file_was_deleted(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--", "echo", "hello", cwd=tmp_path)
+    pf_ok("run", "r", "--no-progress", cwd=tmp_path)
+    assert pf_ok("logs", "r", "1", cwd=tmp_path) == b"hello\n"
+    for f in (tmp_path / "r" / "logs").glob("*.out"):
+        f.unlink()
+    line = one_error_line(pf("logs", "r", "1", cwd=tmp_path))
+    assert "cannot be read" in line
