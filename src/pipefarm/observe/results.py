@@ -254,9 +254,12 @@ FORMATS = ("parquet", "csv", "json", "jsonl")
 STDOUT_TAIL_BYTES = 1024
 #: rows per record batch while exporting ...
 EXPORT_BATCH_ROWS = 4096
-#: ... or fewer, once the batch's results reach this many bytes: the peak memory of an export
-#: is a few batches, whatever the size of the run
-EXPORT_BATCH_BYTES = 16 << 20
+#: ... or fewer, once the batch's results reach this many bytes: an export's peak memory is
+#: the interpreter and Arrow (~80 MB) plus about eight batches in their stages (pickles,
+#: objects, Arrow arrays, the converted copy), whatever the size of the run. 200 MB of
+#: results export at a 140-190 MB peak with 8 MiB (4 MiB: 120-140 MB, but Parquet row
+#: groups of a few dozen rows; 64 MiB: 510-560 MB)
+EXPORT_BATCH_BYTES = 8 << 20
 
 _TS = ("started_at", "ended_at")
 
@@ -359,13 +362,20 @@ def _result_of(run: Any, st: int, blob: bytes | None, rfile: str | None) -> tupl
     return value, (blob if value is not None else None)
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return INLINE_RESULT_MAX  # reading it will say what is wrong; count it as large
+
+
 def _chunks(run: Any) -> Iterable[list[tuple[Any, ...]]]:
     """The catalog's export rows in chunks bounded by rows and by result bytes."""
     chunk: list[tuple[Any, ...]] = []
     size = 0
     for row in run.store.export_rows():
         chunk.append(row)
-        size += len(row[5] or b"") + (INLINE_RESULT_MAX if row[6] else 0)
+        size += len(row[5] or b"") + (_file_size(run.path / row[6]) if row[6] else 0)
         if len(chunk) >= EXPORT_BATCH_ROWS or size >= EXPORT_BATCH_BYTES:
             yield chunk
             chunk, size = [], 0
