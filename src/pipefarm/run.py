@@ -88,6 +88,9 @@ class Run:
         self.path = Path(path)
         self.store = store
         self._spec_cache: dict[tuple, tuple[int, Callable[..., Any]]] = {}
+        #: the topmost directory :meth:`create` made for this run (None: it was there): what
+        #: a refused first submission removes so that it leaves nothing behind
+        self.created: Path | None = None
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -98,9 +101,22 @@ class Run:
             if not exist_ok:
                 raise FileExistsError(f"run {p} exists; open it with Run.open or pass exist_ok=True")
             return cls.open(p)
-        p.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(p, 0o700)
-        return cls(p, SQLiteStore(p))
+        top = p  # the topmost directory this call makes: what undoing it removes
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        try:
+            p.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            # an existing directory keeps its mode: one others can write is refused (with
+            # the fix), never silently made private
+            if not p.is_dir():
+                raise NotADirectoryError(f"{p} exists and is not a run directory") from None
+            _check_private(p)
+            return cls(p, SQLiteStore(p))
+        os.chmod(p, 0o700)  # mkdir's mode is filtered by the umask; make it exactly 0700
+        run = cls(p, SQLiteStore(p))
+        run.created = top
+        return run
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Run:
