@@ -187,3 +187,25 @@ def test_logs_when_the_log_file_was_deleted(tmp_path: Path) -> None:
         f.unlink()
     line = one_error_line(pf("logs", "r", "1", cwd=tmp_path))
     assert "cannot be read" in line
+
+
+# --- output cap: head and tail ---------------------------------------------------------------------
+def test_output_cap_keeps_head_and_tail_with_a_marker(tmp_path: Path) -> None:
+    code = ("import sys\nfor i in range(100000): print('line', i)\n"
+            "print('FATAL: the error at the end', file=sys.stderr)\n"
+            "print('last stdout line'); sys.exit(3)")
+    pf_ok("submit", "r", "--output-cap", "4096", "--", PY, "-c", code, cwd=tmp_path)
+    assert pf("run", "r", "--no-progress", cwd=tmp_path).returncode == 1
+    out = pf_ok("logs", "r", "1", cwd=tmp_path)
+    assert out.startswith(b"line 0\nline 1\n")
+    assert out.endswith(b"line 99999\nlast stdout line\n")  # the end survives the cap
+    printed = b"".join(b"line %d\n" % i for i in range(100000)) + b"last stdout line\n"
+    head = printed[:2048]  # half the cap; it ends inside a line: the marker starts a new one
+    assert not head.endswith(b"\n")
+    marker = b"\n[pipefarm: 1,084,844 bytes cut]\n"
+    tail = printed[-(4096 - 2048 - len(marker)):]
+    assert out == head + marker + tail
+    assert len(out) == 4096 and len(head) + 1_084_844 + len(tail) == len(printed)
+    # never more than the cap on disk
+    assert sum(f.stat().st_size for f in (tmp_path / "r" / "logs").glob("*.out")) <= 4096
+    assert pf_ok("logs", "r", "1", "--stderr", cwd=tmp_path) == b"FATAL: the error at the end\n"

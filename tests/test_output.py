@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,8 +32,15 @@ def test_output_capped_while_running_with_a_note(tmp_path):
         assert res.exit_code == 0
         assert "stdout cut at 1048576 of 5000000 bytes" in res.note
         assert "stderr cut at 1048576 of 3000000 bytes" in res.note
-        assert read_output(logs, res.output, "stdout") == b"\0" * MiB
-        assert read_output(logs, res.output, "stderr") == b"\0" * MiB
+        # the head and the tail are kept (errors come last), with a marker where bytes were cut
+        for stream, total in (("stdout", 5_000_000), ("stderr", 3_000_000)):
+            data = read_output(logs, res.output, stream)
+            assert len(data) == MiB
+            head, marker, tail = re.fullmatch(rb"(\0+)(\n\[pipefarm: [\d,]+ bytes cut\]\n)(\0+)",
+                                              data).groups()
+            assert len(head) == MiB // 2
+            cut = int(re.search(rb"[\d,]+", marker).group().replace(b",", b""))
+            assert len(head) + cut + len(tail) == total, stream
     # nothing beyond the cap ever reached the disk
     assert (logs / "w1.out").stat().st_size == MiB
     assert (logs / "w1.err").stat().st_size == MiB

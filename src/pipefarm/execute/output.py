@@ -33,6 +33,19 @@ SUFFIXES = (".out", ".err")
 STREAMS = ("stdout", "stderr")
 _FLUSH_BYTES = 1 << 16
 
+#: Past the cap, the *end* of a stream is kept too (errors come last): up to this many bytes of
+#: it wait in memory until the attempt ends, so memory per running attempt stays bounded
+#: whatever the cap, and nothing beyond the cap is ever written.
+TAIL_MAX_BYTES = 1 << 20
+#: Below this much room for the tail (caps under 256 bytes) only the head is kept: the marker
+#: line alone would fill the room.
+TAIL_MIN_BYTES = 128
+
+
+def cut_marker(n: int) -> bytes:
+    """The line ``logs`` shows where ``n`` bytes were cut out of a stream."""
+    return f"[pipefarm: {n:,} bytes cut]\n".encode()
+
 
 class OutputUnavailable(OSError):
     """An attempt's output cannot be read back: its log file is missing or shorter than recorded."""
@@ -123,10 +136,16 @@ class OutputSink:
 
 
 class AttemptOutput:
-    """The output of one attempt on its way to disk; the cap is enforced as bytes arrive."""
+    """The output of one attempt on its way to disk; the cap is enforced as bytes arrive.
+
+    Past the cap the head is kept on disk as it arrives and the last bytes wait in a bounded
+    buffer (:data:`TAIL_MAX_BYTES`, at most half the cap); when the attempt ends they follow
+    the head after a :func:`cut_marker` line, all within the cap.
+    """
 
     __slots__ = ("sink", "task", "attempt", "cap", "per_task", "seen", "kept", "errors",
-                 "_bufs", "_extents", "_fds", "_stem", "_written")
+                 "_bufs", "_extents", "_fds", "_stem", "_written", "_head", "_tails",
+                 "_last")
 
     def __init__(
         self, sink: OutputSink, task: int, attempt: int, cap: int, per_task: bool = False
@@ -144,18 +163,33 @@ class AttemptOutput:
         self._extents: tuple[list[list[int]], list[list[int]]] = ([], [])
         self._fds: list[int | None] = [None, None]
         self._stem = f"{task}.{attempt}.{sink.worker_id}"
+        tail = min(cap // 2, TAIL_MAX_BYTES)
+        tail = tail if tail >= TAIL_MIN_BYTES else 0
+        self._head = cap - tail  # bytes per stream written as they come
+        self._tails = (bytearray(), bytearray())
+        self._last = [b"\n", b"\n"]  # the last byte of the head: the marker starts a line
 
     def write(self, stream: int, data: bytes) -> None:
         """Take bytes the command printed on ``stream`` (0 stdout, 1 stderr)."""
         n = len(data)
         self.seen[stream] += n
-        room = self.cap - self.kept[stream]
-        if room <= 0 or self.errors[stream] is not None:
-            return  # past the cap (or the log is failing): count, do not keep
+        if self.errors[stream] is not None:
+            return  # the log is failing: count, do not keep
+        room = self._head - self.kept[stream]
         if n > room:
+            rest = data[max(room, 0):]
+            if self.cap > self._head and rest:
+                tail = self._tails[stream]
+                keep = self.cap - self._head
+                tail += rest[-keep:]
+                if len(tail) > keep:
+                    del tail[: len(tail) - keep]
+            if room <= 0:
+                return
             data = data[:room]
             n = room
         self.kept[stream] += n
+        self._last[stream] = data[-1:]
         buf = self._bufs[stream]
         if not buf and n >= _FLUSH_BYTES:
             self._write(stream, data)  # a full chunk: skip the copy into the buffer
@@ -203,8 +237,29 @@ class AttemptOutput:
             self.kept[stream] = self._written[stream]
             self._bufs[stream].clear()
 
+    def _write_tail(self, stream: int) -> None:
+        """The end of a stream that went past the head: all of it when the whole stream fits
+        the cap, else a marker line and as much of the end as the cap leaves room for."""
+        tail = self._tails[stream]
+        if not tail or self.errors[stream] is not None:
+            return
+        cut = self.seen[stream] - self.kept[stream] - len(tail)
+        out: bytes | bytearray = tail
+        if cut > 0:
+            lead = b"" if self._last[stream] == b"\n" else b"\n"
+            marker = lead + cut_marker(cut)
+            for _ in range(3):  # the marker's own length is cut from the tail too
+                marker = lead + cut_marker(cut + len(marker))
+            out = marker + tail[len(marker):]
+        self.kept[stream] += len(out)
+        self._bufs[stream].extend(out)
+        self._flush(stream)
+        tail.clear()
+
     def finish(self) -> tuple[str | None, str | None]:
         """Flush, close, and return ``(reference for read_output, note)``; either may be None."""
+        for stream in (0, 1):
+            self._write_tail(stream)
         self.flush()
         for stream in (0, 1):
             fd = self._fds[stream]
@@ -220,7 +275,8 @@ class AttemptOutput:
                     f"{self.seen[stream] - self.kept[stream]} of {self.seen[stream]} bytes not kept"
                 )
             elif self.seen[stream] > self.kept[stream]:
-                notes.append(f"{name} cut at {self.kept[stream]} of {self.seen[stream]} bytes")
+                notes.append(f"{name} cut at {self.kept[stream]} of {self.seen[stream]} bytes"
+                             + (" (head and tail kept)" if self.cap > self._head else ""))
         note = "; ".join(notes) or None
         if not (self.kept[0] or self.kept[1]):
             return None, note
