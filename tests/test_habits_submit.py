@@ -203,6 +203,9 @@ def test_help_teaches_gnu_parallel_syntax(tmp_path: Path) -> None:
 def test_non_utf8_template_argument_is_refused_naming_it(tmp_path: Path) -> None:
     msg = refused("submit", "r", "--", "echo", b"caf\xff", cwd=tmp_path)
     assert "caf\\xff" in msg and "UTF-8" in msg
+    for opt in ("--tag", "--cwd", "--key"):  # stored as text too
+        msg = refused("submit", "r", opt, b"t\xff", "--", "echo", "x", cwd=tmp_path)
+        assert "t\\xff" in msg, msg
     assert not (tmp_path / "r").exists()
 
 

@@ -59,13 +59,19 @@ def _open(path: str) -> Any:
     _opened = Path(path)
     if verb not in _READING_VERBS:
         return Run.open(path)
-    run = Run.open(path, readonly=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:  # said once we know we go on
+        warnings.simplefilter("always")
+        run = Run.open(path, readonly=True)
     if run.unsafe and verb in ("results", "show") and _holds_pickles(run):
         from .errors import UnsafeRun
 
         run.close()
         raise UnsafeRun(f"{path} can be written by other users and holds Python results, "
                         f"which `pipefarm {verb}` would unpickle. Fix with: chmod go-w {path}")
+    for w in said:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return run
 
 
@@ -171,6 +177,12 @@ class _Main(click.Group):
             _damaged(CatalogDamaged(str(_opened / "catalog.db"), str(exc)))
         except KeyError as exc:  # TemplateError and unknown ids
             _die(str(exc.args[0]) if exc.args else str(exc))
+        except UnicodeEncodeError:
+            # argv arrives surrogate-escaped: bytes that are not UTF-8 reached text storage
+            bad = [a for a in sys.argv[1:] if _undecodable(a)]
+            if not bad:
+                raise
+            _die(f"argument {_shown(bad[0])} is not valid UTF-8")
         except BrokenPipeError:
             sys.exit(0)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -262,8 +274,7 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
         raise click.UsageError(
             "choose at most one of --array, --from-file, --from-csv, --from-json, :::/::::")
     _refuse_undecodable(words, "CMD")
-    _refuse_undecodable([run_dir], "RUN")
-    _refuse_undecodable([cwd, key_template, *env], "option")
+    _refuse_undecodable([run_dir, cwd, key_template, *env, *tags], "")
     env_map = {}
     for item in env:
         if "=" not in item:
@@ -340,8 +351,9 @@ def _refuse_undecodable(args: list[str | None], what: str) -> None:
     paths are stored as text. Values after ::: are not checked: they reach CMD byte-exact."""
     for arg in args:
         if arg is not None and _undecodable(arg):
-            _die(f"{what} argument {_shown(arg)} is not valid UTF-8; give such bytes as values "
-                 "(after ::: or in a --from-file), which reach the command byte-exact")
+            hint = ("; give such bytes as values (after ::: or in a --from-file), which reach "
+                    "the command byte-exact") if what == "CMD" else ""
+            _die(f"{what + ' ' if what else ''}argument {_shown(arg)} is not valid UTF-8{hint}")
 
 
 def _undecodable(arg: str) -> bool:
