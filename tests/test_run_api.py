@@ -48,11 +48,18 @@ def test_run_directory_is_private(tmp_path):
         d = tmp_path / "run"
         pf.Run.create(d).close()
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
-        # an existing, open directory is made private when a run is created in it
+        # an existing directory others can write is refused with the fix, its mode untouched
         e = tmp_path / "existing"
         e.mkdir(mode=0o777)
-        pf.Run.create(e).close()
-        assert stat.S_IMODE(e.stat().st_mode) == 0o700
+        with pytest.raises(pf.UnsafeRun, match="chmod go-w"):
+            pf.Run.create(e)
+        assert stat.S_IMODE(e.stat().st_mode) == 0o777
+        assert not (e / "catalog.db").exists()
+        # one only its owner can write is used as it is
+        f = tmp_path / "readable"
+        f.mkdir(mode=0o755)
+        pf.Run.create(f).close()
+        assert stat.S_IMODE(f.stat().st_mode) == 0o755
     finally:
         os.umask(old)
 

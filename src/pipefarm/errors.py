@@ -55,3 +55,35 @@ class TaskFailed(PipefarmError):
         if self.remote_traceback and "\n" in self.remote_traceback.strip():
             return f"{head}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return head
+
+
+class CatalogDamaged(PipefarmError):
+    """``RUN/catalog.db`` is not a readable SQLite database (garbage, truncated, emptied).
+
+    Nothing was changed. ``path`` is the catalog file, ``reason`` what SQLite said, ``hint``
+    the recovery command (SQLite's ``.dump`` of what is readable; the original is kept
+    under ``damaged/``).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        import shlex
+        from pathlib import Path
+
+        self.path = str(path)
+        self.reason = reason
+        run = Path(path).parent
+        self.hint = (
+            f"keep the original and recover what is readable: cd {shlex.quote(str(run))} &&"
+            " mkdir damaged &&"
+            " mv catalog.db* damaged/ && sqlite3 damaged/catalog.db .dump"
+            # .dump ends with ROLLBACK at the first unreadable page: keep what it read
+            " | sed 's/^ROLLBACK; -- due to errors$/COMMIT;/' | sqlite3 catalog.db"
+        )
+        super().__init__(f"the catalog {self.path} is damaged ({reason}); nothing was changed")
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}. To {self.hint}"
+
+
+class UnsafeRunWarning(UserWarning):
+    """A run directory others can write, opened by a verb that unpickles nothing."""

@@ -24,6 +24,7 @@ from .errors import (
     TaskFailed,
     TaskNotFinished,
     UnsafeRun,
+    UnsafeRunWarning,
 )
 from .states import State
 from .store.sqlite import SQLiteStore
@@ -44,16 +45,29 @@ RESULT_COLUMNS = (
 )
 
 
-def _check_private(path: Path) -> None:
-    """Refuse a run directory that another user could write (it may hold planted pickles)."""
+def _check_private(path: Path, *, warn: bool = False) -> bool:
+    """Refuse a run directory that another user could write (it may hold planted pickles).
+
+    With ``warn``: say so in an :class:`UnsafeRunWarning` instead and return True (the
+    caller promises to unpickle nothing from it). Returns False for a private directory.
+    Never changes the directory's mode: that is the owner's call.
+    """
     st = path.stat()
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (
         hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0)
     ):
+        mode = stat.filemode(st.st_mode)
+        if warn:
+            import warnings
+
+            warnings.warn(f"{path} can be written by other users (mode {mode}); reading it"
+                          f" anyway. Fix with: chmod go-w {path}", UnsafeRunWarning, stacklevel=3)
+            return True
         raise UnsafeRun(
-            f"{path} can be written by other users (mode {stat.filemode(st.st_mode)}): "
-            "pipefarm will not unpickle from it. Fix with: chmod go-w " + str(path)
+            f"{path} can be written by other users (mode {mode}): pipefarm will not"
+            f" unpickle from it or write to it. Fix with: chmod go-w {path}"
         )
+    return False
 
 
 class _RunLock:
@@ -88,6 +102,8 @@ class Run:
         self.path = Path(path)
         self.store = store
         self._spec_cache: dict[tuple, tuple[int, Callable[..., Any]]] = {}
+        #: opened despite a directory others can write (``Run.open(readonly=True)``)
+        self.unsafe = False
         #: the topmost directory :meth:`create` made for this run (None: it was there): what
         #: a refused first submission removes so that it leaves nothing behind
         self.created: Path | None = None
@@ -119,13 +135,21 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Run:
-        """Open an existing run to inspect it or resume it."""
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Run:
+        """Open an existing run to inspect it or resume it.
+
+        A directory other users can write raises :class:`UnsafeRun` (it may hold planted
+        pickles). With ``readonly=True`` it is opened anyway with an
+        :class:`~pipefarm.errors.UnsafeRunWarning` and ``run.unsafe`` set: for callers that
+        unpickle nothing from it (the CLI's status, failures, logs).
+        """
         p = Path(path)
         if not (p / "catalog.db").exists():
             raise FileNotFoundError(f"no run at {p} (no catalog.db there)")
-        _check_private(p)
-        return cls(p, SQLiteStore(p))
+        unsafe = _check_private(p, warn=readonly)
+        run = cls(p, SQLiteStore(p))
+        run.unsafe = unsafe
+        return run
 
     def close(self) -> None:
         self.store.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import states
+from ..errors import CatalogDamaged
 from ..states import Outcome, State
 from ..task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
 from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
@@ -113,6 +114,41 @@ def _qs(n: int) -> str:
     return ",".join("?" * n)
 
 
+#: How long an empty ``catalog.db`` may stay empty before it counts as damaged: another
+#: process creating the run has the file at zero bytes for a moment (until its first write).
+_EMPTY_CATALOG_GRACE_S = 1.0
+
+#: SQLite's primary result codes for a file that is not (or no longer) a database
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite's error says the file itself is damaged (not locked, not a full disk)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    msg = str(exc)
+    return "malformed" in msg or "not a database" in msg
+
+
+def _refuse_empty(db: Path) -> None:
+    """An existing zero-length catalog would silently open as a new, empty run: refuse it
+    (after a moment's grace for a run another process is creating right now)."""
+    deadline = time.monotonic() + _EMPTY_CATALOG_GRACE_S
+    while True:
+        try:
+            if db.stat().st_size > 0:
+                return
+        except FileNotFoundError:
+            return  # a new run: SQLite creates it
+        wal = db.with_name(db.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            return  # written, not yet checkpointed: SQLite reads it from the WAL
+        if time.monotonic() > deadline:
+            raise CatalogDamaged(str(db), "the file is empty")
+        time.sleep(0.05)
+
+
 class SQLiteStore(Store):
     """Durable task state in one SQLite file (see the module docstring)."""
 
@@ -133,8 +169,21 @@ class SQLiteStore(Store):
         else:
             self.run_dir = Path(path)
             db = str(self.run_dir / "catalog.db")
+            _refuse_empty(Path(db))
             if readonly:
                 db = f"file:{db}?mode=ro"
+        try:
+            self._connect(db, synchronous, readonly)
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            if hasattr(self, "db"):
+                self.close()
+            raise CatalogDamaged(str(self.run_dir / "catalog.db") if self.run_dir else db,
+                                 str(exc)) from None
+
+    def _connect(self, db: str, synchronous: str, readonly: bool) -> None:
+        """Open the catalog, create what is missing and read what every open needs."""
         self.db = sqlite3.connect(
             db, isolation_level=None, check_same_thread=False, uri=readonly, timeout=30.0
         )
