@@ -269,3 +269,21 @@ def test_catalog_estimate_for_the_reported_array() -> None:
     est = catalog_estimate(100_000_000, 8)
     assert 5e9 < est < 8e9
     assert catalog_estimate(10, 0) == 10 * CATALOG_BYTES_PER_TASK
+
+
+def test_ctrl_c_during_a_large_submission_leaves_nothing(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [*PF, "submit", "big", "--array", "0-4999999", "--", "echo", "{index}"], cwd=tmp_path,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    assert proc.stderr is not None
+    note = proc.stderr.readline().decode()  # said before the first task is written
+    assert "5,000,000 tasks" in note and "MB" in note, note
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    # click ends the ^C line first (a blank line), then one line of ours
+    assert err.decode().split() == ["pipefarm:", "error:", "aborted"], err
+    assert not (tmp_path / "big").exists()
