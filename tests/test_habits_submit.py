@@ -73,6 +73,16 @@ def test_awk_program_braces_are_literal(tmp_path: Path) -> None:
     assert logs(tmp_path, n) == [b"alpha\nbeta\n", b"gamma\n"]
 
 
+def test_awk_identifier_in_braces_is_a_placeholder_with_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("alpha 1\n")
+    (tmp_path / "in.txt").write_text("a.txt\n")
+    msg = refused("submit", "r", "--from-file", "in.txt", "--", "awk", "{print}", "{line}",
+                  cwd=tmp_path)
+    assert "{print}" in msg and "{{print}}" in msg
+    n = submit_run(tmp_path, "--from-file", "in.txt", "--", "awk", "{{print}}", "{line}")
+    assert logs(tmp_path, n) == [b"alpha 1\n"]
+
+
 def test_shell_dollar_brace_is_the_shells_variable(tmp_path: Path) -> None:
     home = str(tmp_path / "home-dir")
     ok("submit", "r", "--shell", "--array", "3-4", "--", "echo ${HOME} {index}", cwd=tmp_path)

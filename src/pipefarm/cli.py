@@ -38,14 +38,19 @@ _opened: Path | None = None
 _READING_VERBS = frozenset({"status", "results", "failures", "logs", "list", "show"})
 
 
-def _holds_pickles(run: Any) -> bool:
-    """Whether any succeeded task of ``run`` has a result (a pickle) to decode."""
+def _holds_pickles(run: Any, verb: str) -> bool:
+    """Whether ``verb`` would unpickle something from ``run``: ``results`` the results of
+    succeeded tasks, ``show`` the arguments of Python tasks."""
     from .states import State
+    from .task import PY
 
-    return run.store.db.execute(
-        "SELECT 1 FROM tasks WHERE state=? AND (result IS NOT NULL OR result_file IS NOT NULL)"
-        " LIMIT 1", (int(State.SUCCEEDED),)
-    ).fetchone() is not None
+    if verb == "show":
+        query, args = "SELECT 1 FROM specs WHERE kind=? LIMIT 1", (PY,)
+    else:
+        query = ("SELECT 1 FROM tasks WHERE state=? AND (result IS NOT NULL"
+                 " OR result_file IS NOT NULL) LIMIT 1")
+        args = (int(State.SUCCEEDED),)
+    return run.store.db.execute(query, args).fetchone() is not None
 
 
 def _open(path: str) -> Any:
@@ -64,11 +69,12 @@ def _open(path: str) -> Any:
     with warnings.catch_warnings(record=True) as said:  # said once we know we go on
         warnings.simplefilter("always")
         run = Run.open(path, readonly=True)
-    if run.unsafe and verb in ("results", "show") and _holds_pickles(run):
+    if run.unsafe and verb in ("results", "show") and _holds_pickles(run, verb):
         from .errors import UnsafeRun
 
+        what = "results" if verb == "results" else "task arguments"
         run.close()
-        raise UnsafeRun(f"{path} can be written by other users and holds Python results, "
+        raise UnsafeRun(f"{path} can be written by other users and holds Python {what}, "
                         f"which `pipefarm {verb}` would unpickle. Fix with: chmod go-w {path}")
     for w in said:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -319,8 +325,6 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     if only is not None:
         cmd = name_default(cmd, only)
         key_cmd = name_default(key_cmd, only) if key_cmd is not None else None
-    if size is not None:
-        _note_large(size, value_bytes, run_dir)
     keys = None
     if key_cmd is not None:
         try:
@@ -330,6 +334,8 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
         keys = [render(key_cmd, r)[0] for r in rows]
     run = Run.create(run_dir, exist_ok=True)
     try:
+        if size is not None:  # after create: a Ctrl-C once it is said is undone in full
+            _note_large(size, value_bytes, run_dir)
         ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
                              priority=priority, cost=cost, after=_ids(after), cpus=cpus,
                              gpus=gpus, tags=tags)

@@ -354,6 +354,9 @@ def check_template(
     if missing:
         have = ", ".join("{" + k + "}" for k in sorted(first_values, key=_name_order)) or "none"
         hint = f"; {EMPTY_PLACEHOLDER_HINT}" if "" in missing else ""
+        word = next((m for m in missing if m and not m.isdigit()), None)
+        if word is not None:  # awk's '{print}' is a placeholder by the rules: say how not
+            hint += f"; if {{{word}}} is meant literally (awk, shell), write {{{{{word}}}}}"
         raise TemplateError(
             f"the command uses {', '.join('{' + m + '}' for m in missing)} but the source "
             f"provides no such value; available: {have}{hint}"
