@@ -261,7 +261,9 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/i --from-file inputs.txt -- awk '{print $1}' {line}
     A placeholder with no source column is refused before anything is written, and a refused
     submission leaves no new RUN behind. With --key, a task whose key is already in RUN is
-    not added again: submitting the same sweep twice adds only what is new.
+    not added again: submitting the same sweep twice adds only what is new. From 1,000,000
+    tasks (--array, :::) it first says how much disk the catalog will take; set the bound
+    with e.g. PIPEFARM_LARGE_SUBMISSION=100000.
     """
     import itertools
 
