@@ -97,6 +97,8 @@ def show_task(run: Any, task: int) -> dict[str, Any]:
     for a in run.store.attempts(task):
         ref = row["output"] if a.attempt == row["attempt"] else outputs.get(a.attempt)
         lines = (a.error or "").strip().splitlines()
+        if lines and lines[0].startswith("Traceback"):
+            lines = lines[-1:]  # a Python traceback says what happened on its last line
         attempts.append({
             "attempt": a.attempt, "worker": a.worker, "outcome": a.outcome,
             "started_at": _iso(a.started_at), "ended_at": _iso(a.ended_at),
