@@ -144,11 +144,14 @@ def test_sge_directives():
 
 
 def test_sge_single_element_and_small_limits():
-    d = directives(script_of("sge", ArraySpec("/r", 1, time="00:01:00", throttle=2)), "#$")
+    with pytest.raises(ValueError, match="not shorter than the walltime"):
+        ArraySpec("/r", 1, time="00:01:00")  # the 120 s warning would come before the start
+    spec = ArraySpec("/r", 1, time="00:01:00", throttle=2, warn_seconds=0)
+    d = directives(script_of("sge", spec), "#$")
     assert "#$ -t 1-1" in d  # legal in SGE, keeps $SGE_TASK_ID defined
     assert not any(x.startswith("#$ -tc") or x.startswith("#$ -pe") for x in d)
     assert "#$ -l h_rt=00:01:00" in d
-    assert not any("s_rt" in x for x in d)  # the warning would come before the start
+    assert not any("s_rt" in x for x in d)  # no warning asked for
 
 
 def test_lsf_directives():

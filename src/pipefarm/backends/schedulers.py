@@ -31,6 +31,7 @@ the scheduler and forwarded by the script).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -63,6 +64,15 @@ class ArraySpec(msgspec.Struct):
     (``#SBATCH`` ...); for HTCondor every line is a submit command, verbatim. ``log_dir``
     defaults to ``RUN_DIR/logs``. ``parallel_env`` is the SGE parallel environment used when
     an element needs more than one slot.
+
+    ``setup`` lines run in order, in the element's shell, before any worker starts (``module
+    load ...``, ``source .../activate``); the element stops with status 1 when one fails.
+    ``python`` starts the workers: a path (made absolute) or a bare name such as ``python3``,
+    looked up on the element's ``PATH`` *after* the setup lines ran.
+
+    ``mem`` is the memory of one element, ``mem_per_worker`` that of one worker (at most one
+    of them): a size such as ``4G``, ``500M``, ``1.5T`` or a bare number of MiB (units are
+    binary: 1G = 1024M). See :func:`mem_mib`.
     """
 
     run_dir: str
@@ -81,6 +91,9 @@ class ArraySpec(msgspec.Struct):
     python: str = msgspec.field(default_factory=lambda: sys.executable)
     log_dir: str | None = None
     parallel_env: str = "smp"
+    setup: list[str] = []
+    mem: str | None = None
+    mem_per_worker: str | None = None
 
     def __post_init__(self) -> None:
         if self.elements < 1:
@@ -98,10 +111,28 @@ class ArraySpec(msgspec.Struct):
                 f"job_name {self.job_name!r}: use a letter then letters, digits, '_', '.', '-'"
             )
         self.signal = signal_name(self.signal)
-        time_seconds(self.time)  # validate now, not at render time
+        secs = time_seconds(self.time)  # validate now, not at render time
+        if secs is not None and self.warn_seconds >= secs:
+            # the warning would come before (or as) the element starts: workers would drain
+            # at once and hand everything back, an array that never runs a task
+            raise ValueError(
+                f"the walltime warning ({self.warn_seconds} s before the end) is not shorter "
+                f"than the walltime ({secs} s); lower --warn-seconds (0: no warning) or "
+                "raise --time"
+            )
         for line in self.extra:
             if "\n" in line or "\r" in line:
                 raise ValueError(f"extra directive {line!r} spans lines")
+        for line in self.setup:
+            if "\n" in line or "\r" in line or not line.strip():
+                raise ValueError(f"setup line {line!r}: give one non-empty line per --setup")
+        if not re.fullmatch(r"[^\s\"'\\]+", self.parallel_env):
+            raise ValueError(f"parallel environment {self.parallel_env!r}: one word, e.g. smp")
+        if not self.python.strip() or any(c in self.python for c in "\n\r"):
+            raise ValueError(f"python {self.python!r} is not a path or a command name")
+        if self.mem is not None and self.mem_per_worker is not None:
+            raise ValueError("give --mem (per element) or --mem-per-worker, not both")
+        _ = self.mem_mib  # validate now, not at render time
         if not self.run_dir:
             raise ValueError("run_dir is empty")
 
@@ -120,6 +151,15 @@ class ArraySpec(msgspec.Struct):
     def gpus(self) -> int:
         """GPUs per element."""
         return self.gpus_per_worker * self.workers_per_element
+
+    @property
+    def mem_mib(self) -> int | None:
+        """Memory per element in MiB, or None when not given."""
+        if self.mem is not None:
+            return mem_mib(self.mem)
+        if self.mem_per_worker is not None:
+            return mem_mib(self.mem_per_worker) * self.workers_per_element
+        return None
 
 
 class Rendered(msgspec.Struct):
@@ -156,14 +196,34 @@ def signal_name(sig: str | int) -> str:
     return name
 
 
-def time_seconds(t: str | int | None) -> int | None:
+#: How each scheduler reads a walltime of two fields, ``A:B``: SLURM ``--time`` and PBS Pro
+#: ``walltime`` read minutes:seconds, LSF ``-W`` hours:minutes; SGE's ``h_rt`` and HTCondor
+#: have no two-field form (None: refused, give ``HH:MM:SS``).
+TWO_FIELD_TIME: dict[str, str | None] = {
+    "slurm": "MM:SS", "pbs": "MM:SS", "lsf": "HH:MM", "sge": None, "htcondor": None,
+}
+
+
+def time_seconds(t: str | int | None, scheduler: str | None = None) -> int | None:
     """Walltime in seconds from minutes (int or digits), ``HH:MM:SS`` or ``D-HH:MM:SS``.
 
-    ``"MM:SS"`` and ``"HH:MM"`` are refused: SLURM reads two fields as minutes:seconds while
-    PBS and LSF read hours:minutes, so the meaning would depend on the scheduler.
+    Two fields, ``A:B``, mean what ``scheduler`` makes of them (:data:`TWO_FIELD_TIME`):
+    ``"2:00"`` is 2 minutes for SLURM and PBS, 2 hours for LSF. Without a scheduler (or for
+    SGE and HTCondor) two fields are refused, since their meaning depends on the scheduler.
     """
     if t is None:
         return None
+    if isinstance(t, str) and scheduler is not None:
+        m2 = re.fullmatch(r"(\d+):(\d{1,2})", t.strip())
+        form = TWO_FIELD_TIME.get(scheduler)
+        if m2 and form:
+            a, b = int(m2.group(1)), int(m2.group(2))
+            if b >= 60:
+                raise ValueError(f"bad walltime {t!r}: the second field of {form} must be < 60")
+            secs = a * 60 + b if form == "MM:SS" else (a * 60 + b) * 60
+            if secs <= 0:
+                raise ValueError("walltime must be positive")
+            return secs
     if isinstance(t, bool):
         raise ValueError(f"bad walltime {t!r}")
     if isinstance(t, int):
@@ -180,10 +240,77 @@ def time_seconds(t: str | int | None) -> int | None:
             raise ValueError(f"bad walltime {t!r}: minutes and seconds must be < 60")
         secs = ((d * 24 + h) * 60 + mi) * 60 + se
     else:
-        raise ValueError(f"bad walltime {t!r}: give minutes, 'HH:MM:SS' or 'D-HH:MM:SS'")
+        two = ""
+        if scheduler is not None:
+            form = TWO_FIELD_TIME.get(scheduler)
+            two = f", or {form}" if form else f" ({scheduler} has no two-field form)"
+        raise ValueError(
+            f"bad walltime {t!r}: give minutes, 'HH:MM:SS' or 'D-HH:MM:SS'{two}"
+        )
     if secs <= 0:
         raise ValueError("walltime must be positive")
     return secs
+
+
+_MEM = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_MEM_SHIFT = {"k": -10, "": 0, "m": 0, "g": 10, "t": 20}  # powers of two relative to MiB
+
+
+def mem_mib(size: str | int) -> int:
+    """A memory size in MiB, rounded up: ``"4G"``, ``"4GB"``, ``"4GiB"``, ``"500M"``,
+    ``"1.5T"``, ``"512K"``; a bare number is MiB (SLURM's ``--mem`` default unit). Units are
+    binary (1G = 1024M), as SLURM, SGE (upper case) and HTCondor read them. ValueError for
+    anything else, and for sizes under 1 MiB."""
+    if isinstance(size, bool):
+        raise ValueError(f"bad memory size {size!r}")
+    m = _MEM.fullmatch(str(size).strip())
+    if not m:
+        raise ValueError(
+            f"bad memory size {size!r}: give a number and a unit, e.g. 4G, 500M or 1.5T"
+        )
+    mib = float(m.group(1)) * 2.0 ** _MEM_SHIFT[m.group(2).lower()]
+    if mib < 1:
+        raise ValueError(f"memory size {size!r} is under 1 MiB")
+    return math.ceil(mib)
+
+
+def _mem_units(mib: int, units: tuple[str, str] = ("M", "G")) -> str:
+    """``4096`` -> ``4G``, ``4500`` -> ``4500M`` (whole GiB when exact: easier to read)."""
+    return f"{mib // 1024}{units[1]}" if mib % 1024 == 0 else f"{mib}{units[0]}"
+
+
+#: Directories that are usually local to one node (a python there is missing on the others).
+NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/scratch/local", "/local/scratch",
+              "/localscratch", "/scratch_local", "/run/user")
+
+
+def check_python(python: str) -> str | None:
+    """Check the interpreter the workers will start with, at submission time.
+
+    A path (anything with a ``/``) must exist and be executable here: ValueError when not. A
+    bare name (``python3``) is looked up on the element's ``PATH`` after ``--setup`` and is
+    not checked. Returns a one-line warning when the path lives under a node-local directory
+    (:data:`NODE_LOCAL`, ``$TMPDIR``): the other nodes of the array will not have it.
+    """
+    if os.sep not in python:
+        return None
+    path = _abs(python)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        why = "does not exist" if not os.path.exists(path) else "is not an executable file"
+        raise ValueError(f"the workers' python {path} {why}; choose one with --python")
+    local = list(NODE_LOCAL)
+    if os.environ.get("TMPDIR"):
+        local.append(os.environ["TMPDIR"])
+    for candidate in dict.fromkeys([path, os.path.realpath(path)]):
+        for d in local:
+            d = os.path.abspath(d)
+            if candidate == d or candidate.startswith(d.rstrip(os.sep) + os.sep):
+                return (
+                    f"the workers' python {path} lives under {d}, which is usually local to "
+                    "this node: the array's nodes may not have it (choose one with --python)"
+                )
+    return None
+
 
 
 def _hms(secs: int) -> str:
@@ -217,6 +344,26 @@ def _paths(spec: ArraySpec) -> tuple[str, str, str]:
     return run_dir, log_dir, python
 
 
+#: Schedulers whose directive lines take a double-quoted path (checked: real sbatch and SGE
+#: qsub; LSF documents quoting file names with spaces). PBS and HTCondor are not: a path with
+#: white space is refused for them rather than written as a directive they may split.
+_QUOTES_PATHS = ("slurm", "sge", "lsf")
+
+
+def _quoted(scheduler: str, path: str) -> str:
+    """``path`` as a directive's value: double-quoted when it holds white space."""
+    if not any(c.isspace() for c in path):
+        return path
+    if scheduler not in _QUOTES_PATHS:
+        raise ValueError(
+            f"{path!r} holds white space, which {scheduler} directives cannot take; use a "
+            "run directory (or log directory) without spaces"
+        )
+    if '"' in path:
+        raise ValueError(f"{path!r}: a path with both spaces and '\"' cannot be a directive")
+    return f'"{path}"'
+
+
 def _extra(prefix: str, lines: Sequence[str]) -> list[str]:
     return [ln if ln.lstrip().startswith("#") else f"{prefix} {ln}" for ln in lines]
 
@@ -246,6 +393,21 @@ def _body(scheduler: str, spec: ArraySpec, timer_after: int | None) -> str:
     run_dir, _, python = _paths(spec)
     sig = spec.signal
     trapped = " ".join(dict.fromkeys(["TERM", "INT", "HUP", "USR1", "USR2", sig]))
+    setup = ""
+    if spec.setup:
+        # before `set -u`: module and activate scripts read unset variables. Each line runs in
+        # this shell (a { } group, so what it exports reaches the workers); a failing line
+        # stops the element before any worker starts, rather than starting them half set up
+        setup = "\n# ---- --setup lines, in order, before the workers start\n" + "".join(
+            f"{{ {line}\n}} || {{ _pf_rc=$?; echo {shlex.quote(f'pipefarm: --setup line {i} failed')}"
+            f'" (status $_pf_rc): "{shlex.quote(line)} >&2; exit 1; }}\n'
+            for i, line in enumerate(spec.setup, 1)
+        )
+    if os.sep in python:
+        which = f"# Python: {python} (pipefarm array --python; default: the interpreter that ran it)"
+    else:
+        which = (f"# Python: {python!r} as found on PATH after the --setup lines "
+                 "(pipefarm array --python)")
     timer = ""
     if timer_after is not None:
         # no warning directive on this scheduler: a timer of our own sends the warning
@@ -258,6 +420,8 @@ _pf_timer=$!
 """
     return f"""
 # ---- generated by pipefarm: start the workers of this array element -------------------------
+{which}
+{setup}
 set -u
 PIPEFARM_RUN_DIR={shlex.quote(run_dir)}
 PIPEFARM_PYTHON={shlex.quote(python)}
@@ -317,6 +481,8 @@ def _slurm(spec: ArraySpec, log_dir: str) -> list[str]:
     d += ["#SBATCH --nodes=1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={spec.cpus}"]
     if spec.gpus:
         d.append(f"#SBATCH --gres=gpu:{spec.gpus}")
+    if spec.mem_mib:
+        d.append(f"#SBATCH --mem={_mem_units(spec.mem_mib)}")  # per node: one node per element
     if spec.seconds:
         d.append(f"#SBATCH --time={_slurm_time(spec.seconds)}")
     if spec.partition:
@@ -326,7 +492,7 @@ def _slurm(spec: ArraySpec, log_dir: str) -> list[str]:
     if spec.warn_seconds:
         # B: only the batch shell gets it (it forwards); SLURM caps the lead at 65535 s
         d.append(f"#SBATCH --signal=B:{spec.signal}@{min(spec.warn_seconds, 65535)}")
-    d.append(f"#SBATCH --output={out}")
+    d.append(f"#SBATCH --output={_quoted('slurm', out)}")
     return d + _extra("#SBATCH", spec.extra)
 
 
@@ -336,6 +502,10 @@ def _pbs(spec: ArraySpec, log_dir: str) -> list[str]:
         throttle = f"%{spec.throttle}" if spec.throttle else ""  # max_run_subjobs
         d.append(f"#PBS -J 0-{spec.elements - 1}{throttle}")
     select = f"1:ncpus={spec.cpus}" + (f":ngpus={spec.gpus}" if spec.gpus else "")
+    if spec.mem_mib:
+        # PBS Pro: mem is a host-level resource, asked for in the select chunk; a job-wide
+        # `-l mem=` beside `-l select` is the old syntax, which PBS Pro refuses to mix
+        select += f":mem={_mem_units(spec.mem_mib, ('mb', 'gb'))}"
     d.append(f"#PBS -l select={select}")
     if spec.seconds:
         d.append(f"#PBS -l walltime={_hms(spec.seconds)}")
@@ -344,7 +514,7 @@ def _pbs(spec: ArraySpec, log_dir: str) -> list[str]:
     if spec.account:
         d.append(f"#PBS -A {spec.account}")
     # -o a directory: each (sub)job writes <jobid>.OU there; -j oe joins stderr into it
-    d += ["#PBS -S /bin/bash", "#PBS -j oe", f"#PBS -o {log_dir}"]
+    d += ["#PBS -S /bin/bash", "#PBS -j oe", f"#PBS -o {_quoted('pbs', log_dir)}"]
     return d + _extra("#PBS", spec.extra)
 
 
@@ -360,6 +530,10 @@ def _sge(spec: ArraySpec, log_dir: str) -> list[str]:
         d.append(f"#$ -l h_rt={_hms(secs)}")
         if 0 < spec.warn_seconds < secs:
             d.append(f"#$ -l s_rt={_hms(secs - spec.warn_seconds)}")  # SIGUSR1 at the soft limit
+    if spec.mem_mib:
+        # h_vmem is per slot: SGE multiplies it by the -pe slots, so split the element's share
+        slots = spec.cpus if spec.cpus > 1 else 1
+        d.append(f"#$ -l h_vmem={_mem_units(-(-spec.mem_mib // slots))}")
     if spec.gpus:
         d.append(f"#$ -l gpu={spec.gpus}")  # the usual name of the consumable; site-specific
     if spec.partition:
@@ -369,7 +543,7 @@ def _sge(spec: ArraySpec, log_dir: str) -> list[str]:
     d += [
         "#$ -notify",  # SIGUSR2 `notify` seconds before SIGKILL (h_rt, qdel)
         "#$ -j y",
-        f"#$ -o {os.path.join(log_dir, spec.job_name + '.$JOB_ID.$TASK_ID.out')}",
+        f"#$ -o {_quoted('sge', os.path.join(log_dir, spec.job_name + '.$JOB_ID.$TASK_ID.out'))}",
     ]
     return d + _extra("#$", spec.extra)
 
@@ -383,6 +557,10 @@ def _lsf(spec: ArraySpec, log_dir: str) -> list[str]:
     d += [f"#BSUB -n {spec.cpus}", '#BSUB -R "span[hosts=1]"']
     if spec.gpus:
         d.append(f'#BSUB -gpu "num={spec.gpus}"')
+    if spec.mem_mib:
+        # with span[hosts=1] the reservation (per host unless the site reserves per task)
+        # is the element's; the unit is explicit, whatever LSF_UNIT_FOR_LIMITS says
+        d.append(f'#BSUB -R "rusage[mem={spec.mem_mib}MB]"')
     if spec.seconds:
         d.append(f"#BSUB -W {_lsf_time(spec.seconds)}")
     if spec.partition:
@@ -391,7 +569,7 @@ def _lsf(spec: ArraySpec, log_dir: str) -> list[str]:
         d.append(f"#BSUB -P {spec.account}")
     if spec.warn_seconds:
         d += [f"#BSUB -wa {spec.signal}", f"#BSUB -wt {_minutes_up(spec.warn_seconds)}"]
-    d.append(f"#BSUB -o {os.path.join(log_dir, spec.job_name + '.%J.%I.out')}")
+    d.append(f"#BSUB -o {_quoted('lsf', os.path.join(log_dir, spec.job_name + '.%J.%I.out'))}")
     return d + _extra("#BSUB", spec.extra)
 
 
@@ -438,7 +616,8 @@ def render(scheduler: str, spec: ArraySpec, directory: str | None = None) -> Ren
 
 
 def _htcondor_submit(spec: ArraySpec, wrapper: str, log_dir: str) -> str:
-    base = os.path.join(log_dir, spec.job_name)
+    base = _quoted("htcondor", os.path.join(log_dir, spec.job_name))
+    wrapper = _quoted("htcondor", wrapper)
     d = [
         "# pipefarm array: HTCondor submit description (generated)",
         "universe = vanilla",
@@ -452,6 +631,8 @@ def _htcondor_submit(spec: ArraySpec, wrapper: str, log_dir: str) -> str:
         f"log = {base}.$(Cluster).log",
         f"request_cpus = {spec.cpus}",
     ]
+    if spec.mem_mib:
+        d.append(f"request_memory = {spec.mem_mib}")  # MiB
     if spec.gpus:
         d.append(f"request_gpus = {spec.gpus}")
     secs = spec.seconds
