@@ -39,7 +39,7 @@ def finished(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("finished")
     run = base / "run"
     assert cli("submit", str(run), "--array", "0-2999", "--", "echo", "{index}").returncode == 0
-    assert cli("run", str(run), "-w", "2", "--no-progress").returncode == 0
+    assert cli("run", str(run), "--backend", "sequential", "--no-progress").returncode == 0
     db = sqlite3.connect(run / "catalog.db")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
@@ -157,7 +157,7 @@ def test_empty_catalog_of_a_run_being_created_is_not_damage(tmp_path):
 def failing(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("failing") / "run"
     assert cli("submit", str(run), "--array", "0-9", "--", "sh", "-c", "exit {index}").returncode == 0
-    assert cli("run", str(run), "-w", "2", "--no-progress").returncode == 1
+    assert cli("run", str(run), "--backend", "sequential", "--no-progress").returncode == 1
     return run
 
 
@@ -203,6 +203,8 @@ def test_reading_verbs_warn_on_a_group_writable_run(failing, tmp_path):
     # command tasks have no pickled results: results reads nothing it would unpickle
     _warned(p := cli("results", str(run), "--format", "csv"), run)
     assert len(p.stdout.strip().splitlines()) == 11
+    _warned(p := cli("show", str(run), "3"), run)  # a command task: nothing to unpickle
+    assert "exit 2" in p.stdout  # its command (task 3 has index 2)
     assert stat.S_IMODE(run.stat().st_mode) == 0o770  # never changed behind the user's back
 
 
@@ -222,11 +224,13 @@ def test_results_refuses_to_unpickle_from_a_shared_run(tmp_path):
     run = tmp_path / "run"
     with pf.Run.create(run) as r:
         r.map(abs, [-1, -2])
-        r.execute(workers=1, progress=False)
+        r.execute(backend="sequential", progress=False)
     os.chmod(run, 0o777)
     line = one_error(cli("results", str(run), "--format", "json"))
     assert "unpickle" in line and "chmod go-w" in line
     _warned(cli("status", str(run)), run)  # counts unpickle nothing
+    line = one_error(cli("show", str(run), "1"))  # it would unpickle the task's arguments
+    assert "unpickle" in line and "chmod go-w" in line
     with pytest.raises(pf.UnsafeRun):
         pf.Run.open(run)
 
