@@ -270,6 +270,10 @@ def test_list_names_each_run_and_its_state(tmp_path: Path) -> None:
     assert "interrupted-resumable" in text and "runs/proj/new" in text
     assert {p: snapshot(tmp_path / p) for p in listed} == before  # read only
     one_line_usage_error(pf_cli("list", "nowhere", cwd=tmp_path))
+    os.chmod(tmp_path / "runs" / "done", 0o770)  # others can write it: listed, and said so
+    listed = {r["run"]: r for r in json.loads(ok("list", "runs", "--json", cwd=tmp_path))}
+    assert listed["runs/done"]["state"] == "finished" and "chmod go-w" in listed["runs/done"]["unsafe"]
+    assert "unsafe" not in listed["runs/stop"]
 
 
 def test_show_a_command_task_with_every_attempt(tmp_path: Path) -> None:

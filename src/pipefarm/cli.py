@@ -949,7 +949,7 @@ def list_cmd(top: str, as_json: bool) -> None:
         left = sum(c[k] for k in ("blocked", "ready", "claimed", "running"))
         bad = c["failed"] + c["skipped"] + c["cancelled"]
         click.echo(f"{r['run']:<{width}}  {r['state']:<21}  {r['total']:>8,}  {c['succeeded']:>8,}"
-                   f"  {bad:>8,}  {left:>8,}")
+                   f"  {bad:>8,}  {left:>8,}" + (f"  unsafe: {r['unsafe']}" if "unsafe" in r else ""))
 
 
 @main.command()

@@ -68,13 +68,17 @@ def state_word(counts: dict[str, int], live: bool, started: bool) -> str:
 
 def describe(path: Path) -> dict[str, Any]:
     """A run's counts and state word (``state`` "unreadable" with ``error`` if it cannot be
-    opened: not private, damaged, from a newer pipefarm)."""
+    opened: damaged, from a newer pipefarm; ``unsafe`` when other users can write it)."""
+    import warnings
+
     from ..backends.array import sync
     from ..run import Run
     from .status import being_worked_on
 
     try:
-        run = Run.open(path)
+        with warnings.catch_warnings():  # a run others can write is listed, marked unsafe
+            warnings.simplefilter("ignore")
+            run = Run.open(path, readonly=True)  # counts only: nothing is unpickled
     except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
         return {"run": str(path), "state": "unreadable", "total": 0, "counts": {},
                 "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
@@ -85,8 +89,11 @@ def describe(path: Path) -> dict[str, Any]:
             "SELECT 1 FROM tasks WHERE attempt > 0 LIMIT 1").fetchone() is not None
         left = sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
         live = being_worked_on(run) if left else False
-        return {"run": str(path), "state": state_word(counts, live, started),
-                "total": sum(counts.values()), "counts": counts}
+        out = {"run": str(path), "state": state_word(counts, live, started),
+               "total": sum(counts.values()), "counts": counts}
+        if getattr(run, "unsafe", False):
+            out["unsafe"] = "other users can write it: chmod go-w " + str(path)
+        return out
     finally:
         run.close()
 
