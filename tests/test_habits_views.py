@@ -315,3 +315,30 @@ def test_show_a_python_task(tmp_path: Path) -> None:
     assert info["kwargs"] == {"b": "'b'"}
     (a,) = info["attempts"]  # "a" * 5000 + "b" + 0: a TypeError
     assert a["outcome"] == "failed" and a["error"].startswith("TypeError"), a
+
+
+def test_status_of_an_array_run_follows_its_workers_heartbeats(tmp_path: Path) -> None:
+    """A shared-filesystem run: live while a worker's heartbeat is fresh, no ETA once it is
+    older than the lease (the worker was killed)."""
+    ok("submit", "r", "--array", "0-9", "--", "sleep", "1", cwd=tmp_path)
+    ok("array", "r", "--scheduler", "slurm", "--elements", "1", "--time", "10", "--lease", "2",
+       cwd=tmp_path)  # writes the script and offers the tasks; submits nothing
+    worker = subprocess.Popen([*PF, "worker", "r"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def two_done() -> bool:
+            return json.loads(ok("status", "r", "--json", cwd=tmp_path))["done"] >= 2
+
+        wait_for(two_done, timeout=60)
+        live = json.loads(ok("status", "r", "--json", cwd=tmp_path))
+        assert live["live"] is True and live["eta_s"] is not None, live
+        assert [r["state"] for r in json.loads(ok("list", ".", "--json", cwd=tmp_path))] == ["running"]
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    time.sleep(3)  # past the 2 s lease: the heartbeat is stale
+    stopped = json.loads(ok("status", "r", "--json", cwd=tmp_path))
+    assert stopped["live"] is False and stopped["eta_s"] is None, stopped
+    assert stopped["done"] < stopped["total"]
+    assert [r["state"] for r in json.loads(ok("list", ".", "--json", cwd=tmp_path))] == [
+        "interrupted-resumable"]
