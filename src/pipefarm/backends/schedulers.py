@@ -10,6 +10,13 @@ element index is normalised to 0-based in ``PIPEFARM_ELEMENT`` (SGE and LSF coun
 Each worker also gets ``PIPEFARM_SLOT`` (0 .. workers_per_element-1, e.g. to pick its GPUs),
 ``PIPEFARM_ELEMENTS``, ``PIPEFARM_WORKERS_PER_ELEMENT`` and ``PIPEFARM_SCHEDULER``.
 
+Before the workers start, the ``setup`` lines run in order (``module load``, ``source
+activate``); a comment in the script says which Python starts the workers. Memory
+(``mem``/``mem_per_worker``) is written in each scheduler's own syntax: SLURM ``--mem``, PBS Pro
+``select=...:mem=``, SGE ``-l h_vmem=`` (per slot), HTCondor ``request_memory``, LSF
+``-R "rusage[mem=]"``. Log paths with white space are double-quoted for SLURM, SGE and LSF (the
+real ``sbatch`` and SGE ``qsub`` accept that) and refused for PBS and HTCondor.
+
 Walltime warning, per scheduler (``warn_seconds`` before the limit, signal ``spec.signal``):
 
 * SLURM: ``--signal=B:SIG@warn`` (to the batch shell, which forwards it).
