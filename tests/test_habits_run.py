@@ -209,3 +209,43 @@ def test_output_cap_keeps_head_and_tail_with_a_marker(tmp_path: Path) -> None:
     # never more than the cap on disk
     assert sum(f.stat().st_size for f in (tmp_path / "r" / "logs").glob("*.out")) <= 4096
     assert pf_ok("logs", "r", "1", "--stderr", cwd=tmp_path) == b"FATAL: the error at the end\n"
+
+
+# --- logs of Python tasks --------------------------------------------------------------------------
+def test_python_tasks_output_is_captured_per_attempt(tmp_path: Path) -> None:
+    (tmp_path / "tasks_habits.py").write_text(
+        "import os, sys\n"
+        "def noisy(i):\n"
+        "    print('out of', i)\n"
+        "    print('err of', i, file=sys.stderr)\n"
+        "    if i % 7 == 0:\n"
+        "        os.write(1, b'raw fd write %d\\n' % i)  # below Python's buffers too\n"
+        "    if i == 5:\n"
+        "        raise ValueError('five')\n"
+        "    return i\n"
+        "def quiet(i):\n"
+        "    return i\n")
+    code = ("import sys; sys.path.insert(0, '.'); import pipefarm as pf, tasks_habits as t\n"
+            "from pipefarm.execute.cmd import Command\n"
+            "r = pf.Run.create('r')\n"
+            "r.map(t.noisy, range(40), retries=1)\n"
+            "r.submit_cmd(Command(argv=['echo', 'a command {index}']), [{'index': '1'}])\n"
+            "r.map(t.quiet, range(3))\n"
+            "r.map(t.noisy, range(40, 60))\n"
+            "r.execute(workers=2, progress=False)\n")
+    subprocess.run([PY, "-c", code], cwd=tmp_path, check=True, timeout=120)
+    for tid, i in [(1, 0), (2, 1), (8, 7), (40, 39), (45, 40), (54, 49), (64, 59)]:
+        out = pf_ok("logs", "r", str(tid), cwd=tmp_path)
+        want = f"out of {i}\n" + (f"raw fd write {i}\n" if i % 7 == 0 else "")
+        assert sorted(out.decode().splitlines()) == sorted(want.splitlines()), (tid, out)
+        assert pf_ok("logs", "r", str(tid), "--stderr", cwd=tmp_path) == f"err of {i}\n".encode()
+    assert pf_ok("logs", "r", "41", cwd=tmp_path) == b"a command 1\n"
+    assert pf_ok("logs", "r", "42", cwd=tmp_path) == b""  # quiet: printed nothing
+    # the failing task printed on both attempts; each attempt has its own output
+    for attempt in (1, 2):
+        assert pf_ok("logs", "r", "6", "--attempt", str(attempt), cwd=tmp_path) == b"out of 5\n"
+    err = pf_ok("logs", "r", "6", "--stderr", cwd=tmp_path)
+    assert err == b"err of 5\n"
+    # two files per worker, no unattributed per-worker python log
+    names = sorted(p.name for p in (tmp_path / "r" / "logs").iterdir())
+    assert names and all(n.endswith((".out", ".err")) for n in names), names

@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -240,15 +239,19 @@ def test_executor_broken_environment_in_process(monkeypatch):
         ex.shutdown(wait=True)
 
 
-def test_run_workers_dying_at_start_name_the_cause(tmp_path):
+def test_run_workers_dying_at_start_name_the_cause(tmp_path, monkeypatch):
     """Run.execute's "workers keep dying at start" quotes what killed them."""
+    import pipefarm.worker
+
     run = pf.Run.create(tmp_path / "run")
     run.map(T.square, range(4))
-    logs = run.path / "logs"
-    logs.mkdir(exist_ok=True)
-    host = socket.gethostname().split(".")[0]
-    for i in range(2):  # the worker's log cannot be opened: a directory stands in its place
-        (logs / f"python-{host}-{os.getpid()}-w{i}.log").mkdir()
+
+    def broken(*args, **kwargs):  # the forked workers inherit this: each dies as it starts
+        raise IsADirectoryError(21, "Is a directory", "logs/worker.out")
+
+    # the workers' log files are named by a random tag now, so the fault that used to stand a
+    # directory in the log file's place is injected where the worker starts serving instead
+    monkeypatch.setattr(pipefarm.worker, "serve_pipe", broken)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="keep dying at start") as info:
         run.execute(workers=2, progress=False)

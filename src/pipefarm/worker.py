@@ -169,7 +169,7 @@ class LeaseRunner:
     """
 
     def __init__(self, run_dir: str | None, worker_id: str, specs: dict[int, Spec], *,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, capture_py: bool = False) -> None:
         self.run_dir = run_dir
         self.worker_id = worker_id
         self.specs = specs
@@ -177,6 +177,13 @@ class LeaseRunner:
         self._fns: dict[int, Callable[..., Any]] = {}
         self._cmds: dict[int, Any] = {}
         self._sink: Any = None
+        # capture_py: this process's fds 1 and 2 are appended to this worker's log files
+        # (logs/<worker_id>.out/.err, the files its command output goes to), so a Python
+        # task's output is the bytes the files grew by while it ran. _py_ends caches where
+        # they ended after the last Python task (None: a command wrote since, ask the files).
+        self.capture_py = capture_py
+        self._py_ends: tuple[int, int] | None = None
+        self._py_wrote = False  # fds 1/2 grew since the last sync
 
     def __call__(self, lease: Lease, extra_env: dict[str, str] | None = None) -> Finished:
         spec = self.specs[lease.spec]
@@ -194,12 +201,38 @@ class LeaseRunner:
                         error=f"cannot load the task's function here: {type(exc).__name__}: {exc}",
                         attempt=lease.attempt,
                     )
-            return run_python(fn, lease)
+            if not self.capture_py:
+                return run_python(fn, lease)
+            return self._run_py_captured(run_python, fn, lease)
         if spec.kind == CMD:
+            self._py_ends = None  # its output moves the ends of the shared files
             return self._run_cmd(spec, lease, extra_env)
         now = time.time()
         return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
                         error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
+
+    def _run_py_captured(self, run_python: Callable[[Callable[..., Any], Lease], Finished],
+                         fn: Callable[..., Any], lease: Lease) -> Finished:
+        """Run a Python task and attribute what it wrote on fds 1 and 2 to its attempt (an
+        output reference :func:`~pipefarm.execute.output.read_output` reads, like a command's).
+
+        Costs two lseek calls and two flushes per task when nothing is printed (measured in
+        W1); the files are only fsynced (in :meth:`sync`) when a task printed something.
+        ``run_python`` is passed in, already imported: an import statement per task would
+        cost as much as the capture itself.
+        """
+        start = self._py_ends if self._py_ends is not None else _std_ends()
+        f = run_python(fn, lease)
+        if start is None:
+            return f
+        end = _std_ends()
+        self._py_ends = end
+        if end is None or end == start:
+            return f
+        self._py_wrote = True
+        ext = [f"{a}+{b - a}" if b > a else "" for a, b in zip(start, end, strict=True)]
+        f.output = f"s{ext[0]}/{ext[1]}/{self.worker_id}"
+        return f
 
     def _being_stopped(self) -> bool:
         return self.stopping is not None and self.stopping.wait(STOP_GRACE_S)
@@ -208,6 +241,13 @@ class LeaseRunner:
         """Make the command output written so far durable (before its offsets are reported)."""
         if self._sink is not None:
             self._sink.sync()
+        if self._py_wrote:
+            self._py_wrote = False
+            for fd in (1, 2):
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    pass
 
     def _run_cmd(self, spec: Spec, lease: Lease, extra_env: dict[str, str] | None) -> Finished:
         from .execute.cmd import decode_command, decode_values, run_command
@@ -243,6 +283,21 @@ class LeaseRunner:
             error=error, exit_code=res.exit_code, note=res.note, output=res.output,
             attempt=lease.attempt,
         )
+
+
+def _std_ends() -> tuple[int, int] | None:
+    """Where this process's stdout and stderr files end, after flushing Python's buffers
+    (None when a task closed or replaced them: its output is then not attributed)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        return os.lseek(1, 0, os.SEEK_END), os.lseek(2, 0, os.SEEK_END)
+    except OSError:
+        return None
 
 
 # --- the local backend's pipe protocol ------------------------------------------------------------
@@ -337,14 +392,18 @@ class _LeaseQueue:
         return taken
 
 
-def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None, worker_id: str) -> None:
-    """Run leases from ``rfd`` in order until it closes or a ``None`` message arrives."""
+def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None, worker_id: str,
+               capture_py: bool = False) -> None:
+    """Run leases from ``rfd`` in order until it closes or a ``None`` message arrives.
+
+    ``capture_py``: fds 1 and 2 go to this worker's log files; Python tasks' output is
+    attributed to their attempts (see :class:`LeaseRunner`)."""
     from multiprocessing.connection import Connection
 
     conn_in = Connection(rfd, writable=False)
     conn_out = Connection(wfd, readable=False)
     specs: dict[int, Spec] = {}
-    run = LeaseRunner(run_dir, worker_id, specs)
+    run = LeaseRunner(run_dir, worker_id, specs, capture_py=capture_py)
     spec_decoder = msgspec.msgpack.Decoder(Spec)
     leases = _LeaseQueue()
     report = _Reporter(conn_out, worker_id)
@@ -463,12 +522,27 @@ def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if output:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        # ``output`` is the log folder: stdout and stderr are appended to the files this
+        # worker's command output goes to (execute.output.OutputSink), so Python tasks'
+        # output is attributed per attempt by offsets, and a worker makes two files, not three
+        from .execute.output import SUFFIXES
+
+        for target, suffix in zip((1, 2), SUFFIXES, strict=True):
+            path = os.path.join(output, worker_id + suffix)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            os.dup2(fd, target)
+            os.close(fd)
     slots = Slots(slots_file, n_slots)
-    serve_pipe(rfd, wfd, slots, index, run_dir, worker_id)
+    serve_pipe(rfd, wfd, slots, index, run_dir, worker_id, capture_py=bool(output))
+    if output:  # a worker that printed nothing leaves no empty files behind
+        from .execute.output import SUFFIXES
+
+        for target, suffix in zip((1, 2), SUFFIXES, strict=True):
+            try:
+                if os.fstat(target).st_size == 0:
+                    os.unlink(os.path.join(output, worker_id + suffix))
+            except OSError:
+                pass
 
 
 def main(argv: list[str] | None = None) -> None:

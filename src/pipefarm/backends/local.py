@@ -446,11 +446,14 @@ class _Coordinator:
         w2c_r, w2c_w = os.pipe()
         self.spawned += 1
         wid = f"{self.host}-{self.tag}-w{index}.{self.spawned}"
-        output = ""
+        output = err_log = ""
         if self.cfg.capture_output and self.run_dir:
-            logs = os.path.join(self.run_dir, "logs")
-            os.makedirs(logs, mode=0o700, exist_ok=True)
-            output = os.path.join(logs, f"python-{self.host}-{os.getpid()}-w{index}.log")
+            # the worker appends its stdout/stderr to logs/<wid>.out/.err (Python tasks'
+            # output is attributed per attempt from there); a fresh worker's early stderr
+            # goes to the .err file too
+            output = os.path.join(self.run_dir, "logs")
+            os.makedirs(output, mode=0o700, exist_ok=True)
+            err_log = os.path.join(output, wid + ".err")
         assert self.slots is not None
         args = (c2w_r, w2c_w, self.slots.path, self.cfg.n, index, self.run_dir or "", wid, output)
         proc = err = drain = None
@@ -491,7 +494,7 @@ class _Coordinator:
                     env=_worker_env(), start_new_session=True,
                 )
                 pid = proc.pid
-                drain = threading.Thread(target=_copy_stderr, args=(proc.stderr, tail, output),
+                drain = threading.Thread(target=_copy_stderr, args=(proc.stderr, tail, err_log),
                                          name="pipefarm-worker-stderr", daemon=True)
                 drain.start()
         except BaseException:
