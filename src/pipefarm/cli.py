@@ -645,8 +645,8 @@ def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> Non
 # --- retry / cancel --------------------------------------------------------------------------------
 @main.command()
 @click.argument("run_dir", metavar="RUN")
-@click.option("--failed", "failed_only", is_flag=True, default=False, help="Only failed tasks (the default without --ids; with --all, also cancelled and skipped ones).")
-@click.option("--all", "everything", is_flag=True, help="Failed, cancelled and skipped tasks.")
+@click.option("--failed", "failed_only", is_flag=True, default=False, help="Only failed tasks (the default without --ids).")
+@click.option("--all", "everything", is_flag=True, help="Failed, cancelled and skipped tasks, e.g. after a cancel: pipefarm retry RUN --all.")
 @click.option("--ids", metavar="ID,...", help="Exactly these tasks (ids or ranges 1-100).")
 @click.option("--force", is_flag=True, help="With --ids: also run tasks that succeeded again (their result is replaced).")
 def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None,
@@ -657,8 +657,11 @@ def retry(run_dir: str, failed_only: bool, everything: bool, ids: str | None,
       pipefarm retry runs/sweep            # every failed task
       pipefarm retry runs/sweep --ids 7,12-20
       pipefarm retry runs/sweep --ids 7 --force   # 7 succeeded: run it again anyway
+      pipefarm retry runs/sweep --all             # cancelled and skipped tasks too
     Tasks that succeeded are run again only with --force; their earlier attempts stay in the
-    history (pipefarm logs RUN ID --attempt N).
+    history (pipefarm logs RUN ID --attempt N). --ids, --failed and --all choose the tasks in
+    different ways: give one. An id that is not in RUN, or a range written high-low, is an
+    error, and nothing changes.
     """
     from .errors import RetryRefused
 
