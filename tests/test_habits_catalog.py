@@ -83,6 +83,7 @@ VERBS = [
     ["retry", "{run}", "--ids", "1"],
     ["cancel", "{run}"],
     ["logs", "{run}", "5"],
+    ["show", "{run}", "5"],
     ["array", "{run}", "--scheduler", "slurm", "--dry-run"],
 ]
 
@@ -93,7 +94,8 @@ def test_damaged_catalog_is_one_error_and_a_hint_for_every_verb(finished, tmp_pa
     _damage(kind, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     for verb in VERBS:
-        if kind == "bad-pages" and (verb[0] in ("logs", "submit", "array") or "--ids" in verb):
+        if kind == "bad-pages" and (verb[0] in ("logs", "show", "submit", "array")
+                                    or "--ids" in verb):
             # they touch a few rows, not the damaged ones; SQLite finds damage where it reads
             # (a full check on every open would cost seconds on a big catalog)
             continue
@@ -111,6 +113,17 @@ def test_damaged_catalog_is_one_error_and_a_hint_for_every_verb(finished, tmp_pa
         assert after.keys() - before.keys() <= {"catalog.db-wal", "catalog.db-shm"}
         assert after["catalog.db"] == before["catalog.db"], args
         assert not (run / "catalog.db-wal").exists() or not (run / "catalog.db-wal").stat().st_size
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "bad-pages"])
+def test_list_with_a_damaged_run_says_so_without_a_traceback(finished, tmp_path, kind):
+    run = _copy(finished, tmp_path / "run")
+    _damage(kind, run)
+    before = (run / "catalog.db").read_bytes()
+    p = cli("list", str(tmp_path))
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "damaged" in p.stdout + p.stderr, (p.stdout, p.stderr)
+    assert (run / "catalog.db").read_bytes() == before
 
 
 def test_damaged_catalog_from_the_python_api(finished, tmp_path):

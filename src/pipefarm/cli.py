@@ -178,8 +178,11 @@ class _Main(click.Group):
         except sqlite3.DatabaseError as exc:  # damage found past the open, by a query
             from .store.sqlite import _is_damage
 
-            if not _is_damage(exc) or _opened is None:
+            if not _is_damage(exc):
                 raise
+            if _opened is None:  # a verb that opens runs itself (list): which one is unknown
+                _die(f"a run's catalog is damaged ({exc}); nothing was changed. `pipefarm"
+                     " status RUN` on each run says which, and how to recover it")
             _damaged(CatalogDamaged(str(_opened / "catalog.db"), str(exc)))
         except KeyError as exc:  # TemplateError and unknown ids
             _die(str(exc.args[0]) if exc.args else str(exc))
@@ -616,14 +619,17 @@ def results(run_dir: str, fmt: str | None, output: str | None) -> None:
 @click.argument("task", type=int)
 @click.option("--attempt", type=int, help="Which attempt (default: the latest).")
 @click.option("--stderr", "want_stderr", is_flag=True, help="Show stderr instead of stdout.")
-def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> None:
-    """What one attempt of TASK printed, exactly.
+@click.option("--follow", "-f", is_flag=True, help="Show the output as it comes while the task runs, like tail -f (pipefarm logs runs/sweep 42 -f); ends when its attempt ends, Ctrl-C ends it quietly.")
+def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool, follow: bool) -> None:
+    """What one attempt of TASK printed, exactly (command and Python tasks alike).
 
     \b
       pipefarm logs runs/sweep 42
       pipefarm logs runs/sweep 42 --attempt 1 --stderr
+      pipefarm logs runs/sweep 42 --follow      # while `pipefarm run` runs it
+    With --follow a task not started yet is waited for.
     """
-    from .execute.output import OutputUnavailable, read_output
+    from .execute.output import OutputUnavailable, follow_output, read_output
 
     run = _open(run_dir)
     rows = run.store.tasks(ids=[task])
@@ -633,9 +639,30 @@ def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool) -> Non
     if attempt is not None and not 1 <= attempt <= made:
         have = f"attempts 1-{made}" if made > 1 else "attempt 1" if made else "no attempt yet"
         raise click.UsageError(f"task {task} has {have}; there is no attempt {attempt}")
+    stream = "stderr" if want_stderr else "stdout"
+    if follow:
+        if attempt is not None:
+            raise click.UsageError("--follow shows the running attempt: leave out --attempt")
+
+        def poll() -> tuple[str, str | None, int]:
+            row = run.store.tasks(ids=[task])[0]
+            return row.state, row.worker, row.attempts
+
+        def write(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+        try:
+            follow_output(run.path, task, stream, poll,
+                          lambda a: run.store.output_ref(task, a), write)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends following; the task runs on
+        except OutputUnavailable as exc:
+            raise click.ClickException(f"task {task}'s output cannot be read: {exc}") from None
+        return
     ref = run.store.output_ref(task, attempt)
     try:
-        data = read_output(run.path, ref, "stderr" if want_stderr else "stdout")
+        data = read_output(run.path, ref, stream)
     except OutputUnavailable as exc:
         raise click.ClickException(f"task {task}'s output cannot be read: {exc}") from None
     sys.stdout.buffer.write(data)
