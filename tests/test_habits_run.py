@@ -249,3 +249,70 @@ def test_python_tasks_output_is_captured_per_attempt(tmp_path: Path) -> None:
     # two files per worker, no unattributed per-worker python log
     names = sorted(p.name for p in (tmp_path / "r" / "logs").iterdir())
     assert names and all(n.endswith((".out", ".err")) for n in names), names
+
+
+# --- logs --follow ---------------------------------------------------------------------------------
+def _follow_while_running(d: Path, run: str, task: int, go: Path) -> None:
+    """Start `pipefarm run` and `logs --follow`; the task prints "first", waits for ``go``,
+    prints "second" and ends: the follower must show "first" before ``go`` exists."""
+    runner = subprocess.Popen([*PF, "run", run, "--no-progress", "-w", "1"], cwd=d,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    follower = subprocess.Popen([*PF, "logs", run, str(task), "--follow"], cwd=d,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        assert follower.stdout is not None
+        first = follower.stdout.readline()  # blocks until the follower shows it
+        assert first == b"first\n"
+        assert not go.exists() and runner.poll() is None  # shown while the task runs
+        go.touch()
+        rest, err = follower.communicate(timeout=60)
+        assert follower.returncode == 0, err
+        assert rest == b"second\n" and err == b""
+        assert runner.wait(timeout=60) == 0
+    finally:
+        for p in (runner, follower):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_logs_follow_a_command_task(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    pf_ok("submit", "r", "--", "sh", "-c",
+          f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second", cwd=tmp_path)
+    _follow_while_running(tmp_path, "r", 1, go)
+
+
+def test_logs_follow_a_python_task(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    (tmp_path / "tasks_follow.py").write_text(
+        "import os, time\n"
+        "def waits(go):\n"
+        "    print('first')\n"
+        "    while not os.path.exists(go):\n"
+        "        time.sleep(0.05)\n"
+        "    print('second')\n")
+    subprocess.run([PY, "-c", "import sys; sys.path.insert(0, '.'); import pipefarm as pf, "
+                    f"tasks_follow as t; pf.Run.create('r').map(t.waits, [{str(go)!r}])"],
+                   cwd=tmp_path, check=True, timeout=60)
+    _follow_while_running(tmp_path, "r", 1, go)
+
+
+def test_logs_follow_ctrl_c_is_quiet(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--", "echo", "never run", cwd=tmp_path)
+    follower = subprocess.Popen([*PF, "logs", "r", "1", "--follow"], cwd=tmp_path,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    time.sleep(1.5)  # waiting for the task to start
+    assert follower.poll() is None
+    follower.send_signal(signal.SIGINT)
+    out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0 and out == b"" and err == b""
+
+
+def test_logs_follow_of_an_ended_task_prints_it_and_ends(tmp_path: Path) -> None:
+    pf_ok("submit", "r", "--", "echo", "done already", cwd=tmp_path)
+    pf_ok("run", "r", "--no-progress", cwd=tmp_path)
+    assert pf_ok("logs", "r", "1", "-f", cwd=tmp_path) == b"done already\n"

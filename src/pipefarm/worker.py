@@ -184,6 +184,10 @@ class LeaseRunner:
         self.capture_py = capture_py
         self._py_ends: tuple[int, int] | None = None
         self._py_wrote = False  # fds 1/2 grew since the last sync
+        # where the running attempt's output starts: (task, attempt, "s" shared files or "t"
+        # its own files, stdout offset, stderr offset); `pipefarm logs --follow` reads it from
+        # the live file serve_pipe writes for tasks that run long enough to be followed
+        self.live: tuple[int, int, str, int, int] | None = None
 
     def __call__(self, lease: Lease, extra_env: dict[str, str] | None = None) -> Finished:
         spec = self.specs[lease.spec]
@@ -222,6 +226,8 @@ class LeaseRunner:
         cost as much as the capture itself.
         """
         start = self._py_ends if self._py_ends is not None else _std_ends()
+        if start is not None:
+            self.live = (lease.task, lease.attempt, "s", start[0], start[1])
         f = run_python(fn, lease)
         if start is None:
             return f
@@ -249,6 +255,21 @@ class LeaseRunner:
                 except OSError:
                     pass
 
+    def _cmd_starts(self, lease: Lease, per_task: bool) -> tuple[int, int, str, int, int]:
+        """Where a command attempt's output will start: its own files from 0, or the ends of
+        this worker's shared files (the worker runs one attempt at a time)."""
+        from .execute.output import SUFFIXES
+
+        if per_task or self._sink.per_task:
+            return (lease.task, lease.attempt, "t", 0, 0)
+        ends = []
+        for suffix in SUFFIXES:
+            try:
+                ends.append(os.stat(self._sink.log_dir / (self.worker_id + suffix)).st_size)
+            except OSError:
+                ends.append(0)
+        return (lease.task, lease.attempt, "s", ends[0], ends[1])
+
     def _run_cmd(self, spec: Spec, lease: Lease, extra_env: dict[str, str] | None) -> Finished:
         from .execute.cmd import decode_command, decode_values, run_command
         from .execute.output import OutputSink
@@ -261,6 +282,7 @@ class LeaseRunner:
             logs.mkdir(parents=True, exist_ok=True)
             self._sink = OutputSink(logs, self.worker_id, per_task=cmd.output_per_task)
         values = decode_values(lease.args) if lease.args else {}
+        self.live = self._cmd_starts(lease, cmd.output_per_task)
         res = run_command(
             cmd, values, timeout=spec.timeout, sink=self._sink, task=lease.task,
             attempt=lease.attempt, extra_env=extra_env,
@@ -298,6 +320,11 @@ def _std_ends() -> tuple[int, int] | None:
         return os.lseek(1, 0, os.SEEK_END), os.lseek(2, 0, os.SEEK_END)
     except OSError:
         return None
+
+
+#: A task is announced for `pipefarm logs --follow` once it has run this long: a file written
+#: per task would cost W1's 100k no-op tasks more than the whole engine does per task.
+LIVE_AFTER_S = 0.2
 
 
 # --- the local backend's pipe protocol ------------------------------------------------------------
@@ -429,6 +456,22 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
             leases.close()
 
     threading.Thread(target=read, name="pipefarm-inbox", daemon=True).start()
+    if run_dir is not None:
+        from .execute.output import LIVE_SUFFIX, write_live
+
+        live_path = os.path.join(run_dir, "logs", worker_id + LIVE_SUFFIX)
+        written: list[Any] = [None]
+
+        def note_live() -> None:
+            """A task running for LIVE_AFTER_S: say where its output starts (for --follow)."""
+            info, since = run.live, report.running_since
+            if (info is None or info is written[0] or not since or info[0] != report.running_task
+                    or time.time() - since < LIVE_AFTER_S):
+                return
+            write_live(live_path, info)
+            written[0] = info
+
+        report.on_tick = note_live
     threading.Thread(target=report.flush_loop, name="pipefarm-flush", daemon=True).start()
     current: int | None = None  # the batch whose outcomes the reporter collects
     while True:
@@ -448,6 +491,7 @@ def serve_pipe(rfd: int, wfd: int, slots: Slots, index: int, run_dir: str | None
         _, lease, env = item
         t0 = time.time()
         slots.set(index, lease.task, t0)
+        report.running_task = lease.task
         report.running_since = t0
         f = run(lease, env)
         report.running_since = 0.0
@@ -467,7 +511,9 @@ class _Reporter:
         self.others: list[Finished] = []
         self.busy = 0.0
         self.running_since = 0.0
+        self.running_task = 0
         self.stop = False
+        self.on_tick: Callable[[], None] | None = None
 
     def begin(self, batch: int) -> None:
         with self.lock:
@@ -502,6 +548,11 @@ class _Reporter:
     def flush_loop(self) -> None:
         while not self.stop:
             time.sleep(FLUSH_AFTER_S / 2)
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except OSError:
+                    pass  # a full disk: --follow shows the output once the attempt ends
             since = self.running_since
             if since and time.time() - since > FLUSH_AFTER_S and (self.ok or self.others):
                 try:
@@ -532,10 +583,21 @@ def local_worker_main(rfd: int, wfd: int, slots_file: str, n_slots: int, index: 
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             os.dup2(fd, target)
             os.close(fd)
+        # a print() shows at once (for `pipefarm logs --follow`), as it would on a terminal
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            except (AttributeError, ValueError):
+                pass
     slots = Slots(slots_file, n_slots)
     serve_pipe(rfd, wfd, slots, index, run_dir, worker_id, capture_py=bool(output))
     if output:  # a worker that printed nothing leaves no empty files behind
-        from .execute.output import SUFFIXES
+        from .execute.output import LIVE_SUFFIX, SUFFIXES
+
+        try:
+            os.unlink(os.path.join(output, worker_id + LIVE_SUFFIX))
+        except OSError:
+            pass
 
         for target, suffix in zip((1, 2), SUFFIXES, strict=True):
             try:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: Name of the log folder inside a run directory.
@@ -346,3 +348,83 @@ def read_output(run_dir_or_log_dir: Path | str, ref: str | None, stream: str) ->
     except ValueError:
         pass
     raise ValueError(f"not an output reference: {ref!r}")
+
+
+#: ``logs/<worker>.live``: where the worker's running attempt's output starts (written by
+#: the local workers for attempts that run a while; read by :func:`follow_output`).
+LIVE_SUFFIX = ".live"
+#: How often ``pipefarm logs --follow`` looks for new output and for the attempt's end.
+FOLLOW_POLL_S = 0.2
+
+
+def write_live(path: str, info: tuple[int, int, str, int, int]) -> None:
+    """Replace the live file at ``path`` with ``info`` (one line; atomic by rename)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (" ".join(map(str, info)) + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_live(path: str) -> tuple[int, int, str, int, int] | None:
+    """What :func:`write_live` wrote, or None (no file, or torn)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            task, attempt, kind, out, err = f.read().split()
+        return int(task), int(attempt), kind, int(out), int(err)
+    except (OSError, ValueError):
+        return None
+
+
+def follow_output(
+    run_dir: Path | str,
+    task: int,
+    stream: str,
+    poll: Callable[[], tuple[str, str | None, int]],
+    final_ref: Callable[[int | None], str | None],
+    write: Callable[[bytes], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Write what ``task`` prints on ``stream`` as it prints it, until its attempt ends.
+
+    ``poll()`` gives the task's ``(state label, worker, attempt)``; ``final_ref(attempt)`` the
+    output reference of an ended attempt (None: the latest). A task not started yet is waited
+    for; an ended one is written whole. Output is read from the worker's log file from where
+    its live file says the attempt began; once the attempt ends, the rest comes from its
+    recorded reference (so the end of a capped stream and its cut marker show too).
+    """
+    s = STREAMS.index(stream)
+    logs = Path(run_dir) / LOG_DIRNAME
+    following: int | None = None
+    printed = 0
+    while True:
+        state, worker, attempt = poll()
+        active = state in ("claimed", "running")
+        if following is not None and (not active or attempt != following):
+            write(read_output(run_dir, final_ref(following), stream)[printed:])
+            return
+        if not active:
+            if state in ("ready", "blocked"):  # not started (or waiting for a retry)
+                sleep(FOLLOW_POLL_S)
+                continue
+            write(read_output(run_dir, final_ref(None), stream))
+            return
+        info = read_live(str(logs / f"{worker}{LIVE_SUFFIX}")) if worker else None
+        if info is not None and info[0] == task and info[1] == attempt:
+            following = attempt
+            if info[2] == "t":
+                path = logs / TASKS_DIRNAME / f"{task}.{attempt}.{worker}{SUFFIXES[s]}"
+            else:
+                path = logs / f"{worker}{SUFFIXES[s]}"
+            try:
+                with open(path, "rb") as f:
+                    f.seek(info[3 + s] + printed)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            if data:
+                write(data)
+                printed += len(data)
+        sleep(FOLLOW_POLL_S)
