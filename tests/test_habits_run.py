@@ -150,11 +150,16 @@ def test_signal_says_interrupted_and_how_to_resume(tmp_path: Path, sig: int, cod
 
 def test_cancelled_tasks_are_called_cancelled(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--array", "0-9", "--", "true", cwd=tmp_path)
-    pf_ok("cancel", "r", "--ids", "1-4", cwd=tmp_path)
+    said = pf_ok("cancel", "r", "--ids", "1-4", cwd=tmp_path).decode()
+    assert said == "4 task(s) cancelled; to run them after all: pipefarm retry r --all\n"
     proc = pf("run", "r", "--no-progress", "-w", "1", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "4 task(s) cancelled" in proc.stderr
     assert "did not succeed" not in proc.stderr
+    # what the message says works
+    pf_ok("retry", "r", "--all", cwd=tmp_path)
+    pf_ok("run", "r", "--no-progress", "-w", "1", cwd=tmp_path)
+    assert {s for s, _ in states(tmp_path).values()} == {"succeeded"}
 
 
 # --- GPUs no worker has ----------------------------------------------------------------------------

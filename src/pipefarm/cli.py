@@ -716,9 +716,12 @@ def cancel(run_dir: str, ids: str | None) -> None:
 
     \b
       pipefarm cancel runs/sweep --ids 100-200
+      pipefarm retry runs/sweep --all            # changed your mind: run them after all
+    `pipefarm run` then counts them as cancelled (exit status 1), not as failures.
     """
     n = _open(run_dir).cancel(_ids(ids))
-    click.echo(f"{n:,} task(s) cancelled")
+    click.echo(f"{n:,} task(s) cancelled"
+               + (f"; to run them after all: pipefarm retry {run_dir} --all" if n else ""))
 
 
 # --- failures --------------------------------------------------------------------------------------
