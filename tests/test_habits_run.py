@@ -117,6 +117,15 @@ def test_halt_from_python(tmp_path: Path) -> None:
         assert summary.counts["ready"] == 30 - summary.counts["failed"]
         with pytest.raises(ValueError, match="soon,fail=N"):
             run.execute(progress=False, halt="sometime")
+        with pytest.raises(ValueError, match="local backend"):
+            run.execute(backend="sequential", progress=False, halt="soon,fail=1")
+        # a backend object given: the policy applies to it too
+        from pipefarm.backends.local import LocalBackend
+
+        before = summary.counts["failed"]
+        again = run.execute(backend=LocalBackend(1), progress=False, halt="soon,fail=1")
+        assert again.halted is not None and again.counts["failed"] - before <= 3
+        assert again.counts["ready"] > 0
 
 
 # --- honest messages -------------------------------------------------------------------------------

@@ -357,9 +357,13 @@ class Run:
         :class:`Unrunnable` before anything runs.
         """
         if halt is not None:
-            if backend != "local" and not isinstance(backend, _local.LocalBackend):
+            policy = _local.HaltPolicy.parse(halt)
+            if isinstance(backend, _local.LocalBackend):
+                backend.halt = policy  # a backend object given: it applies to this call too
+            elif backend == "local":
+                backend_options["halt"] = policy
+            else:
                 raise ValueError("halt= works with the local backend")
-            backend_options["halt"] = _local.HaltPolicy.parse(halt)
         be = make_backend(backend, workers=workers, **backend_options)
         if isinstance(be, _local.LocalBackend):
             self._check_gpus(be.gpus_available)
