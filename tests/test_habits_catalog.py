@@ -256,3 +256,18 @@ def test_submit_into_an_existing_open_directory_refuses_and_changes_nothing(tmp_
     assert "chmod go-w" in line
     assert stat.S_IMODE(d.stat().st_mode) == 0o777
     assert list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--ids", "99999"], "no task 99999 in"),
+    (["--ids", "5-3"], "'5-3' is an empty range"),
+])
+def test_cancel_refuses_unknown_ids_and_bad_ranges(tmp_path, args, says):
+    run = tmp_path / "run"
+    assert cli("submit", str(run), "--array", "0-4", "--", "true").returncode == 0
+    p = cli("cancel", str(run), *args)
+    assert p.returncode == 2 and says in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "cancelled" not in p.stdout
+    st = json.loads(cli("status", str(run), "--json").stdout)
+    assert {k: v for k, v in st["counts"].items() if v} == {"ready": 5}, st

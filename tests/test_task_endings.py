@@ -41,8 +41,7 @@ def _pf(*args: object, cwd: Path, timeout: float = 120, check: bool = True) -> s
 
 
 def _results(d: Path) -> list[dict]:
-    out = _pf("results", d / "run", "--format", "json", cwd=d).stdout
-    return [json.loads(line) for line in out.splitlines()]
+    return json.loads(_pf("results", d / "run", "--format", "json", cwd=d).stdout)
 
 
 def _outcomes(run: pf.Run, task: int) -> list[str]:

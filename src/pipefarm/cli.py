@@ -719,7 +719,9 @@ def cancel(run_dir: str, ids: str | None) -> None:
       pipefarm retry runs/sweep --all            # changed your mind: run them after all
     `pipefarm run` then counts them as cancelled (exit status 1), not as failures.
     """
-    n = _open(run_dir).cancel(_ids(ids))
+    run = _open(run_dir)
+    wanted = _ids(ids)
+    n = run.cancel(None if wanted is None else _known(run, wanted, run_dir))
     click.echo(f"{n:,} task(s) cancelled"
                + (f"; to run them after all: pipefarm retry {run_dir} --all" if n else ""))
 

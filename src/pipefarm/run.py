@@ -479,7 +479,7 @@ class Run:
                 except Exception:
                     cause = None
             if error is None and state == "skipped":
-                error = "skipped: a task it depends on did not succeed"
+                error = "a task it depends on did not succeed"  # TaskFailed says "skipped: "
             raise TaskFailed(task, state, error, cause if isinstance(cause, BaseException) else None)
         raise TaskNotFinished(f"task {task} is {state}: no result yet")
 
