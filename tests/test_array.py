@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -167,11 +168,21 @@ def test_slurm_walltime_warning_releases_unstarted_work_at_once(tmp_path: Path) 
            "--warn-seconds", "50", "--lease", str(lease), "--submit", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     claims = tmp_path / "run" / "fs" / "claims"
+    logs = tmp_path / "run" / "logs"
     deadline = time.time() + 150
-    while not any(p.name.endswith(".released") for p in claims.iterdir()):
-        assert time.time() < deadline, "the walltime warning never released a block"
+    stats = None
+    while stats is None:
+        assert time.time() < deadline, "the walltime warning never stopped the worker"
         time.sleep(1)
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("*.out"))
+        stats = re.search(r"worker done: .*released=(\d+),.*exit='(\w+)'", text)
     t_released = time.time()
+    # the warning stopped it (the limit is 60 s; 160 x 0.5 s would take 80 s)
+    assert stats.group(2) == "stopped", text
+    # the unstarted rest of its block was handed back at once (unless the warning came just as
+    # a block ended: then there was nothing to hand back, and the next blocks were never claimed)
+    if int(stats.group(1)):
+        assert any(p.name.endswith(".released") for p in claims.iterdir())
     r = pf("array", "run", "--scheduler", "slurm", "--elements", "1", "-w", "2", "--time", "10",
            "--submit", "--wait", "--poll", "3", cwd=tmp_path)
     assert r.returncode == 0, (r.stdout, r.stderr)
