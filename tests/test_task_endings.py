@@ -309,3 +309,17 @@ def test_a_long_timeout_works_for_python_tasks_on_every_backend(tmp_path):
         tasks = [run.submit_task(abs, (-5,), timeout=t) for t in (2147484, 1e8, 1e11)]
         run.execute(backend=backend, progress=False)
         assert [run.result(t) for t in tasks] == [5, 5, 5]
+
+
+# --- found on the way: state a forked worker inherits ---------------------------------------------
+def test_commands_start_in_workers_forked_by_a_process_that_ran_commands_itself(tmp_path):
+    """The /dev/null fd kept for commands' stdin does not survive into forked workers (they
+    close what they inherit): each worker opens its own, so its commands start."""
+    first = pf.Run.create(tmp_path / "first")
+    first.submit_cmd(["true"])
+    first.execute(backend="sequential", progress=False)  # this process opens its /dev/null fd
+    assert first.status()["succeeded"] == 1
+    run = pf.Run.create(tmp_path / "run")
+    ids = run.submit_cmd("exit 0", [{}] * 6)
+    summary = run.execute(workers=2, progress=False)
+    assert summary.ok, [run.attempts(t)[0].error for t in ids]

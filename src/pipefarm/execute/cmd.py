@@ -505,8 +505,11 @@ def shutdown_guard() -> None:
 def _after_fork_in_child() -> None:
     # A forked child (multiprocessing) must not keep the worker's pipe open: the guardian
     # would never see EOF. It gets its own guardian if it ever runs commands.
-    global _guard, _guard_lock
+    global _guard, _guard_lock, _devnull_fd
     _guard_lock = threading.Lock()
+    # a forked local worker closes the fds it inherits: the parent's /dev/null fd number may
+    # be closed, or reused by another file, in the child
+    _devnull_fd = -1
     if _guard is not None:
         try:
             os.close(_guard.wfd)
