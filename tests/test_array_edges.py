@@ -173,7 +173,9 @@ def test_tasks_under_an_array_script_hear_usr1_and_workers_survive_it(tmp_path: 
     for t in range(1, n + 1):
         log = pf("logs", "run", str(t), cwd=tmp_path).stdout
         fields = dict(ln.split(":\t") for ln in log.splitlines() if ln.startswith("Sig"))
-        assert int(fields["SigIgn"], 16) == 0 and int(fields["SigBlk"], 16) == 0, log
+        # 32 and 33 are glibc's own signals (see test_task_endings._LIBC_SIGNALS)
+        libc = (1 << 31) | (1 << 32)
+        assert int(fields["SigIgn"], 16) & ~libc == 0 and int(fields["SigBlk"], 16) == 0, log
         assert "checkpointed" in log, log
 
 
