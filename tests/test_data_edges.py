@@ -28,34 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tasks_lib as T
+from cli_lib import ok, one_line_usage_error, pf_cli
 
 import pipefarm as pf
 from pipefarm.sources import csv_source
-
-PF = [sys.executable, "-m", "pipefarm"]
-
-
-def pf_cli(*args: str | os.PathLike[str], cwd: Path, preexec=None,
-           timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """One ``pipefarm`` process; stdout and stderr as text."""
-    return subprocess.run([*PF, *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, errors="replace", timeout=timeout,
-                          preexec_fn=preexec)
-
-
-def ok(*args: str | os.PathLike[str], cwd: Path) -> str:
-    p = pf_cli(*args, cwd=cwd)
-    assert p.returncode == 0, (args, p.returncode, p.stderr)
-    return p.stdout
-
-
-def one_line_usage_error(p: subprocess.CompletedProcess[str]) -> str:
-    """Assert the CLI's contract for a user mistake; return the message."""
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert p.stderr.startswith("pipefarm: error: "), p.stderr
-    assert p.stderr.count("\n") == 1 and p.stderr.endswith("\n"), p.stderr
-    assert "Traceback" not in p.stderr
-    return p.stderr
 
 
 def tasks_in(run_dir: Path) -> int:

@@ -21,28 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tasks_lib as T
+from cli_lib import PF, ok, one_line_usage_error, pf_cli
 
 import pipefarm as pf
-
-PF = [sys.executable, "-m", "pipefarm"]
-
-
-def pf_cli(*args: str | os.PathLike[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PF, *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, errors="replace", timeout=timeout)
-
-
-def ok(*args: str | os.PathLike[str], cwd: Path) -> str:
-    p = pf_cli(*args, cwd=cwd)
-    assert p.returncode == 0, (args, p.returncode, p.stderr)
-    return p.stdout
-
-
-def one_line_usage_error(p: subprocess.CompletedProcess[str]) -> str:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert p.stderr.startswith("pipefarm: error: ") and p.stderr.count("\n") == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    return p.stderr
 
 
 def background_run(run: str, cwd: Path, *extra: str) -> subprocess.Popen[str]:

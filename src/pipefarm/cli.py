@@ -188,7 +188,9 @@ class _Main(click.Group):
             _die(str(exc.args[0]) if exc.args else str(exc))
         except UnicodeEncodeError:
             # argv arrives surrogate-escaped: bytes that are not UTF-8 reached text storage
-            bad = [a for a in sys.argv[1:] if _undecodable(a)]
+            from .execute.cmd import has_surrogates
+
+            bad = [a for a in sys.argv[1:] if has_surrogates(a)]
             if not bad:
                 raise
             _die(f"argument {_shown(bad[0])} is not valid UTF-8")
@@ -360,19 +362,13 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
 def _refuse_undecodable(args: list[str | None], what: str) -> None:
     """Refuse arguments that are not UTF-8 (argv arrives surrogate-escaped): templates and
     paths are stored as text. Values after ::: are not checked: they reach CMD byte-exact."""
+    from .execute.cmd import has_surrogates
+
     for arg in args:
-        if arg is not None and _undecodable(arg):
+        if arg is not None and has_surrogates(arg):
             hint = ("; give such bytes as values (after ::: or in a --from-file), which reach "
                     "the command byte-exact") if what == "CMD" else ""
             _die(f"{what + ' ' if what else ''}argument {_shown(arg)} is not valid UTF-8{hint}")
-
-
-def _undecodable(arg: str) -> bool:
-    try:
-        arg.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _shown(arg: str) -> str:

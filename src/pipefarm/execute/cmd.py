@@ -138,7 +138,7 @@ def encode_values(values: dict[str, str]) -> bytes:
         # on POSIX are bytes); store those values as bytes so they reach argv byte-exact.
         return _cmd_encoder.encode(
             {
-                k: (v.encode("utf-8", "surrogateescape") if _has_surrogates(v) else v)
+                k: (v.encode("utf-8", "surrogateescape") if has_surrogates(v) else v)
                 for k, v in values.items()
             }
         )
@@ -159,7 +159,8 @@ def decode_values(blob: bytes | None) -> dict[str, str]:
     return values
 
 
-def _has_surrogates(s: str) -> bool:
+def has_surrogates(s: str) -> bool:
+    """Whether ``s`` carries bytes that are not UTF-8 (as surrogate escapes, from argv or a file)."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
