@@ -154,6 +154,23 @@ def test_large_result_files_are_private(tmp_path: Path) -> None:
     run.close()
 
 
+def test_export_with_a_lost_result_file_exports_the_rest_and_marks_that_row(tmp_path: Path) -> None:
+    run = pf.Run.create(tmp_path / "r")
+    run.map(T.big_bytes, range(3), [200 * 1024] * 3)
+    run.map(abs, [-7])
+    run.execute(workers=2, progress=False)
+    run.close()
+    (victim,) = [f for f in (tmp_path / "r" / "results").iterdir() if f.name.startswith("2-")]
+    victim.unlink()
+    p = pf_cli("results", "r", "--format", "json", cwd=tmp_path)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "1 succeeded task(s) have lost their result" in p.stderr
+    rows = {r["task_id"]: r for r in json.loads(p.stdout)}
+    assert rows[2]["result"] is None and "result file" in rows[2]["error"] and "missing" in rows[2]["error"]
+    assert rows[1]["result"] is not None and rows[3]["result"] is not None
+    assert rows[4]["result"] == 7 and rows[4]["error"] is None
+
+
 # === 5. failures and status =========================================================================
 def test_failures_json_lists_every_task_of_a_group(tmp_path: Path) -> None:
     ok("submit", "r", "--array", "0-27", "--", "sh", "-c", "echo 'cannot open /data/{index}' >&2; exit 3",

@@ -353,13 +353,27 @@ def stdout_tail(run_dir: Path, ref: str | None, limit: int = STDOUT_TAIL_BYTES) 
     return data.decode("utf-8", "replace")
 
 
+class _MissingResult(Exception):
+    """A succeeded task's large-result file is gone (deleted, or a copy of the run without it)."""
+
+
 def _result_of(run: Any, st: int, blob: bytes | None, rfile: str | None) -> tuple[Any, bytes | None]:
     if st != int(State.SUCCEEDED):  # other states keep a pickled exception there, not a result
         return None, None
     if rfile is not None:
-        blob = (run.path / rfile).read_bytes()
+        try:
+            blob = (run.path / rfile).read_bytes()
+        except FileNotFoundError:
+            raise _MissingResult(rfile) from None
     value = pickle.loads(blob) if blob is not None else None
     return value, (blob if value is not None else None)
+
+
+def _result_or_none(run: Any, st: int, blob: bytes | None, rfile: str | None) -> Any:
+    try:
+        return _result_of(run, st, blob, rfile)[0]
+    except _MissingResult:
+        return None
 
 
 def _file_size(path: Path) -> int:
@@ -401,7 +415,7 @@ def _plan(run: Any, specs: dict[int, _Spec]) -> tuple[Any, list[str]]:
             for k in _values(specs.get(row[11]), row[12]):
                 names.setdefault(k)
             if not pickled:
-                values.append(_result_of(run, row[2], row[5], row[6])[0])
+                values.append(_result_or_none(run, row[2], row[5], row[6]))
         if pickled or all(v is None for v in values):
             continue
         arr, field = result_column(values, [None] * len(values))
@@ -435,13 +449,19 @@ def result_batches(run: Any) -> Iterable[Any]:
     labels = {int(s): s.label for s in State}
     base = Path(run.path)
     sent = False
+    missing = 0
     for chunk in _chunks(run):
         cols: dict[str, list[Any]] = {f.name: [] for f in fields}
         for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, sid, args,
              out) in chunk:
             spec = specs.get(sid)
             values = _values(spec, args)
-            value, blob = _result_of(run, st, blob, rfile)
+            try:
+                value, blob = _result_of(run, st, blob, rfile)
+            except _MissingResult:  # export the rest; this row says what happened to it
+                value = blob = None
+                missing += 1
+                err = f"pipefarm: its result file {rfile} is missing; the result is lost"
             cols["task_id"].append(tid)
             cols["key"].append(key)
             cols["state"].append(labels[st])
@@ -468,6 +488,12 @@ def result_batches(run: Any) -> Iterable[Any]:
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
     if not sent:
         yield pa.RecordBatch.from_pylist([], schema=schema)
+    if missing:
+        import warnings
+
+        warnings.warn(f"{missing:,} succeeded task(s) have lost their result file under"
+                      f" {base / 'results'}; their rows have no result and say so in 'error'",
+                      stacklevel=2)
 
 
 def write_stream(batches: Iterable[Any], fmt: str, dest: IO[bytes]) -> int:
