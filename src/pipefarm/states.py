@@ -7,6 +7,7 @@ into their ``WHERE`` clauses. A transition that is not listed here cannot happen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
 
 
@@ -86,7 +87,12 @@ def sources(to: State) -> tuple[int, ...]:
 
 def sql_in(to: State) -> str:
     """``"(a,b,c)"`` of :func:`sources`, ready to paste into a statement."""
-    return "(" + ",".join(str(s) for s in sources(to)) + ")"
+    return sql_list(sources(to))
+
+
+def sql_list(group: Iterable[int]) -> str:
+    """``"(a,b,c)"`` of a group of states (e.g. :data:`TERMINAL`) for SQL ``IN``."""
+    return "(" + ",".join(str(int(s)) for s in sorted(group)) + ")"
 
 
 def after_attempt(

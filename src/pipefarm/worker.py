@@ -271,8 +271,9 @@ class LeaseRunner:
         return (lease.task, lease.attempt, "s", ends[0], ends[1])
 
     def _run_cmd(self, spec: Spec, lease: Lease, extra_env: dict[str, str] | None) -> Finished:
-        from .execute.cmd import decode_command, decode_values, run_command
+        from .execute.cmd import run_command
         from .execute.output import OutputSink
+        from .execute.template import decode_command, decode_values
 
         cmd = self._cmds.get(lease.spec)
         if cmd is None:
@@ -523,7 +524,7 @@ class _Reporter:
         with self.lock:
             self.busy += f.ended_at - f.started_at
             if (
-                f.outcome == 0 and f.error is None and f.note is None and f.output is None
+                f.outcome == Outcome.SUCCEEDED and f.error is None and f.note is None and f.output is None
                 and f.exit_code is None and (f.result is None or len(f.result) <= INLINE_RESULT_MAX)
             ):
                 self.ok.append(

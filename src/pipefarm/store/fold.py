@@ -622,7 +622,7 @@ def drop_terminal_exports(catalog: SQLiteStore) -> int:
     """Terminal tasks leave their blocks (after a cancel, or before a retry)."""
     return catalog.db.execute(
         "DELETE FROM fs_export WHERE task IN (SELECT e.task FROM fs_export e JOIN tasks t"
-        " ON t.id = e.task WHERE t.state IN (4,5,6,7))"
+        f" ON t.id = e.task WHERE t.state IN {states.sql_list(states.TERMINAL)})"
     ).rowcount
 
 

@@ -164,7 +164,7 @@ from typing import Any
 
 import msgspec
 
-from ..states import Outcome
+from ..states import Outcome, State
 from ..task import Finished, Lease, Resources, Spec
 from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
 from .journal import (
@@ -1537,7 +1537,7 @@ class FsJournalStore(Store):
         rows = [
             r for r in self.catalog.db.execute(
                 "SELECT priority, cost, id, token, attempt, spec, args FROM tasks"
-                f" WHERE id IN ({chunk}) AND state=2",
+                f" WHERE id IN ({chunk}) AND state={int(State.CLAIMED)}",
                 ids,
             ) if r[3] == token_of(b, 0, r[2])
         ]

@@ -72,8 +72,7 @@ _S = State
 _READY = int(State.READY)
 
 
-def _in(group: Iterable[State]) -> str:
-    return "(" + ",".join(str(int(s)) for s in sorted(group)) + ")"
+_in = states.sql_list
 
 
 _TERMINAL = _in(states.TERMINAL)
