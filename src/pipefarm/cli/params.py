@@ -1,0 +1,74 @@
+"""Option values the verbs share: task id lists (``--ids``, ``--after``) and timeouts.
+
+Each turns a malformed value into a :class:`click.BadParameter`, which ``pipefarm``
+prints as one usage-error line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def _ids(text: str | None) -> list[int] | None:
+    """``"1,5,10-20"`` -> ids; an empty list, a reversed range or a non-id is a usage error."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise click.BadParameter(
+                        f"{part!r} is an empty range: write it low-high, e.g. {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not an id or a range like 10-20") from None
+    if not out:
+        raise click.BadParameter(f"{text!r} names no task ids; give ids or ranges like 7,12-20")
+    return out
+
+
+def _spans(ids: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``: ids as the user would type them."""
+    parts: list[str] = []
+    for i in sorted(ids):
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _known(run: Any, ids: list[int], run_dir: str) -> list[int]:
+    """``ids``, or a usage error naming those that are not tasks of ``run``."""
+    there = {t.id for t in run.tasks(ids=ids)}
+    missing = [i for i in set(ids) if i not in there]
+    if missing:
+        raise click.BadParameter(f"no task {_spans(missing)} in {run_dir}"
+                                 f" (it has {len(run):,} task(s))", param_hint="--ids")
+    return ids
+
+
+class _Seconds(click.ParamType):
+    """A timeout in seconds: > 0 (``inf``: none); refuses ``nan`` and non-positive values."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or not isinstance(value, str):
+            return value
+        from ..errors import SubmissionError
+        from ..run import checked_timeout
+
+        try:
+            return checked_timeout(value)
+        except SubmissionError:
+            self.fail(f"{value!r} is not a number of seconds > 0 (inf: no timeout)", param, ctx)

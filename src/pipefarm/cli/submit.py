@@ -1,0 +1,214 @@
+"""``pipefarm submit``: command tasks from a template and one source of values.
+
+::
+
+    CMD + (--array | --from-file | --from-csv | --from-json | ::: / ::::) -> rows
+    rows (+ --key TEMPLATE -> keys) -> Run.submit_cmd -> the catalog
+
+A refused submission leaves no new run directory behind (:func:`_undo_create`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .app import _die, _shown, main
+from .params import _ids, _Seconds
+
+
+# --- submit ----------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("run_dir", metavar="RUN")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
+@click.option("--array", "array_spec", metavar="RANGE", help="One task per index: 0-9999, 0-99:2 or 1,5,7. Placeholder {index}.")
+@click.option("--from-file", "from_file", type=click.Path(dir_okay=False), help="One task per line: {line}, and {0} {1} ... for its whitespace-separated fields.")
+@click.option("--from-csv", "from_csv", type=click.Path(dir_okay=False), help="One task per row; the header names the placeholders: {alpha}.")
+@click.option("--from-json", "from_json", type=click.Path(dir_okay=False), help="A JSON list of objects (or JSON lines); keys name the placeholders.")
+@click.option("--shell", is_flag=True, help="Run CMD as one /bin/sh line; substituted values are quoted.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Extra attempts after a failure or timeout.")
+@click.option("--timeout", type=_Seconds(), help="Seconds per attempt (> 0; inf: none); the whole process group is killed past it.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--cost", type=float, help="Expected cost; higher runs first among equal priority.")
+@click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True, help="Worker slots each task takes.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs of its own each task gets (CUDA_VISIBLE_DEVICES).")
+@click.option("--after", metavar="ID,...", help="Task ids (or ranges 1-100) that must succeed first.")
+@click.option("--tag", "tags", multiple=True, help="A label (repeatable).")
+@click.option("--cwd", help="Working directory (may hold placeholders).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable for the tasks (repeatable).")
+@click.option("--key", "key_template", metavar="TEMPLATE", help="A name per task from the placeholders, e.g. 'a{alpha}-b{beta}'.")
+@click.option("--output-cap", type=click.IntRange(min=0), default=1 << 20, show_default=True, help="Bytes of stdout and of stderr kept per attempt.")
+@click.option("--output-per-task", is_flag=True, help="One log file per attempt instead of a few per worker.")
+def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_file: str | None,
+           from_csv: str | None, from_json: str | None, shell: bool, retries: int,
+           timeout: float | None, priority: int, cost: float | None, cpus: int, gpus: int,
+           after: str | None, tags: tuple[str, ...], cwd: str | None, env: tuple[str, ...],
+           key_template: str | None, output_cap: int, output_per_task: bool) -> None:
+    """Add command tasks to RUN (created if needed).
+
+    \b
+    Placeholders in CMD are filled per task from one source:
+      pipefarm submit runs/a --array 0-9999 -- ./sim --seed {index}
+      pipefarm submit runs/b --from-file inputs.txt -- gzip -k {line}
+      pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
+      pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
+    \b
+    As GNU parallel: values after ::: (or one per line of the files after ::::); several
+    groups make every combination, named {1} {2} ...; {} is the value of a single source:
+      pipefarm submit runs/e -- gzip -k {} ::: a.txt b.txt c.txt
+      pipefarm submit runs/f -- ./sim --alpha {1} --beta {2} ::: 0.1 0.2 ::: 1 2 3
+      pipefarm submit runs/g -- gzip -k {} :::: inputs.txt
+      pipefarm submit runs/h --array 1-100 -- ./sim --seed {}
+    Without any placeholder, the ::: values are appended to CMD, as GNU parallel does.
+    Values are passed as separate arguments (no shell, no injection); with --shell they are
+    quoted. Only {name}, {name:spec}, {N} and {} are placeholders: other braces are plain
+    text, and ${VAR} is the shell's, so shell and awk need no escaping ({{ and }} are one
+    literal brace):
+      pipefarm submit runs/i --from-file inputs.txt -- awk '{print $1}' {line}
+    A placeholder with no source column is refused before anything is written, and a refused
+    submission leaves no new RUN behind. With --key, a task whose key is already in RUN is
+    not added again: submitting the same sweep twice adds only what is new. From 1,000,000
+    tasks (--array, :::) it first says how much disk the catalog will take; set the bound
+    with e.g. PIPEFARM_LARGE_SUBMISSION=100000.
+    """
+    import itertools
+
+    from .. import sources
+    from ..execute.template import Command, name_default, placeholders, render
+    from ..run import Run
+
+    try:
+        words, groups = sources.split_inline_args(command)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not words:
+        raise click.UsageError(f"no command before {command[0]!r}")
+    chosen = [s for s in (array_spec, from_file, from_csv, from_json, groups) if s is not None]
+    if len(chosen) > 1:
+        raise click.UsageError(
+            "choose at most one of --array, --from-file, --from-csv, --from-json, :::/::::")
+    _refuse_undecodable(words, "CMD")
+    _refuse_undecodable([run_dir, cwd, key_template, *env, *tags], "")
+    env_map = {}
+    for item in env:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
+        k, v = item.split("=", 1)
+        env_map[k] = v
+    if groups is not None and not any(
+            placeholders(Command(argv=[w])) for w in [*words, *([cwd] if cwd else [])]):
+        # GNU parallel appends the values to a command that names none of them
+        words += ["{}"] if len(groups) == 1 else [f"{{{i}}}" for i in range(1, len(groups) + 1)]
+    if shell:
+        cmd = Command(shell=" ".join(words), cwd=cwd, env=env_map, output_cap=output_cap,
+                      output_per_task=output_per_task)
+    else:
+        cmd = Command(argv=list(words), cwd=cwd, env=env_map, output_cap=output_cap,
+                      output_per_task=output_per_task)
+    key_cmd = Command(argv=[key_template]) if key_template is not None else None
+    rows: Any = None
+    size: int | None = None  # known before reading: for the large-submission note
+    value_bytes = 0.0
+    only: str | None = None  # the column {} stands for
+    try:
+        if array_spec is not None:
+            rows, only = sources.array_source(array_spec), "index"
+            size = sources.array_size(array_spec)
+            value_bytes = max(len(d) for d in array_spec.replace("-", ",").split(","))
+        elif from_file is not None:
+            rows, only = sources.file_source(from_file), "line"
+        elif groups is not None:
+            rows, size = sources.inline_source(groups), sources.inline_size(groups)
+            only = "1" if len(groups) == 1 else None
+            value_bytes = sum(sum(map(len, g)) / len(g) for g in groups)
+        elif from_csv is not None or from_json is not None:
+            rows = (sources.csv_source(from_csv) if from_csv is not None
+                    else sources.json_source(from_json))  # type: ignore[arg-type]
+            first = next(rows, None)  # a one-column source: {} is that column
+            if first is not None:
+                only = next(iter(first)) if len(first) == 1 else None
+                rows = itertools.chain([first], rows)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if only is not None:
+        cmd = name_default(cmd, only)
+        key_cmd = name_default(key_cmd, only) if key_cmd is not None else None
+    keys = None
+    if key_cmd is not None:
+        try:
+            rows = list(rows) if rows is not None else [{}]
+        except ValueError as exc:  # a malformed source row: nothing is written yet
+            raise click.UsageError(str(exc)) from None
+        keys = [render(key_cmd, r)[0] for r in rows]
+    run = Run.create(run_dir, exist_ok=True)
+    try:
+        if size is not None:  # after create: a Ctrl-C once it is said is undone in full
+            _note_large(size, value_bytes, run_dir)
+        ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
+                             priority=priority, cost=cost, after=_ids(after), cpus=cpus,
+                             gpus=gpus, tags=tags)
+    except BaseException:  # refused, or Ctrl-C: the transaction rolled back
+        _undo_create(run)
+        raise
+    added = getattr(ids, "added", ids)  # a TaskIds list when some keys were there already
+    there = len(ids) - len(added)
+    if not added:
+        click.echo(f"no new tasks: all {there:,} keys are in {run_dir} already")
+        return
+    span = f"{added[0]}" if len(added) == 1 else f"{added[0]}-{added[-1]}"
+    click.echo(f"added task{'s' if len(added) > 1 else ''} {span} ({len(added):,}) to {run_dir}"
+               + (f"; {there:,} already there (same key)" if there else ""))
+
+
+def _refuse_undecodable(args: list[str | None], what: str) -> None:
+    """Refuse arguments that are not UTF-8 (argv arrives surrogate-escaped): templates and
+    paths are stored as text. Values after ::: are not checked: they reach CMD byte-exact."""
+    from ..execute.template import has_surrogates
+
+    for arg in args:
+        if arg is not None and has_surrogates(arg):
+            hint = ("; give such bytes as values (after ::: or in a --from-file), which reach "
+                    "the command byte-exact") if what == "CMD" else ""
+            _die(f"{what + ' ' if what else ''}argument {_shown(arg)} is not valid UTF-8{hint}")
+
+
+
+def _note_large(size: int, value_bytes: float, run_dir: str) -> None:
+    """One line on stderr before a large submission is written: how many tasks, how much disk."""
+    import os
+
+    from ..sources import LARGE_SUBMISSION, catalog_estimate
+
+    try:
+        threshold = int(os.environ.get("PIPEFARM_LARGE_SUBMISSION", LARGE_SUBMISSION))
+    except ValueError:
+        threshold = LARGE_SUBMISSION
+    if size < threshold:
+        return
+    est = catalog_estimate(size, value_bytes)
+    click.echo(f"pipefarm: note: submitting {size:,} tasks; the catalog in {run_dir} will take"
+               f" about {_human_bytes(est)} of disk (Ctrl-C now writes nothing)", err=True)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def _undo_create(run: Any) -> None:
+    """After a refused first submission: remove the run directory this submission made (and
+    only that), so a typo leaves nothing behind. A run that holds tasks is never removed."""
+    created = run.created
+    try:
+        empty = created is not None and not any(run.store.counts().values())
+    except Exception:  # cannot tell: keep it
+        empty = False
+    run.close()
+    if empty:
+        import shutil
+
+        shutil.rmtree(created, ignore_errors=True)
