@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipefarm.execute.cmd import (
-    EXIT_CANNOT_RUN,
-    EXIT_NOT_FOUND,
-    CmdResult,
+from pipefarm.execute.cmd import EXIT_CANNOT_RUN, EXIT_NOT_FOUND, CmdResult, run_command
+from pipefarm.execute.output import OutputSink, read_output
+from pipefarm.execute.template import (
     Command,
     TemplateError,
     decode_command,
@@ -28,9 +27,7 @@ from pipefarm.execute.cmd import (
     encode_values,
     placeholders,
     render,
-    run_command,
 )
-from pipefarm.execute.output import OutputSink, read_output
 
 HOSTILE = [
     "$(rm -rf ~)",
@@ -371,7 +368,8 @@ WORKER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from pipefarm.execute.cmd import Command, run_command
+    from pipefarm.execute.cmd import run_command
+    from pipefarm.execute.template import Command
     from pipefarm.execute.output import OutputSink
     sink = OutputSink(Path(sys.argv[1]), "victim")
     cmd = Command(shell="echo $$ > " + sys.argv[2] + ".tmp; sleep 1000 & echo $! >> "

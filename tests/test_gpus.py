@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipefarm.execute import gpus
-from pipefarm.execute.cmd import Command, run_command
+from pipefarm.execute.cmd import run_command
 from pipefarm.execute.gpus import DevicePool, detect, detect_gpus, device_env, parse_device_list
 from pipefarm.execute.output import OutputSink, read_output
+from pipefarm.execute.template import Command
 
 SMI_OUTPUT = """\
 GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-aaaaaaaa-1111-2222-3333-444444444444)

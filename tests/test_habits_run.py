@@ -105,7 +105,7 @@ def test_bad_halt_is_one_line(tmp_path: Path, spec: str) -> None:
 
 def test_halt_from_python(tmp_path: Path) -> None:
     import pipefarm as pfm
-    from pipefarm.execute.cmd import Command
+    from pipefarm.execute.template import Command
 
     with pfm.Run.create(tmp_path / "r") as run:
         run.submit_cmd(Command(argv=["sh", "-c", "sleep 0.05; exit 1"]), [{}] * 30)
@@ -240,7 +240,7 @@ def test_python_tasks_output_is_captured_per_attempt(tmp_path: Path) -> None:
         "def quiet(i):\n"
         "    return i\n")
     code = ("import sys; sys.path.insert(0, '.'); import pipefarm as pf, tasks_habits as t\n"
-            "from pipefarm.execute.cmd import Command\n"
+            "from pipefarm.execute.template import Command\n"
             "r = pf.Run.create('r')\n"
             "r.map(t.noisy, range(40), retries=1)\n"
             "r.submit_cmd(Command(argv=['echo', 'a command {index}']), [{'index': '1'}])\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipefarm.execute.cmd import Command, placeholders, render
+from pipefarm.execute.template import Command, placeholders, render
 from pipefarm.sources import CATALOG_BYTES_PER_TASK, catalog_estimate, split_inline_args
 
 PF = [sys.executable, "-m", "pipefarm"]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipefarm.execute.cmd import Command, run_command
+from pipefarm.execute.cmd import run_command
 from pipefarm.execute.output import OutputSink, OutputUnavailable, read_output
+from pipefarm.execute.template import Command
 
 MiB = 1 << 20
 
@@ -200,7 +201,8 @@ def test_log_write_failure_is_a_note_not_a_crash(tmp_path):
         f"""
         import resource, signal
         from pathlib import Path
-        from pipefarm.execute.cmd import Command, run_command
+        from pipefarm.execute.cmd import run_command
+        from pipefarm.execute.template import Command
         from pipefarm.execute.output import OutputSink, read_output
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipefarm.execute.cmd import Command, TemplateError, placeholders
+from pipefarm.execute.template import Command, TemplateError, placeholders
 from pipefarm.sources import (
     array_size,
     array_source,

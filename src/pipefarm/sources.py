@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .execute.cmd import (
+from .execute.template import (
     EMPTY_PLACEHOLDER_HINT,
     Command,
     TemplateError,

@@ -270,7 +270,7 @@ class _Spec:
     def __init__(self, kind: str, payload: bytes) -> None:
         self.cmd = None
         if kind == "cmd":
-            from ..execute.cmd import decode_command
+            from ..execute.template import decode_command
 
             try:
                 self.cmd = decode_command(payload)
@@ -285,7 +285,7 @@ def _specs(run: Any) -> dict[int, _Spec]:
 def _values(spec: _Spec | None, args: bytes | None) -> dict[str, str]:
     if spec is None or spec.cmd is None:
         return {}
-    from ..execute.cmd import decode_values
+    from ..execute.template import decode_values
 
     try:
         return decode_values(args)
@@ -297,7 +297,7 @@ def command_text(cmd: Any, values: dict[str, str]) -> str | None:
     """The command one task ran, as one line (a shell line as written, argv shell-quoted)."""
     import shlex
 
-    from ..execute.cmd import render
+    from ..execute.template import render
 
     try:
         argv = render(cmd, values)

@@ -65,7 +65,7 @@ def _what(run: Any, spec_id: int, args: bytes | None) -> dict[str, Any]:
     """The command (rendered, with its source row) or the function and its arguments."""
     spec = run.store.spec(spec_id)
     if spec.kind == "cmd":
-        from ..execute.cmd import decode_command, decode_values, render_cwd
+        from ..execute.template import decode_command, decode_values, render_cwd
         from .results import command_text
 
         cmd = decode_command(spec.payload)
