@@ -305,7 +305,13 @@ class Run:
         (a ``str``). The template is checked against the first row before anything is written.
         ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
         """
-        from .execute.cmd import Command, TemplateError, encode_command, encode_values, placeholders
+        from .execute.template import (
+            Command,
+            TemplateError,
+            encode_command,
+            encode_values,
+            placeholders,
+        )
 
         if isinstance(command, str):
             command = Command(shell=command)
