@@ -26,7 +26,7 @@ import pytest
 from conftest import service_absent
 from test_schedulers import _SGE_ENV, _sge_up, _slurm_up
 
-from pipefarm.backends.schedulers import ArraySpec, render
+from pipefarm.backends.array import ArraySpec, render
 
 PF = [sys.executable, "-m", "pipefarm"]
 
@@ -159,7 +159,7 @@ def test_memory_in_each_schedulers_syntax() -> None:
 def test_parallel_environment_and_two_field_walltimes() -> None:
     spec = ArraySpec("/r", 1, cpus_per_worker=4, parallel_env="mpislots")
     assert "#$ -pe mpislots 4" in directives("sge", spec)
-    from pipefarm.backends.schedulers import time_seconds
+    from pipefarm.backends.array import time_seconds
 
     assert time_seconds("2:00", "slurm") == 120  # SLURM: MM:SS
     assert time_seconds("2:00", "pbs") == 120  # PBS Pro walltime: [[HH:]MM:]SS

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import service_absent
 
-from pipefarm.backends import schedulers as S
-from pipefarm.backends.schedulers import (
+from pipefarm.backends import array as S
+from pipefarm.backends.array import (
     ArraySpec,
     launch_command,
     parse_job_id,
@@ -670,7 +670,7 @@ def test_module_import_is_light():
     code = textwrap.dedent(
         """
         import sys
-        import pipefarm.backends.schedulers, pipefarm.store.journal
+        import pipefarm.backends.array, pipefarm.store.journal
         heavy = {"pyarrow", "rich", "cloudpickle", "psutil", "click"} & set(sys.modules)
         assert not heavy, heavy
         """

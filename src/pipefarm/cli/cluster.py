@@ -28,7 +28,7 @@ def _array_spec(scheduler: str, run_dir: str, *, walltime: str | None, python: s
     """
     import shlex
 
-    from ..backends.schedulers import ArraySpec, check_python, render, time_seconds
+    from ..backends.array import ArraySpec, check_python, render, time_seconds
 
     try:
         secs = time_seconds(walltime, scheduler)  # two fields: the scheduler's convention
@@ -172,7 +172,7 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
         click.echo(f"pipefarm: wrote {script}{also}; nothing submitted", err=True)
         return 0
     if not do_submit:
-        from ..backends.schedulers import submit_command
+        from ..backends.array import submit_command
 
         cmd = submit_command(scheduler, script)
         how = " ".join(cmd.argv) + (f" < {cmd.stdin}" if cmd.stdin else "")

@@ -1,4 +1,5 @@
-"""The array backend: workers in a scheduler's job array, or launched inside an allocation.
+"""The array backend: export, submit, wait, fold. Workers run in a scheduler's job array, or
+are launched inside an allocation.
 
 The submitting process holds the catalog: it exports ready tasks as blocks
 (:func:`pipefarm.store.fold.export`), submits the array, and with ``wait`` follows it: it asks
@@ -23,8 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .local import Summary
-from .schedulers import ArraySpec, launch_command, poll_state, submit, write_scripts
+from ..local import Summary
+from .launchers import launch_command
+from .registry import poll_state, submit, write_scripts
+from .spec import ArraySpec
 
 ProgressFn = Callable[[dict[str, int]], None]
 
@@ -33,15 +36,15 @@ def sync(run: Any) -> Any:
     """Fold the journals of a shared-filesystem run into its catalog (nothing if it has none)."""
     if not (Path(run.path) / "fs").is_dir():
         return None
-    from ..store.fold import fold
+    from ...store.fold import fold
 
     return fold(run.path, run.store)
 
 
 def export(run: Any, workers: int) -> Any:
     """Fold, then offer every ready task not yet in a block as new blocks (one wave)."""
-    from ..store.fold import export as export_wave
-    from ..store.fsjournal import Layout, write_config
+    from ...store.fold import export as export_wave
+    from ...store.fsjournal import Layout, write_config
 
     layout = Layout(run.path)
     layout.make()
@@ -53,7 +56,7 @@ def export(run: Any, workers: int) -> Any:
 def lease_of(run: Any) -> float:
     """The lease the run's workers judge each other by: ``fs/config``'s, fixed at the first
     export (``pipefarm array --lease``), else the catalog's default."""
-    from ..store.fsjournal import Layout, read_config
+    from ...store.fsjournal import Layout, read_config
 
     cfg = read_config(Layout(run.path)) if (Path(run.path) / "fs").is_dir() else None
     return float(cfg.lease_s) if cfg is not None else float(run.store.lease_s)
@@ -64,8 +67,8 @@ def recall(run: Any, *, dead: bool = False) -> int:
 
     With ``dead`` (the array has ended), every holder counts as gone.
     """
-    from ..store.fold import recall_blocks
-    from ..store.fsjournal import Layout, mtime_ns, touch
+    from ...store.fold import recall_blocks
+    from ...store.fsjournal import Layout, mtime_ns, touch
 
     if not (Path(run.path) / "fs").is_dir():
         return 0
@@ -108,14 +111,14 @@ class HeartbeatWatch:
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], lease_s: float) -> None:
-        from ..store.fsjournal import Layout, Liveness
+        from ...store.fsjournal import Layout, Liveness
 
         self.layout = Layout(run_dir)
         self.live = Liveness(lease_s)
 
     def alive(self) -> list[str]:
         """The workers whose heartbeat is (still) alive."""
-        from ..store.fsjournal import mtime_ns, touch
+        from ...store.fsjournal import mtime_ns, touch
 
         try:
             names = os.listdir(self.layout.journal)
