@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
@@ -23,10 +22,9 @@ from .errors import (
     SubmissionError,
     TaskFailed,
     TaskNotFinished,
-    UnsafeRun,
-    UnsafeRunWarning,
 )
 from .states import State
+from .store.base import check_private
 from .store.sqlite import SQLiteStore
 from .task import CMD, PY, Resources, Spec, dumps_args
 
@@ -43,31 +41,6 @@ RESULT_COLUMNS = (
     "task_id", "key", "state", "attempts", "exit_code", "result", "error", "started_at",
     "ended_at", "duration_s", "worker",
 )
-
-
-def _check_private(path: Path, *, warn: bool = False) -> bool:
-    """Refuse a run directory that another user could write (it may hold planted pickles).
-
-    With ``warn``: say so in an :class:`UnsafeRunWarning` instead and return True (the
-    caller promises to unpickle nothing from it). Returns False for a private directory.
-    Never changes the directory's mode: that is the owner's call.
-    """
-    st = path.stat()
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (
-        hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0)
-    ):
-        mode = stat.filemode(st.st_mode)
-        if warn:
-            import warnings
-
-            warnings.warn(f"{path} can be written by other users (mode {mode}); reading it"
-                          f" anyway. Fix with: chmod go-w {path}", UnsafeRunWarning, stacklevel=3)
-            return True
-        raise UnsafeRun(
-            f"{path} can be written by other users (mode {mode}): pipefarm will not"
-            f" unpickle from it or write to it. Fix with: chmod go-w {path}"
-        )
-    return False
 
 
 class _RunLock:
@@ -127,7 +100,7 @@ class Run:
             # the fix), never silently made private
             if not p.is_dir():
                 raise NotADirectoryError(f"{p} exists and is not a run directory") from None
-            _check_private(p)
+            check_private(p)
             return cls(p, SQLiteStore(p))
         os.chmod(p, 0o700)  # mkdir's mode is filtered by the umask; make it exactly 0700
         run = cls(p, SQLiteStore(p))
@@ -146,7 +119,7 @@ class Run:
         p = Path(path)
         if not (p / "catalog.db").exists():
             raise FileNotFoundError(f"no run at {p} (no catalog.db there)")
-        unsafe = _check_private(p, warn=readonly)
+        unsafe = check_private(p, warn=readonly)
         run = cls(p, SQLiteStore(p))
         run.unsafe = unsafe
         return run

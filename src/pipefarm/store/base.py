@@ -6,6 +6,8 @@ optional ``now`` so that tests can drive a store with a simulated clock.
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +18,31 @@ from ..task import Finished, Lease, Resources, Spec
 
 #: Seconds a lease lives without a heartbeat from its worker.
 DEFAULT_LEASE_S = 60.0
+
+
+
+def check_private(path: str | os.PathLike[str], *, warn: bool = False) -> bool:
+    """Refuse a run directory that another user could write (it may hold planted pickles).
+
+    With ``warn``: say so in an :class:`~pipefarm.errors.UnsafeRunWarning` instead and return
+    True (the caller promises to unpickle nothing from it). Returns False for a private
+    directory. Never changes the directory's mode: that is the owner's call.
+    """
+    from ..errors import UnsafeRun, UnsafeRunWarning
+
+    st = os.stat(path)
+    if not (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            or (hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0))):
+        return False
+    mode = stat.filemode(st.st_mode)
+    if warn:
+        import warnings
+
+        warnings.warn(f"{path} can be written by other users (mode {mode}); reading it"
+                      f" anyway. Fix with: chmod go-w {path}", UnsafeRunWarning, stacklevel=3)
+        return True
+    raise UnsafeRun(f"{path} can be written by other users (mode {mode}): pipefarm will not"
+                    f" unpickle from it or write to it. Fix with: chmod go-w {path}")
 
 
 class TaskRow(msgspec.Struct):

@@ -154,7 +154,6 @@ import random
 import secrets
 import signal
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -166,7 +165,7 @@ import msgspec
 
 from ..states import Outcome, State
 from ..task import Finished, Lease, Resources, Spec
-from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow
+from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskRow, check_private
 from .journal import (
     Claimed,
     Ended,
@@ -347,20 +346,6 @@ class Layout:
 
     def hb_of(self, worker: str) -> str:
         return f"{self.hb}/{worker}"
-
-
-def check_private(path: str) -> None:
-    """Refuse a run directory another user could write (it may hold planted pickles)."""
-    st = os.stat(path)
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (
-        hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0)
-    ):
-        from ..errors import UnsafeRun
-
-        raise UnsafeRun(
-            f"{path} can be written by other users (mode {stat.filemode(st.st_mode)}): "
-            "pipefarm will not unpickle from it. Fix with: chmod go-w " + path
-        )
 
 
 def new_worker_id(prefix: str = "") -> str:
