@@ -274,7 +274,7 @@ class Run:
     ) -> Sequence[int]:
         """Add command tasks: one per row of placeholder values (one task when ``rows`` is None).
 
-        ``command`` is a :class:`~pipefarm.execute.cmd.Command`, an argv list, or a shell line
+        ``command`` is a :class:`~pipefarm.execute.template.Command`, an argv list, or a shell line
         (a ``str``). The template is checked against the first row before anything is written.
         ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
         """

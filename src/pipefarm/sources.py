@@ -339,7 +339,7 @@ def check_template(
     """Refuse a template that uses a placeholder the source does not provide.
 
     Call with the first row before anything is written. Raises
-    :class:`~pipefarm.execute.cmd.TemplateError` naming the missing and the available names.
+    :class:`~pipefarm.execute.template.TemplateError` naming the missing and the available names.
     ``{}`` (placeholder name ``""``) is provided by a row with exactly one value. With
     ``command``, also refuse literal brace text that names a column (``{my-col}``: not an
     identifier, so not a placeholder), which would otherwise pass silently.

@@ -33,7 +33,7 @@ class Spec(msgspec.Struct):
     """What a group of tasks shares: the callable or command template, and the policies.
 
     ``payload`` is a cloudpickled callable for kind ``py``; for kind ``cmd`` it is the
-    msgpack-encoded :class:`~pipefarm.execute.cmd.Command` template.
+    msgpack-encoded :class:`~pipefarm.execute.template.Command` template.
     """
 
     kind: str
