@@ -21,7 +21,8 @@ scheduler's module says how it warns before the walltime.
 
 The modules, from the bottom up::
 
-    spec        ArraySpec: what to ask for; walltime, memory and signal parsing
+    spec        ArraySpec: what to ask for; walltime, memory and signal parsing (imports
+                no other module of the package)
     script      the shell every element runs: start the workers, forward signals, wait
     base        Scheduler: one class with hooks (directives, submit, poll, cancel, states)
     slurm, pbs, sge, htcondor, lsf
@@ -62,9 +63,10 @@ from .registry import (
     state_command,
     submit,
     submit_command,
+    time_seconds,
     write_scripts,
 )
-from .spec import NODE_LOCAL, ArraySpec, check_python, mem_mib, signal_name, time_seconds
+from .spec import NODE_LOCAL, ArraySpec, check_python, mem_mib, signal_name
 
 __all__ = [
     "GONE_POLLS", "LAUNCHERS", "LEFT_STATES", "NODE_LOCAL", "SCHEDULERS", "SCHEDULER_CLASSES",

@@ -20,7 +20,7 @@ from .lsf import Lsf
 from .pbs import Pbs
 from .sge import Sge
 from .slurm import Slurm
-from .spec import ArraySpec, abs_path, resolved_paths
+from .spec import ArraySpec, abs_path, resolved_paths, walltime_seconds
 
 #: Every scheduler, by the name users give it.
 SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
@@ -43,6 +43,17 @@ def scheduler_class(scheduler: str) -> type[Scheduler]:
 def get_scheduler(scheduler: str) -> Scheduler:
     """The scheduler called ``scheduler`` (an instance: the classes hold no state)."""
     return scheduler_class(scheduler)()
+
+
+def time_seconds(t: str | int | None, scheduler: str | None = None) -> int | None:
+    """Walltime in seconds from minutes (int or digits), ``HH:MM:SS`` or ``D-HH:MM:SS``.
+
+    Two fields, ``A:B``, mean what ``scheduler`` makes of them (its ``two_field_time``):
+    ``"2:00"`` is 2 minutes for SLURM and PBS, 2 hours for LSF. Without a scheduler (or for
+    SGE and HTCondor) two fields are refused, since their meaning depends on the scheduler.
+    """
+    cls = SCHEDULER_CLASSES.get(scheduler) if scheduler is not None else None
+    return walltime_seconds(t, scheduler, cls.two_field_time if cls is not None else None)
 
 
 # ------------------------------------------------------------------------------- the submit files

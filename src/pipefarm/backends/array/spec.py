@@ -79,7 +79,7 @@ class ArraySpec(msgspec.Struct):
                 f"job_name {self.job_name!r}: use a letter then letters, digits, '_', '.', '-'"
             )
         self.signal = signal_name(self.signal)
-        secs = time_seconds(self.time)  # validate now, not at render time
+        secs = walltime_seconds(self.time)  # validate now, not at render time
         if secs is not None and self.warn_seconds >= secs:
             # the warning would come before (or as) the element starts: workers would drain
             # at once and hand everything back, an array that never runs a task
@@ -108,7 +108,7 @@ class ArraySpec(msgspec.Struct):
     @property
     def seconds(self) -> int | None:
         """The walltime in seconds, or None when not given."""
-        return time_seconds(self.time)
+        return walltime_seconds(self.time)
 
     @property
     def cpus(self) -> int:
@@ -145,18 +145,20 @@ def signal_name(sig: str | int) -> str:
     return name
 
 
-def time_seconds(t: str | int | None, scheduler: str | None = None) -> int | None:
+def walltime_seconds(t: str | int | None, scheduler: str | None = None,
+                     two_field: str | None = None) -> int | None:
     """Walltime in seconds from minutes (int or digits), ``HH:MM:SS`` or ``D-HH:MM:SS``.
 
-    Two fields, ``A:B``, mean what ``scheduler`` makes of them (its ``two_field_time``):
-    ``"2:00"`` is 2 minutes for SLURM and PBS, 2 hours for LSF. Without a scheduler (or for
-    SGE and HTCondor) two fields are refused, since their meaning depends on the scheduler.
+    Two fields, ``A:B``, mean what ``scheduler`` makes of them: ``two_field`` says how it reads
+    them (``"MM:SS"``, ``"HH:MM"``: a scheduler's ``two_field_time``, which ``time_seconds``
+    in ``registry.py`` looks up by name). Without a scheduler, or one without a two-field
+    form, two fields are refused, since their meaning depends on the scheduler.
     """
     if t is None:
         return None
     if isinstance(t, str) and scheduler is not None:
         m2 = re.fullmatch(r"(\d+):(\d{1,2})", t.strip())
-        form = _two_field_form(scheduler)
+        form = two_field
         if m2 and form:
             a, b = int(m2.group(1)), int(m2.group(2))
             if b >= 60:
@@ -183,7 +185,7 @@ def time_seconds(t: str | int | None, scheduler: str | None = None) -> int | Non
     else:
         two = ""
         if scheduler is not None:
-            form = _two_field_form(scheduler)
+            form = two_field
             two = f", or {form}" if form else f" ({scheduler} has no two-field form)"
         raise ValueError(
             f"bad walltime {t!r}: give minutes, 'HH:MM:SS' or 'D-HH:MM:SS'{two}"
@@ -259,12 +261,3 @@ def resolved_paths(spec: ArraySpec) -> tuple[str, str, str]:
     log_dir = abs_path(spec.log_dir) if spec.log_dir else os.path.join(run_dir, "logs")
     python = abs_path(spec.python) if os.sep in spec.python else spec.python  # else: on PATH
     return run_dir, log_dir, python
-
-
-def _two_field_form(scheduler: str) -> str | None:
-    """How ``scheduler`` reads ``A:B`` (``"MM:SS"``, ``"HH:MM"``, or None: refused)."""
-    # imported here: the registry imports every scheduler module, and they import this one
-    from .registry import SCHEDULER_CLASSES
-
-    cls = SCHEDULER_CLASSES.get(scheduler)
-    return cls.two_field_time if cls is not None else None
