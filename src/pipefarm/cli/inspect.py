@@ -1,9 +1,10 @@
 """The verbs that only read runs: ``status``, ``results``, ``logs``, ``failures``, ``list``,
 ``show``.
 
-Each opens its run read-only through :func:`~pipefarm.cli.app._open` (which warns on a
-directory others can write), folds what array workers journaled where that matters, and
-prints what a ``pipefarm.observe`` module computed.
+None of them changes a run. Each opens its run read-only through
+:func:`~pipefarm.cli.app._open`, which warns on a directory others can write and refuses one
+only where the verb would unpickle from it (``list`` opens the runs it finds itself). The
+numbers come from ``pipefarm.observe`` and ``execute.output``; this module only prints them.
 """
 
 from __future__ import annotations
