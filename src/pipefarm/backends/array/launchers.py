@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 
 from .spec import abs_path, signal_name
 
 #: The rank each launcher gives its processes, first match wins.
 _RANK = "${SLURM_PROCID:-${PMI_RANK:-${PMIX_RANK:-${OMPI_COMM_WORLD_RANK:-0}}}}"
 
-#: The launchers :func:`launch_command` knows.
-LAUNCHERS = ("srun", "mpiexec")
+def _srun(n: int, cpus_per_worker: int | None) -> list[str]:
+    # a worker that exits non-zero (a lost lease, a drained element) must not kill the others
+    argv = ["srun", f"--ntasks={n}", "--kill-on-bad-exit=0"]
+    if cpus_per_worker:
+        argv.append(f"--cpus-per-task={cpus_per_worker}")
+    return argv
+
+
+def _mpiexec(n: int, cpus_per_worker: int | None) -> list[str]:
+    return ["mpiexec", "-n", str(n)]  # CPUs per rank: the MPI's own flags differ, not passed
+
+
+#: Each launcher's command before the worker's, from the number of workers and their CPUs.
+LAUNCHERS: dict[str, Callable[[int, int | None], list[str]]] = {
+    "srun": _srun,
+    "mpiexec": _mpiexec,
+}
 
 
 def launch_command(
@@ -44,12 +60,6 @@ def launch_command(
         f"exec {shlex.quote(py)} -m pipefarm worker {shlex.quote(abs_path(run_dir))} "
         f'--element "$PIPEFARM_ELEMENT" --signal {sig}'
     )
-    worker = ["bash", "-c", inner, "pipefarm-worker"]
-    if launcher == "srun":
-        argv = ["srun", f"--ntasks={n}", "--kill-on-bad-exit=0"]
-        if cpus_per_worker:
-            argv.append(f"--cpus-per-task={cpus_per_worker}")
-        return argv + worker
-    if launcher == "mpiexec":
-        return ["mpiexec", "-n", str(n), *worker]
-    raise ValueError(f"unknown launcher {launcher!r}; 'srun' or 'mpiexec'")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; 'srun' or 'mpiexec'")
+    return [*LAUNCHERS[launcher](n, cpus_per_worker), "bash", "-c", inner, "pipefarm-worker"]
