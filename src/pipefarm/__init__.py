@@ -18,7 +18,7 @@ _LAZY = {
     "Run": ("pipefarm.run", "Run"),
     "Executor": ("pipefarm.executor", "Executor"),
     "BrokenExecutor": ("pipefarm.executor", "BrokenExecutor"),
-    "Summary": ("pipefarm.backends.local", "Summary"),
+    "Summary": ("pipefarm.backends.base", "Summary"),
     "TaskFailed": ("pipefarm.errors", "TaskFailed"),
     "TaskNotFinished": ("pipefarm.errors", "TaskNotFinished"),
     "SubmissionError": ("pipefarm.errors", "SubmissionError"),
@@ -35,7 +35,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import backends  # noqa: F401
-    from .backends.local import Summary  # noqa: F401
+    from .backends.base import Summary  # noqa: F401
     from .errors import (  # noqa: F401  # noqa: F401
         PipefarmError,
         RunLocked,

@@ -319,7 +319,7 @@ class Run:
         halt: str | None = None,
         **backend_options: Any,
     ) -> Any:
-        """Run every task that is not finished; return a :class:`~pipefarm.backends.local.Summary`.
+        """Run every task that is not finished; return a :class:`~pipefarm.backends.base.Summary`.
 
         Resumes where an earlier execute stopped: leases of a dead coordinator are reaped at
         once. Ctrl-C stops cleanly (running tasks are released, not charged) and raises

@@ -20,7 +20,7 @@ from ..execute.py import TaskInterrupt
 from ..states import Outcome
 from ..task import Finished
 from ..worker import LeaseRunner
-from .local import Summary
+from .base import Summary
 
 #: setitimer() overflows time_t a little beyond 1e10 s here; a timeout of over 31 years is
 #: no timeout in practice.

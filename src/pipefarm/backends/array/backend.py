@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..local import Summary
+from ..base import Summary
 from .launchers import launch_command
 from .registry import poll_state, submit, write_scripts
 from .spec import ArraySpec
