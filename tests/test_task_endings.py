@@ -163,6 +163,13 @@ def _submit_sleepers(d: Path, n: int) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def _start_run(d: Path, workers: int, **popen) -> subprocess.Popen:
+    """``pipefarm run`` of ``d/run`` in the background."""
+    return subprocess.Popen([*PF, "run", d / "run", "--workers", str(workers), "--no-progress"],
+                            cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
 def _wait_started(d: Path, n: int, deadline_s: float = 30) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -191,9 +198,7 @@ def test_sigterm_to_every_process_of_a_local_run_loses_nothing(tmp_path):
     workers and the coordinator a moment later (the order a scheduler's kill loop may take)."""
     d = tmp_path
     _submit_sleepers(d, 2)
-    proc = subprocess.Popen([*PF, "run", d / "run", "--workers", "2", "--no-progress"], cwd=d,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_run(d, 2)
     try:
         _wait_started(d, 2)
         procs = _descendants(proc.pid)
@@ -217,9 +222,7 @@ def test_sigterm_to_every_process_of_a_local_run_loses_nothing(tmp_path):
 def test_ctrl_c_of_a_local_run_releases_running_commands(tmp_path):
     d = tmp_path
     _submit_sleepers(d, 2)
-    proc = subprocess.Popen([*PF, "run", d / "run", "--workers", "2", "--no-progress"], cwd=d,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _start_run(d, 2, start_new_session=True)
     try:
         _wait_started(d, 2)
         # a terminal's Ctrl-C: SIGINT to the foreground process group
@@ -244,9 +247,7 @@ def test_a_command_killed_from_outside_while_its_worker_runs_on_is_a_failure(tmp
     (someone ran `kill` on it) failed, and says by which signal."""
     d = tmp_path
     _submit_sleepers(d, 1)
-    proc = subprocess.Popen([*PF, "run", d / "run", "--workers", "1", "--no-progress"], cwd=d,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_run(d, 1)
     try:
         _wait_started(d, 1)
         (sleeper,) = [p for p in _descendants(proc.pid) if _comm(p) == "sleep"]
