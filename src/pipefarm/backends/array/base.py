@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -48,11 +49,11 @@ class SubmitCommand(msgspec.Struct):
     stdin: str | None = None
 
 
-class Scheduler:
+class Scheduler(ABC):
     """One batch scheduler: its directives, commands and state codes.
 
-    Subclasses set the class attributes and override :meth:`head`, :meth:`match_job_id`,
-    :meth:`state_commands` and :meth:`parse_state`; the rest is common.
+    Subclasses set the class attributes and implement the four abstract hooks (:meth:`head`,
+    :meth:`match_job_id`, :meth:`state_commands`, :meth:`parse_state`); the rest is common.
     """
 
     #: the name users give (``pipefarm array --scheduler NAME``)
@@ -74,9 +75,9 @@ class Scheduler:
     cancel_argv: ClassVar[tuple[str, ...]]
 
     # -- the submit script ---------------------------------------------------------------------
+    @abstractmethod
     def head(self, spec: ArraySpec, log_dir: str) -> list[str]:
         """The script's first lines: ``#!`` and the directives."""
-        raise NotImplementedError
 
     def body(self, spec: ArraySpec) -> str:
         """The shell that starts the element's workers (:mod:`.script`)."""
@@ -119,9 +120,9 @@ class Scheduler:
         """The command that submits ``script_path``."""
         return SubmitCommand([*self.submit_argv, os.fspath(script_path)])
 
+    @abstractmethod
     def match_job_id(self, text: str) -> re.Match[str] | None:
         """The job id (group 1) in the submit command's stripped output."""
-        raise NotImplementedError
 
     def parse_job_id(self, stdout: str) -> str:
         """The job id in a submit command's output; raises ValueError when there is none."""
@@ -135,15 +136,15 @@ class Scheduler:
         return [*self.cancel_argv, job_id]
 
     # -- polling --------------------------------------------------------------------------------
+    @abstractmethod
     def state_commands(self, job_id: str) -> list[list[str]]:
         """The commands that ask how ``job_id`` stands, in order: the queue first, then (where
         there is one) the accounting records, for jobs that have left the queue."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parse_state(self, stdout: str, returncode: int, step: int) -> JobState:
         """Map the output of ``state_commands(job)[step]`` to one array-wide state;
         ``unknown`` when the command did not find the job (try the next step)."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------- helpers for the subclasses

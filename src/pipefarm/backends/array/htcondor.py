@@ -42,8 +42,7 @@ class HTCondor(Scheduler):
         directory = abs_path(directory) if directory else os.path.join(run_dir, "array")
         wrapper = f"{name}.htcondor.sh"
         sub = f"{name}.htcondor.sub"
-        script = "#!/bin/bash\n# HTCondor wrapper: $1 is the element ($(Process))\n"
-        script += self.body(spec)
+        script = "\n".join(self.head(spec, log_dir)) + "\n" + self.body(spec)
         return Rendered(
             self.name,
             submit=sub,
@@ -53,6 +52,10 @@ class HTCondor(Scheduler):
             },
             executables=[wrapper],
         )
+
+    def head(self, spec: ArraySpec, log_dir: str) -> list[str]:
+        """The wrapper script's first lines (the directives live in the ``.sub`` file)."""
+        return ["#!/bin/bash", "# HTCondor wrapper: $1 is the element ($(Process))"]
 
     def submit_description(self, spec: ArraySpec, wrapper: str, log_dir: str) -> str:
         """The ``.sub`` file: ``spec.elements`` copies of ``wrapper``."""
