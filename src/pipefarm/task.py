@@ -6,6 +6,7 @@ These are the plain records every layer passes around; they know nothing of stor
 from __future__ import annotations
 
 import pickle
+import signal as _signal
 from typing import Any
 
 import msgspec
@@ -99,3 +100,11 @@ def loads_args(blob: bytes | None) -> tuple[tuple, dict]:
     if isinstance(value, list):
         return tuple(value[0]), value[1]
     return value, {}
+
+
+def signal_label(sig: int) -> str:
+    """``SIGTERM``, or ``signal 42`` for numbers without a name."""
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from .states import Outcome
-from .task import CMD, INLINE_RESULT_MAX, PY, Finished, Lease, Spec
+from .task import CMD, INLINE_RESULT_MAX, PY, Finished, Lease, Spec, signal_label
 
 # --- the shared slots -----------------------------------------------------------------------------
 _SLOT = struct.Struct("<qd")  # task id (0: idle), start time
@@ -134,14 +134,6 @@ def stop_signal_of(exit_code: int | None) -> int | None:
         return None
     sig = -exit_code if exit_code < 0 else exit_code - 128 if 128 < exit_code < 160 else 0
     return sig if sig in STOP_SIGNALS else None
-
-
-def signal_label(sig: int) -> str:
-    """``SIGTERM``, or ``signal 42`` for numbers without a name."""
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 #: Set when this worker process is told to stop from outside (see :func:`stop_on`).

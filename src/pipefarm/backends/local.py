@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from ..states import TERMINAL, Outcome
-from ..task import PY, Finished, Lease, Resources, Spec
+from ..task import PY, Finished, Lease, Resources, Spec, signal_label
 from ..worker import (
     Batch,
     Done,
@@ -40,7 +40,6 @@ from ..worker import (
     Slots,
     from_worker_decoder,
     local_worker_main,
-    signal_label,
     slots_path,
 )
 from .base import Summary

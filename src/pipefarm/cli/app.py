@@ -47,16 +47,7 @@ _READING_VERBS = frozenset({"status", "results", "failures", "logs", "list", "sh
 def _holds_pickles(run: Any, verb: str) -> bool:
     """Whether ``verb`` would unpickle something from ``run``: ``results`` the results of
     succeeded tasks, ``show`` the arguments of Python tasks."""
-    from ..states import State
-    from ..task import PY
-
-    if verb == "show":
-        query, args = "SELECT 1 FROM specs WHERE kind=? LIMIT 1", (PY,)
-    else:
-        query = ("SELECT 1 FROM tasks WHERE state=? AND (result IS NOT NULL"
-                 " OR result_file IS NOT NULL) LIMIT 1")
-        args = (int(State.SUCCEEDED),)
-    return run.store.db.execute(query, args).fetchone() is not None
+    return run.store.has_python_tasks() if verb == "show" else run.store.has_results()
 
 
 def _open(path: str) -> Any:
@@ -126,9 +117,9 @@ class _Main(click.Group):
                 PermissionError) as exc:
             _die(str(exc))
         except sqlite3.DatabaseError as exc:  # damage found past the open, by a query
-            from ..store.sqlite import _is_damage
+            from ..store.sqlite import is_damage
 
-            if not _is_damage(exc):
+            if not is_damage(exc):
                 raise
             if _opened is None:  # a verb that opens runs itself (list): which one is unknown
                 _die(f"a run's catalog is damaged ({exc}); nothing was changed. `pipefarm"

@@ -4,11 +4,11 @@ and where its output is. Reads only."""
 from __future__ import annotations
 
 import datetime as _dt
-import signal as _signal
 from pathlib import Path
 from typing import Any
 
 from ..states import State
+from ..task import signal_label
 
 #: characters of an argument's repr shown: enough to recognise a value, while a task that
 #: received a large array does not flood the terminal
@@ -29,10 +29,7 @@ def signal_name(exit_code: int | None) -> str | None:
     """``SIGKILL`` for an exit code of -9 (a process killed by a signal), else None."""
     if exit_code is None or exit_code >= 0:
         return None
-    try:
-        return _signal.Signals(-exit_code).name
-    except ValueError:
-        return f"signal {-exit_code}"
+    return signal_label(-exit_code)
 
 
 def output_location(run_dir: Path, ref: str | None) -> dict[str, Any] | None:

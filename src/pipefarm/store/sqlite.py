@@ -26,7 +26,7 @@ from typing import Any
 from .. import states
 from ..errors import CatalogDamaged
 from ..states import Outcome, State
-from ..task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
+from ..task import INLINE_RESULT_MAX, PY, Finished, Lease, Resources, Spec
 from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
 
 SCHEMA_VERSION = 1
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS workers(
 
 _S = State
 _READY = int(State.READY)
+_SUCCEEDED = int(State.SUCCEEDED)
 
 
 _in = states.sql_list
@@ -121,7 +122,7 @@ _EMPTY_CATALOG_GRACE_S = 1.0
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
-def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
     """Whether SQLite's error says the file itself is damaged (not locked, not a full disk)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -174,7 +175,7 @@ class SQLiteStore(Store):
         try:
             self._connect(db, synchronous, readonly)
         except sqlite3.DatabaseError as exc:
-            if not _is_damage(exc):
+            if not is_damage(exc):
                 raise
             if hasattr(self, "db"):
                 self.close()
@@ -1213,6 +1214,16 @@ class SQLiteStore(Store):
             " ended_at, worker, spec, args, output FROM tasks ORDER BY id"
         )
         yield from cur
+
+    def has_python_tasks(self) -> bool:
+        """Whether any task is a Python call (its arguments are pickles)."""
+        return self.db.execute("SELECT 1 FROM specs WHERE kind=? LIMIT 1", (PY,)).fetchone() is not None
+
+    def has_results(self) -> bool:
+        """Whether any succeeded task holds a (pickled) result, inline or in a file."""
+        return self.db.execute(
+            f"SELECT 1 FROM tasks WHERE state={_SUCCEEDED} AND (result IS NOT NULL"
+            " OR result_file IS NOT NULL) LIMIT 1").fetchone() is not None
 
     def spec_rows(self) -> list[tuple[int, str, bytes]]:
         """``(id, kind, payload)`` of every spec (to render commands and name functions)."""
