@@ -23,64 +23,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import states
-from ..errors import CatalogDamaged
-from ..states import Outcome, State
-from ..task import INLINE_RESULT_MAX, PY, Finished, Lease, Resources, Spec
-from .base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
-
-SCHEMA_VERSION = 1
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
-CREATE TABLE IF NOT EXISTS specs(
-  id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL,
-  max_attempts INTEGER NOT NULL, timeout REAL, backoff REAL NOT NULL, max_lost INTEGER NOT NULL,
-  cpus INTEGER NOT NULL, gpus INTEGER NOT NULL, memory INTEGER, tags TEXT, name TEXT);
-CREATE TABLE IF NOT EXISTS tasks(
-  id INTEGER PRIMARY KEY,
-  spec INTEGER NOT NULL,
-  args BLOB,
-  key TEXT,
-  state INTEGER NOT NULL,
-  priority INTEGER NOT NULL DEFAULT 0,
-  cost REAL NOT NULL DEFAULT 0,
-  ndeps INTEGER NOT NULL DEFAULT 0,      -- dependencies not yet succeeded
-  children INTEGER NOT NULL DEFAULT 0,   -- tasks that depend on this one
-  attempt INTEGER NOT NULL DEFAULT 0,    -- number of the latest attempt
-  failures INTEGER NOT NULL DEFAULT 0,   -- failed + timed-out attempts (the retry budget)
-  lost INTEGER NOT NULL DEFAULT 0,       -- lost attempts (their own budget)
-  ready_at REAL,                         -- backoff: not claimable before this time
-  token INTEGER, worker TEXT, claimed_at REAL, started_at REAL, ended_at REAL,
-  outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
-  exit_code INTEGER, error TEXT, note TEXT, output TEXT,
-  result BLOB, result_file TEXT);
-CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = {READY};
-CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
-  PRIMARY KEY(dep, task)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attempts(
-  task INTEGER NOT NULL, attempt INTEGER NOT NULL, worker TEXT, token INTEGER,
-  outcome INTEGER NOT NULL, started_at REAL, ended_at REAL, exit_code INTEGER,
-  error TEXT, note TEXT, output TEXT);
-CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
-CREATE TABLE IF NOT EXISTS workers(
-  id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
-""".replace("{READY}", str(int(State.READY)))
-
-_S = State
-_READY = int(State.READY)
-_SUCCEEDED = int(State.SUCCEEDED)
-
-
-_in = states.sql_list
-
-
-_TERMINAL = _in(states.TERMINAL)
-_UNSUCCESSFUL_STATES = frozenset(int(s) for s in states.UNSUCCESSFUL_END)
-_UNSUCCESSFUL = _in(states.UNSUCCESSFUL_END)
-_ACTIVE = _in(states.ACTIVE)
-_CHUNK = 500  # ids per "IN (...)" list: well under SQLite's parameter limit
+from ... import states
+from ...errors import CatalogDamaged
+from ...states import Outcome, State
+from ...task import INLINE_RESULT_MAX, PY, Finished, Lease, Resources, Spec
+from ..base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
+from . import schema
+from .schema import (
+    _ACTIVE,
+    _READY,
+    _S,
+    _SUCCEEDED,
+    _TERMINAL,
+    _UNSUCCESSFUL,
+    _UNSUCCESSFUL_STATES,
+    _chunks,
+    _qs,
+)
 
 
 class StoreError(RuntimeError):
@@ -91,11 +50,6 @@ class DiskFull(StoreError):
     """The disk holding the run is full; nothing of the failed write was committed."""
 
 
-class KeysNotUnique(UserWarning):
-    """A catalog from an older pipefarm holds a key more than once (said once, at the first
-    open that finds it); submission keeps working and returns the oldest task of a key."""
-
-
 def _key_text(key: Any) -> Any:
     """A key as the catalog stores it (the column is TEXT: a number is kept as its text)."""
     return key if key is None or type(key) is str else str(key)
@@ -104,14 +58,6 @@ def _key_text(key: Any) -> Any:
 def _repeated(key: str) -> str:
     return f"key {key!r} appears more than once in this submission; keys name one task each"
 
-
-def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
-def _qs(n: int) -> str:
-    return ",".join("?" * n)
 
 
 #: How long an empty ``catalog.db`` may stay empty before it counts as damaged: another
@@ -189,27 +135,14 @@ class SQLiteStore(Store):
         )
         self.db.execute("PRAGMA busy_timeout=30000")
         if not readonly:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed result survives power loss too; commits are batched, so the
-            # extra fsync costs little per task.
-            self.db.execute(f"PRAGMA synchronous={synchronous}")
-            self.db.execute("PRAGMA cache_size=-16000")  # 16 MB: bounded, whatever the run size
-            self.db.execute("PRAGMA temp_store=MEMORY")
-            self.db.execute("PRAGMA wal_autocheckpoint=8192")  # fewer, larger checkpoints
-            with self._tx():
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                self.db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,)
-                )
-                self.db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES('created_at', ?)", (time.time(),)
-                )
+            schema.set_write_pragmas(self.db, synchronous)
+            with self._tx() as db:
+                schema.create(db)
         self._has_deps = bool(
             self.db.execute("SELECT 1 FROM deps LIMIT 1").fetchone()
         )
-        self._keys_unique = self._ensure_key_index(create=not readonly)
+        self._keys_unique = schema.ensure_key_index(
+            self.db, self._tx, not readonly, self.run_dir)
         self._specs: dict[int, Spec] = {}
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -470,49 +403,6 @@ class SQLiteStore(Store):
         if row is None or row[0] is None or row[0] >= first:
             raise ValueError(_repeated(key))
         return int(row[0])
-
-    def _ensure_key_index(self, create: bool) -> bool:
-        """Whether keys are unique in this catalog; make them so when it can.
-
-        Catalogs written before keys were unique get the unique index when they are first
-        opened for writing. If old duplicates make that impossible, a plain index keeps key
-        lookups fast, submission keeps working (a key returns its oldest task), and a warning
-        says so once: the plain index marks that it was said.
-        """
-        def indexes() -> set[str]:
-            return {n for (n,) in self.db.execute(
-                "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='tasks'")}
-
-        have = indexes()
-        if "ux_tasks_key" in have:
-            return True
-        if "ix_tasks_key" in have or not create:
-            return False
-        with self._tx() as db:
-            have = indexes()  # again under the write lock: another process may have done it
-            if "ux_tasks_key" in have or "ix_tasks_key" in have:
-                return "ux_tasks_key" in have
-            db.execute("SAVEPOINT key_index")
-            try:
-                db.execute("CREATE UNIQUE INDEX ux_tasks_key ON tasks(key) WHERE key IS NOT NULL")
-                db.execute("RELEASE key_index")
-                return True
-            except sqlite3.IntegrityError:
-                db.execute("ROLLBACK TO key_index")
-                db.execute("RELEASE key_index")
-            db.execute("CREATE INDEX ix_tasks_key ON tasks(key) WHERE key IS NOT NULL")
-            key, n = db.execute(
-                "SELECT key, count(*) FROM tasks WHERE key IS NOT NULL GROUP BY key"
-                " HAVING count(*) > 1 LIMIT 1").fetchone()
-        import warnings
-
-        warnings.warn(
-            f"{self.run_dir or 'this catalog'}: key {key!r} is used by {n} tasks (written by an"
-            " older pipefarm), so keys cannot be made unique here; submitting a key that is"
-            " already used more than once returns its oldest task",
-            KeysNotUnique, stacklevel=4,
-        )
-        return False
 
     # --- the lease protocol ----------------------------------------------------------------------
     def register_worker(self, worker: str, host: str, pid: int, now: float | None = None) -> None:
