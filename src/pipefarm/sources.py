@@ -11,7 +11,6 @@ and use :func:`checked` to catch a later row that lacks a column.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from .execute.template import (
     literal_braces,
     render,
 )
+from .ranges import RangeError, parse_ranges
 
 _ENC = {"encoding": "utf-8", "errors": "surrogateescape"}
 # structured text as spreadsheets write it: a leading UTF-8 byte-order mark is not data
@@ -35,32 +35,22 @@ _MAX_CSV_FIELD = 1 << 26
 
 
 def _ranges(spec: str) -> list[range]:
-    ranges = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?(?:\s*:\s*(\d+))?", part)
-        if not m:
-            raise ValueError(
-                f"bad array spec {spec!r} near {part!r}: use '0-99', '0-99:2' or '1,5,7'"
-            )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        step = int(m.group(3)) if m.group(3) is not None else 1
-        if hi < lo:
-            raise ValueError(f"bad array spec {spec!r}: range {part!r} ends before it starts")
-        if step < 1:
-            raise ValueError(f"bad array spec {spec!r}: step in {part!r} must be >= 1")
-        ranges.append(range(lo, hi + 1, step))
-    if not ranges:
-        raise ValueError(f"empty array spec {spec!r}")
-    return ranges
+    """The ranges of an ``--array`` spec (:func:`pipefarm.ranges.parse_ranges`, with steps)."""
+    try:
+        return parse_ranges(spec, what="index", steps=True)
+    except RangeError as exc:
+        raise ValueError(f"bad array spec {spec!r}: {exc}") from None
 
 
 def array_size(spec: str) -> int:
     """How many tasks :func:`array_source` yields for ``spec`` (without generating them)."""
     return sum(len(r) for r in _ranges(spec))
+
+
+def array_value_bytes(spec: str) -> int:
+    """Bytes of placeholder value an ``--array`` task holds at most: the digits of its largest
+    index (for :func:`catalog_estimate`)."""
+    return max(len(str(r[-1])) for r in _ranges(spec))
 
 
 def array_source(spec: str) -> Iterator[dict[str, str]]:

@@ -12,28 +12,16 @@ import click
 
 
 def _ids(text: str | None) -> list[int] | None:
-    """``"1,5,10-20"`` -> ids; an empty list, a reversed range or a non-id is a usage error."""
+    """``"1,5,10-20"`` -> ids (:func:`pipefarm.ranges.parse_ids`); a malformed list is a
+    usage error."""
     if text is None:
         return None
-    out: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if lo > hi:
-                    raise click.BadParameter(
-                        f"{part!r} is an empty range: write it low-high, e.g. {hi}-{lo}")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise click.BadParameter(f"{part!r} is not an id or a range like 10-20") from None
-    if not out:
-        raise click.BadParameter(f"{text!r} names no task ids; give ids or ranges like 7,12-20")
-    return out
+    from ..ranges import RangeError, parse_ids
+
+    try:
+        return parse_ids(text)
+    except RangeError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _spans(ids: list[int]) -> str:
