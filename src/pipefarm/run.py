@@ -9,9 +9,12 @@ import pickle
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
+from itertools import repeat, tee
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
 from .backends import make_backend
@@ -26,7 +29,7 @@ from .errors import (
 from .states import State
 from .store.base import check_private
 from .store.sqlite import SQLiteStore
-from .task import CMD, PY, Resources, Spec, dumps_args
+from .task import CMD, PY, Spec, TaskOptions, dumps_args
 
 #: How many task ids an :class:`Unrunnable` error names (then "...").
 UNRUNNABLE_IDS_SHOWN = 10
@@ -137,12 +140,12 @@ class Run:
         return f"Run({str(self.path)!r})"
 
     # --- submission ------------------------------------------------------------------------------
-    def _py_spec(self, fn: Callable[..., Any], retries: int, timeout: float | None,
-                 backoff: float, max_lost: int, resources: Resources, tags: Sequence[str]) -> int:
+    def _py_spec(self, fn: Callable[..., Any], opts: TaskOptions) -> int:
         if not callable(fn):
             raise SubmissionError(f"{fn!r} is not callable")
-        timeout = checked_timeout(timeout)  # before the cache: a bad value never matches
-        key = (id(fn), retries, timeout, backoff, max_lost, resources, tuple(tags))
+        # checked before the cache: a bad value never matches, and inf and None are one spec
+        opts = msgspec.structs.replace(opts, timeout=checked_timeout(opts.timeout))
+        key = (id(fn), opts.policy)
         hit = self._spec_cache.get(key)
         if hit is not None and hit[1] is fn:
             return hit[0]
@@ -155,11 +158,16 @@ class Run:
             raise SubmissionError(
                 f"cannot use {getattr(fn, '__qualname__', fn)!r} as a task: {type(exc).__name__}: {exc}"
             ) from exc
-        spec = _spec(PY, payload, getattr(fn, "__qualname__", type(fn).__name__), retries,
-                     timeout, backoff, max_lost, resources, tags)
+        spec = _spec(PY, payload, getattr(fn, "__qualname__", type(fn).__name__), opts)
         sid = self.store.add_spec(spec)
         self._spec_cache[key] = (sid, fn)
         return sid
+
+    def _add(self, sid: int, blobs: Iterable[bytes], keys: Iterable[Any] | None,
+             opts: TaskOptions) -> Sequence[int]:
+        """Add one task per blob of spec ``sid`` with the per-task options of ``opts``."""
+        return self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
+                                    cost=opts.cost or 0.0, after=opts.after)
 
     def map(
         self,
@@ -193,15 +201,12 @@ class Run:
         call raises :class:`SubmissionError` naming it. If any element cannot be pickled
         nothing is written and :class:`SubmissionError` says which.
         """
+        opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
         if not iterables:
             raise SubmissionError("map needs at least one iterable")
-        sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
-                            Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
-
-        def add(blobs: Iterable[bytes]) -> Sequence[int]:
-            return self.store.add_tasks(sid, blobs, keys=keys, priority=priority,
-                                        cost=cost or 0.0, after=after or ())
-
+        sid = self._py_spec(fn, opts)
         try:
             if all(isinstance(x, (list, tuple, range)) for x in iterables) and (
                 keys is None or isinstance(keys, (list, tuple, range))
@@ -209,10 +214,11 @@ class Run:
                 # re-iterable input: pickle in C at full speed; on a failure nothing was written,
                 # so go again item by item with the cloudpickle fallback
                 try:
-                    return add(map(pickle.dumps, zip(*iterables, strict=False), repeat(5)))
+                    return self._add(sid, map(pickle.dumps, zip(*iterables, strict=False),
+                                              repeat(5)), keys, opts)
                 except (pickle.PicklingError, TypeError, AttributeError):
                     pass
-            return add(_pickled(zip(*iterables, strict=False)))
+            return self._add(sid, _pickled(zip(*iterables, strict=False)), keys, opts)
         except (TypeError, ValueError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
 
@@ -240,12 +246,12 @@ class Run:
         With ``key``: if a task of this run already has that key, nothing is added and its id
         is returned (see :meth:`map`).
         """
-        sid = self._py_spec(fn, retries, timeout, backoff, max_lost,
-                            Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
+        opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
+        sid = self._py_spec(fn, opts)
         try:
-            blob = dumps_args(tuple(args), kwargs or {})
-            ids = self.store.add_tasks(sid, [blob], keys=[key], priority=priority,
-                                       cost=cost or 0.0, after=after or ())
+            ids = self._add(sid, [dumps_args(tuple(args), kwargs or {})], [key], opts)
         except (TypeError, ValueError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
         return ids[0]
@@ -278,12 +284,34 @@ class Run:
         (a ``str``). The template is checked against the first row before anything is written.
         ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
         """
+        opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
+        return self.add_commands(command, rows, opts, keys=keys)
+
+    def add_commands(
+        self,
+        command: Any,
+        rows: Iterable[dict[str, str]] | None,
+        options: TaskOptions,
+        *,
+        keys: Iterable[str | None] | None = None,
+        key_template: Any = None,
+    ) -> Sequence[int]:
+        """:meth:`submit_cmd` with its options as one :class:`~pipefarm.task.TaskOptions`.
+
+        ``key_template`` (a :class:`~pipefarm.execute.template.Command` whose first argument is
+        the template, e.g. ``a{alpha}``) names each task from its own row instead of ``keys``:
+        the key is rendered in the same pass that writes the row, so the rows stream from
+        their source and are never all held in memory (``pipefarm submit --key``).
+        """
         from .execute.template import (
             Command,
             TemplateError,
             encode_command,
             encode_values,
             placeholders,
+            render,
         )
 
         if isinstance(command, str):
@@ -295,19 +323,39 @@ class Run:
         # rows are checked as they stream into the one transaction below: a bad row (the first
         # one included) rolls everything back
         values = checked(rows if rows is not None else [{}], placeholders(command), command)
+        blobs: Iterable[bytes] = map(encode_values, values)
+        if key_template is not None:
+            # one pass over the rows gives each its blob and its key; tee holds only the
+            # pairs one side has read ahead of the other (no rows: they are dropped at once)
+            pairs = ((encode_values(r), render(key_template, r)[0]) for r in values)
+            left, right = tee(pairs)
+            blobs, keys = map(itemgetter(0), left), map(itemgetter(1), right)
         spec = _spec(CMD, encode_command(command),
-                     (command.shell or " ".join(command.argv or []))[:200], retries, timeout,
-                     backoff, max_lost, Resources(cpus=cpus, gpus=gpus, memory=memory), tags)
+                     (command.shell or " ".join(command.argv or []))[:200], options)
         try:
             with self.store.transaction():
                 sid = self.store.add_spec(spec)
-                ids = self.store.add_tasks(sid, map(encode_values, values), keys=keys,
-                                           priority=priority, cost=cost or 0.0, after=after or ())
+                ids = self._add(sid, blobs, keys, options)
                 if not len(ids):
                     raise ValueError("no tasks: the value source is empty")
                 return ids
         except (TypeError, ValueError, TemplateError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
+
+    def undo_create(self) -> None:
+        """Close the run and, after a refused first submission, remove the directory
+        :meth:`create` made for it (and only that), so that a typo leaves nothing behind.
+        A run that holds tasks is never removed."""
+        created = self.created
+        try:
+            empty = created is not None and not any(self.store.counts().values())
+        except Exception:  # cannot tell: keep it
+            empty = False
+        self.close()
+        if empty:
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)  # type: ignore[arg-type]
 
     # --- execution -------------------------------------------------------------------------------
     def execute(
@@ -523,17 +571,16 @@ class Run:
                 time.sleep(0.05)
 
 
-def _spec(kind: str, payload: bytes, name: str, retries: int, timeout: float | None,
-          backoff: float, max_lost: int, resources: Resources, tags: Sequence[str]) -> Spec:
+def _spec(kind: str, payload: bytes, name: str, opts: TaskOptions) -> Spec:
     """A task spec from the options every submission takes, checked."""
-    if retries < 0:
+    if opts.retries < 0:
         raise SubmissionError("retries must be >= 0")
-    timeout = checked_timeout(timeout)
-    if max_lost < 1:
+    timeout = checked_timeout(opts.timeout)
+    if opts.max_lost < 1:
         raise SubmissionError("max_lost must be >= 1")
-    return Spec(kind=kind, payload=payload, max_attempts=retries + 1, timeout=timeout,
-                backoff=backoff, max_lost=max_lost, resources=resources, tags=tuple(tags),
-                name=name)
+    return Spec(kind=kind, payload=payload, max_attempts=opts.retries + 1, timeout=timeout,
+                backoff=opts.backoff, max_lost=opts.max_lost, resources=opts.resources,
+                tags=opts.tags, name=name)
 
 
 def checked_timeout(timeout: float | None) -> float | None:

@@ -30,6 +30,43 @@ class Resources(msgspec.Struct, frozen=True):
     memory: int | None = None  # bytes
 
 
+class TaskOptions(msgspec.Struct, frozen=True):
+    """The options one submission gives all its tasks, built once by each entry point
+    (``Run.map``, ``Run.submit_task``, ``Run.submit_cmd``, ``pipefarm submit``) and passed
+    down whole.
+
+    ``retries`` extra attempts after a failure or timeout; ``timeout`` seconds per attempt
+    (None: none); ``priority`` (higher first) and ``cost`` (higher first among equal
+    priority); ``after`` ids that must succeed first; ``cpus``, ``gpus``, ``memory`` (bytes)
+    each task needs; ``backoff`` seconds before the first retry (doubling after); ``max_lost``
+    attempts a task may lose to vanished workers; ``tags`` labels. Checked where a spec is
+    made from them, not here.
+    """
+
+    retries: int = 0
+    timeout: float | None = None
+    priority: int = 0
+    cost: float | None = None
+    after: tuple[int, ...] = ()
+    cpus: int = 1
+    gpus: int = 0
+    memory: int | None = None
+    backoff: float = 1.0
+    max_lost: int = 3
+    tags: tuple[str, ...] = ()
+
+    @property
+    def resources(self) -> Resources:
+        """What each task needs while it runs."""
+        return Resources(cpus=self.cpus, gpus=self.gpus, memory=self.memory)
+
+    @property
+    def policy(self) -> tuple:
+        """The options a spec holds (tasks of one spec share them): a cache key."""
+        return (self.retries, self.timeout, self.backoff, self.max_lost, self.resources,
+                self.tags)
+
+
 class Spec(msgspec.Struct):
     """What a group of tasks shares: the callable or command template, and the policies.
 
