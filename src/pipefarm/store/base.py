@@ -9,16 +9,21 @@ from __future__ import annotations
 import os
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 
+from ..states import Outcome
 from ..task import Finished, Lease, Resources, Spec
 
 #: Seconds a lease lives without a heartbeat from its worker.
 DEFAULT_LEASE_S = 60.0
 
+#: The worker id that holds the leases the default coordinator methods take (see
+#: :meth:`Store.lease_ready`); a valid id for every store (journals are named after it).
+COORDINATOR = "coordinator"
 
 
 def check_private(path: str | os.PathLike[str], *, warn: bool = False) -> bool:
@@ -176,6 +181,96 @@ class Store(ABC):
         (used when a worker is known to be dead). Claimed tasks that never started are released
         rather than lost. Returns the number of leases reaped.
         """
+
+    # --- the coordinator's leases ----------------------------------------------------------------
+    # The local backend's coordinator hands tasks to its own worker processes. A store may keep
+    # those leases in the coordinator's memory (SQLiteStore: a task costs one write when it ends,
+    # not one more when it is leased); the defaults below take real leases through the protocol
+    # above, held by COORDINATOR, and are correct for any store. Either way tokens guard every
+    # commit, exactly as in finish().
+
+    def lease_ready(
+        self,
+        n: int,
+        inflight: set[int],
+        cursor: tuple[int, float, int] | None = None,
+        resources: Resources | None = None,
+        now: float | None = None,
+    ) -> tuple[list[Lease], tuple[int, float, int] | None]:
+        """Lease up to ``n`` ready tasks to the coordinator, in claim order (priority, then
+        cost, then id; tasks in backoff and, with ``resources``, tasks that do not fit are not
+        handed out). Returns the leases and a cursor to pass to the next call.
+
+        ``inflight`` holds the ids the caller leases already: never handed out again. ``cursor``
+        is a hint only (where the caller's last search ended; None after anything became ready
+        again): a store may resume its search there, and None is always a correct value. Each
+        lease carries a fresh token and the attempt number the attempt will have. The caller
+        ends every lease with :meth:`finish_leased`; one it drops unstarted is ready again at
+        once where leases live in memory, and after :meth:`reap` (unstarted claims are released,
+        no budget spent) where they are real leases, as in this default.
+        """
+        leases = self.claim(COORDINATOR, n, resources, now)
+        taken = [lz for lz in leases if lz.task in inflight]
+        if taken:  # cannot happen with real leases (held ids are not ready); hand back if it does
+            self.release(COORDINATOR, [(lz.task, lz.token) for lz in taken], now)
+            leases = [lz for lz in leases if lz.task not in inflight]
+        return leases, None
+
+    def start_leased(self, worker: str, leases: Iterable[Lease], now: float | None = None) -> int:
+        """Record that coordinator leases have started running on ``worker``; returns how many
+        moved to ``running``. A lease whose token is no longer the task's (cancelled, reaped,
+        committed) moves nothing."""
+        pairs = [(lz.task, lz.token) for lz in leases]
+        if not pairs:
+            return 0
+        self.heartbeat(COORDINATOR, now)
+        return self.start(pairs, now)
+
+    def finish_leased(
+        self,
+        worker: str,
+        succeeded: Sequence[Sequence[Any]],
+        others: Sequence[Finished] = (),
+        now: float | None = None,
+    ) -> int:
+        """Commit the outcomes of coordinator leases (started or not); returns how many took
+        effect.
+
+        ``succeeded`` rows are ``(task, token, attempt, started_at, ended_at, result, worker)``
+        (:data:`~pipefarm.task.SuccessRow`) of successes with a small result and nothing else to
+        record; ``others`` are every other outcome, committed as :meth:`finish` commits them
+        (retry or fail by the budget, release without cost). Only a lease whose token is still
+        the task's current one takes effect; any other outcome (the task was cancelled, reaped,
+        or already committed) becomes a ``stale`` attempt and changes nothing else.
+        """
+        by_worker: dict[str, list[Finished]] = {}
+        for r in succeeded:
+            by_worker.setdefault(r[6] or worker, []).append(
+                Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2]))
+        if others:
+            by_worker.setdefault(worker, []).extend(others)
+        if not by_worker:
+            return 0
+        self.heartbeat(COORDINATOR, now)
+        return sum(self.finish(w, outs, now) for w, outs in by_worker.items())
+
+    def has_deps(self) -> bool:
+        """Whether any task of the run has dependencies: when False, no commit can make another
+        task ready, so a coordinator may skip looking for newly released tasks. True is always
+        a correct answer (this default)."""
+        return True
+
+    def next_ready_at(self) -> float | None:
+        """When the earliest task in backoff becomes claimable (seconds since the epoch), or
+        None when no task waits in backoff; lets an idle coordinator sleep until then. None is
+        a correct answer where a store cannot tell (this default): the caller polls."""
+        return None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """Group several write methods into one transaction where the store can (all or
+        nothing); this default runs them one by one."""
+        yield self
 
     # --- user actions ---------------------------------------------------------------------------
     @abstractmethod

@@ -1143,6 +1143,11 @@ class SQLiteStore(Store):
             f" WHERE t.spec = s.id AND t.state NOT IN {_TERMINAL})"
         ).fetchall()
 
+    def has_deps(self) -> bool:
+        """Whether any task of this catalog has dependencies (read once at open, kept by
+        :meth:`add_tasks`)."""
+        return self._has_deps
+
     def next_ready_at(self) -> float | None:
         """The earliest time a task now in backoff becomes claimable."""
         row = self.db.execute(
