@@ -1154,3 +1154,50 @@ class SQLiteStore(Store):
             f"SELECT min(ready_at) FROM tasks WHERE state={_READY} AND ready_at IS NOT NULL"
         ).fetchone()
         return row[0]
+
+    # -- writes for the shared-filesystem fold --
+    def ensure_tables(self, name: str, ddl: str) -> None:
+        """Create another layer's own tables in this catalog, once per store object: ``ddl``
+        is ``CREATE ... IF NOT EXISTS`` statements separated by ``;``, ``name`` says whose
+        they are (the shared-filesystem fold keeps its bookkeeping this way)."""
+        done = self.__dict__.setdefault("_ensured_tables", set())
+        if name in done:
+            return
+        with self._tx() as db:
+            for stmt in ddl.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+        done.add(name)
+
+    def claim_with_tokens(self, rows: Iterable[tuple[int, int, str]],
+                          now: float | None = None) -> int:
+        """Claim tasks under tokens made elsewhere (the shared-filesystem protocol's claim
+        files are the tokens): ``(task, token, worker)`` each, only where the task's state may
+        become claimed. Returns the number claimed."""
+        t = self._now(now)
+        with self._tx() as db:
+            return db.executemany(
+                f"UPDATE tasks SET state={int(State.CLAIMED)}, token=?, worker=?, claimed_at=?,"
+                " attempt=attempt+1, ready_at=NULL"
+                f" WHERE id=? AND state IN {states.sql_in(State.CLAIMED)}",
+                [(token, worker, t, task) for task, token, worker in rows],
+            ).rowcount
+
+    def mark_running(self, rows: Iterable[tuple[int, int, float]]) -> int:
+        """Claimed -> running for ``(task, token, started_at)`` where the token still matches
+        (starts journaled by workers on other hosts). Returns the number started."""
+        with self._tx() as db:
+            return db.executemany(
+                f"UPDATE tasks SET state={int(State.RUNNING)}, started_at=?"
+                f" WHERE id=? AND token=? AND state IN {states.sql_in(State.RUNNING)}",
+                [(started_at, task, token) for task, token, started_at in rows],
+            ).rowcount
+
+    def set_result_files(self, rows: Iterable[tuple[int, int, str]]) -> int:
+        """Name the file that holds a succeeded task's (large) result, written by a worker on
+        another host: ``(task, token, path relative to the run)`` where the token matches."""
+        with self._tx() as db:
+            return db.executemany(
+                f"UPDATE tasks SET result_file=? WHERE id=? AND token=? AND state={int(State.SUCCEEDED)}",
+                [(path, task, token) for task, token, path in rows],
+            ).rowcount
