@@ -297,3 +297,48 @@ def test_ctrl_c_during_a_large_submission_leaves_nothing(tmp_path: Path) -> None
     # click ends the ^C line first (a blank line), then one line of ours
     assert err.decode().split() == ["pipefarm:", "error:", "aborted"], err
     assert not (tmp_path / "big").exists()
+
+
+class _TrackedRow(dict):
+    """A source row that counts how many rows are alive at once (and the most ever)."""
+
+    alive = 0
+    most = 0
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        cls = type(self)
+        cls.alive += 1
+        cls.most = max(cls.most, cls.alive)
+
+    def __del__(self) -> None:
+        type(self).alive -= 1
+
+
+def test_key_templates_stream_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``submit --key`` renders each key in the pass that writes its row: the source's rows
+    are never all held in memory (sources.py promises streaming)."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from pipefarm import sources
+    from pipefarm.cli import main
+
+    n = 20_000
+
+    def many(spec: str):
+        for i in range(n):
+            yield _TrackedRow({"index": str(i)})
+
+    monkeypatch.setattr(sources, "array_source", many)
+    _TrackedRow.alive = _TrackedRow.most = 0
+    got = CliRunner().invoke(main, ["submit", str(tmp_path / "r"), "--array", f"0-{n - 1}",
+                                    "--key", "k{index}", "--", "echo", "{index}"])
+    assert got.exit_code == 0, got.output
+    assert f"({n:,})" in got.output, got.output
+    assert _TrackedRow.most < 100, f"{_TrackedRow.most:,} of {n:,} rows were held at once"
+    con = sqlite3.connect(tmp_path / "r" / "catalog.db")
+    keys = [k for (k,) in con.execute("SELECT key FROM tasks ORDER BY id")]
+    con.close()
+    assert keys == [f"k{i}" for i in range(n)]

@@ -11,9 +11,10 @@ and use :func:`checked` to catch a later row that lacks a column.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .execute.template import (
     EMPTY_PLACEHOLDER_HINT,
@@ -309,6 +310,42 @@ def inline_source(groups: list[list[str]]) -> Iterator[dict[str, str]]:
     names = [str(i) for i in range(1, len(groups) + 1)]
     for combo in itertools.product(*groups):
         yield dict(zip(names, combo, strict=True))
+
+
+class Chosen(NamedTuple):
+    """The one source a submission names, as :func:`choose` opens it."""
+
+    rows: Iterator[dict[str, str]] | None  #: None: no source (one task)
+    size: int | None  #: tasks it yields, when known before reading (--array, :::)
+    value_bytes: float  #: placeholder bytes per task, for :func:`catalog_estimate`
+    only: str | None  #: the column ``{}`` stands for (a source of one column)
+
+
+def choose(*, array: str | None = None, from_file: str | None = None,
+           from_csv: str | None = None, from_json: str | None = None,
+           groups: list[list[str]] | None = None) -> Chosen:
+    """Open the one source given (``pipefarm submit``'s --array, --from-file, --from-csv,
+    --from-json or ::: groups); with none, ``rows`` is None.
+
+    Streams: a CSV or JSON source is read only as far as its first row (to learn whether it
+    has one column). Raises ValueError for a malformed spec or a first row that cannot be read.
+    """
+    if array is not None:
+        return Chosen(array_source(array), array_size(array), array_value_bytes(array), "index")
+    if from_file is not None:
+        return Chosen(file_source(from_file), None, 0.0, "line")
+    if groups is not None:
+        return Chosen(inline_source(groups), inline_size(groups),
+                      sum(sum(map(len, g)) / len(g) for g in groups),
+                      "1" if len(groups) == 1 else None)
+    if from_csv is not None or from_json is not None:
+        rows = csv_source(from_csv) if from_csv is not None else json_source(from_json)  # type: ignore[arg-type]
+        first = next(rows, None)  # a one-column source: {} is that column
+        if first is None:
+            return Chosen(iter(()), None, 0.0, None)
+        only = next(iter(first)) if len(first) == 1 else None
+        return Chosen(itertools.chain([first], rows), None, 0.0, only)
+    return Chosen(None, None, 0.0, None)
 
 
 def source_for(path: str | Path) -> Iterator[dict[str, str]]:

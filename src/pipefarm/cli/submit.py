@@ -3,14 +3,12 @@
 ::
 
     CMD + (--array | --from-file | --from-csv | --from-json | ::: / ::::) -> rows
-    rows (+ --key TEMPLATE -> keys) -> Run.submit_cmd -> the catalog
+    rows (+ --key TEMPLATE, rendered row by row) -> Run.add_commands -> the catalog
 
-A refused submission leaves no new run directory behind (:func:`_undo_create`).
+A refused submission leaves no new run directory behind (:meth:`~pipefarm.run.Run.undo_create`).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import click
 
@@ -72,11 +70,10 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     tasks (--array, :::) it first says how much disk the catalog will take; set the bound
     with e.g. PIPEFARM_LARGE_SUBMISSION=100000.
     """
-    import itertools
-
     from .. import sources
-    from ..execute.template import Command, name_default, placeholders, render
+    from ..execute.template import Command, name_default, placeholders
     from ..run import Run
+    from ..task import TaskOptions
 
     try:
         words, groups = sources.split_inline_args(command)
@@ -107,49 +104,23 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
         cmd = Command(argv=list(words), cwd=cwd, env=env_map, output_cap=output_cap,
                       output_per_task=output_per_task)
     key_cmd = Command(argv=[key_template]) if key_template is not None else None
-    rows: Any = None
-    size: int | None = None  # known before reading: for the large-submission note
-    value_bytes = 0.0
-    only: str | None = None  # the column {} stands for
     try:
-        if array_spec is not None:
-            rows, only = sources.array_source(array_spec), "index"
-            size = sources.array_size(array_spec)
-            value_bytes = max(len(d) for d in array_spec.replace("-", ",").split(","))
-        elif from_file is not None:
-            rows, only = sources.file_source(from_file), "line"
-        elif groups is not None:
-            rows, size = sources.inline_source(groups), sources.inline_size(groups)
-            only = "1" if len(groups) == 1 else None
-            value_bytes = sum(sum(map(len, g)) / len(g) for g in groups)
-        elif from_csv is not None or from_json is not None:
-            rows = (sources.csv_source(from_csv) if from_csv is not None
-                    else sources.json_source(from_json))  # type: ignore[arg-type]
-            first = next(rows, None)  # a one-column source: {} is that column
-            if first is not None:
-                only = next(iter(first)) if len(first) == 1 else None
-                rows = itertools.chain([first], rows)
+        source = sources.choose(array=array_spec, from_file=from_file, from_csv=from_csv,
+                                from_json=from_json, groups=groups)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if only is not None:
-        cmd = name_default(cmd, only)
-        key_cmd = name_default(key_cmd, only) if key_cmd is not None else None
-    keys = None
-    if key_cmd is not None:
-        try:
-            rows = list(rows) if rows is not None else [{}]
-        except ValueError as exc:  # a malformed source row: nothing is written yet
-            raise click.UsageError(str(exc)) from None
-        keys = [render(key_cmd, r)[0] for r in rows]
+    if source.only is not None:
+        cmd = name_default(cmd, source.only)
+        key_cmd = name_default(key_cmd, source.only) if key_cmd is not None else None
+    options = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
+                          after=tuple(_ids(after) or ()), cpus=cpus, gpus=gpus, tags=tags)
     run = Run.create(run_dir, exist_ok=True)
     try:
-        if size is not None:  # after create: a Ctrl-C once it is said is undone in full
-            _note_large(size, value_bytes, run_dir)
-        ids = run.submit_cmd(cmd, rows, keys=keys, retries=retries, timeout=timeout,
-                             priority=priority, cost=cost, after=_ids(after), cpus=cpus,
-                             gpus=gpus, tags=tags)
+        if source.size is not None:  # after create: a Ctrl-C once it is said is undone in full
+            _note_large(source.size, source.value_bytes, run_dir)
+        ids = run.add_commands(cmd, source.rows, options, key_template=key_cmd)
     except BaseException:  # refused, or Ctrl-C: the transaction rolled back
-        _undo_create(run)
+        run.undo_create()
         raise
     added = getattr(ids, "added", ids)  # a TaskIds list when some keys were there already
     there = len(ids) - len(added)
@@ -198,17 +169,3 @@ def _human_bytes(n: float) -> str:
         n /= 1000
     return f"{n:,.1f} TB"
 
-
-def _undo_create(run: Any) -> None:
-    """After a refused first submission: remove the run directory this submission made (and
-    only that), so a typo leaves nothing behind. A run that holds tasks is never removed."""
-    created = run.created
-    try:
-        empty = created is not None and not any(run.store.counts().values())
-    except Exception:  # cannot tell: keep it
-        empty = False
-    run.close()
-    if empty:
-        import shutil
-
-        shutil.rmtree(created, ignore_errors=True)
