@@ -219,7 +219,7 @@ def test_progress_totals_never_go_back_and_rate_counts_from_the_start(tty: bool)
     """Four 2-second tasks on two workers: two end together at 2 s. The rate is ~1/s and
     the ETA ~2 s, never a burst ("3.4 tasks/s, eta 1 s"); a count read mid-commit that
     misses tasks does not shrink the total."""
-    from pipefarm.observe.progress import ProgressDisplay
+    from pipefarm.progress import ProgressDisplay
 
     stream = _Tty() if tty else io.StringIO()
     d = ProgressDisplay(stream=stream, interval_s=0, fps=1000)

@@ -28,6 +28,7 @@ import pytest
 import tasks_lib as T
 
 import pipefarm as pf
+from pipefarm.backends.base import Hooks
 from pipefarm.backends.local import LocalBackend
 
 SRC = str(Path(pf.__file__).resolve().parents[1])  # the directory that holds the package
@@ -105,7 +106,7 @@ def test_worker_dead_before_a_send_is_lost_not_a_crash(tmp_path):
                      what="the killed workers to be zombies")
 
     t0 = time.monotonic()
-    summary = LocalBackend(2).execute(run.store, run_dir=str(run.path), on_dispatch=on_dispatch)
+    summary = LocalBackend(2).execute(run.store, Hooks(run_dir=str(run.path), on_dispatch=on_dispatch))
     assert len(killed) == 2
     assert summary.ok, summary
     assert time.monotonic() - t0 < 30

@@ -103,6 +103,7 @@ class Executor(cf.Executor):
 
     # --- the engine thread -----------------------------------------------------------------------
     def _engine(self) -> None:
+        from .backends.base import Hooks
         from .backends.local import LocalBackend
         from .store.sqlite import SQLiteStore
 
@@ -201,8 +202,8 @@ class Executor(cf.Executor):
 
         try:
             LocalBackend(self._max_workers, capture_output=False).execute(
-                store, run_dir=self._run_dir, feed=feed, on_finished=on_finished,
-                on_dispatch=on_dispatch, stop=self._stop)
+                store, Hooks(run_dir=self._run_dir, feed=feed, on_finished=on_finished,
+                             on_dispatch=on_dispatch, stop=self._stop))
         except BaseException as exc:
             self._break(BrokenExecutor(f"the executor's engine stopped: {exc}"), exc)
         else:  # every call fed was answered; any left (none expected) must not wait forever

@@ -1,25 +1,20 @@
-"""Backends start workers and feed them: ``local`` processes, ``sequential`` in-process."""
+"""Backends run a store's tasks: ``local`` (a coordinator and worker processes on this host),
+``sequential`` (in the calling process), ``array`` (batch jobs on a cluster), and any a site
+registers in the ``pipefarm.backends`` entry-point group. :mod:`.base` holds the contract.
+
+Nothing here imports a backend until it is asked for (``import pipefarm`` stays fast).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-BACKENDS = ("local", "sequential")
+from .base import BUILT_IN, Backend, Hooks, Summary, installed, make_backend
 
+#: The built-in backends' names (:func:`installed` adds those registered by other packages).
+BACKENDS = tuple(BUILT_IN)
 
-def make_backend(backend: str | Any, workers: int | None = None, **options: Any) -> Any:
-    """A backend object from its name, or ``backend`` itself if it is one already."""
-    if not isinstance(backend, str):
-        return backend
-    if backend == "local":
-        from .local import LocalBackend
-
-        return LocalBackend(workers, **options)
-    if backend == "sequential":
-        from .sequential import SequentialBackend
-
-        return SequentialBackend(**options)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+__all__ = ["BACKENDS", "Backend", "Hooks", "Summary", "installed", "make_backend"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,14 +13,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..execute.py import TaskInterrupt
 from ..states import Outcome
-from ..task import Finished
+from ..store.base import Store
+from ..task import Finished, Lease
 from ..worker import LeaseRunner
-from .base import Summary
+from .base import Hooks, Summary
 
 #: setitimer() overflows time_t a little beyond 1e10 s here; a timeout of over 31 years is
 #: no timeout in practice.
@@ -39,17 +39,30 @@ class SequentialBackend:
     def __init__(self, workers: int | None = None) -> None:
         del workers  # always one
 
-    def execute(self, store: Any, *, run_dir: str | None = None,
-                on_progress: Callable[[dict[str, int]], None] | None = None, **_: Any) -> Summary:
+    def execute(self, store: Store, hooks: Hooks | None = None) -> Summary:
+        """Run every claimable task of ``store``, one at a time, until none is left or
+        ``hooks.stop`` is set (then the summary says ``interrupted``)."""
+        hooks = hooks or Hooks()
+        run_dir, on_progress, stop = hooks.run_dir, hooks.on_progress, hooks.stop
         t0 = time.time()
         wid = f"{socket.gethostname().split('.')[0]}-{os.getpid()}-seq"
         store.register_worker(wid, socket.gethostname(), os.getpid())
         runner = LeaseRunner(run_dir, wid, {})
         attempts = 0
+        interrupted = False
+        feeding = hooks.feed is not None
         main = threading.current_thread() is threading.main_thread()
         while True:
+            if stop is not None and stop.is_set():
+                interrupted = True
+                break
+            if feeding:
+                feeding = bool(hooks.feed(0.0))  # type: ignore[misc]
             leases = store.claim(wid, 1)
             if not leases:
+                if feeding:  # idle: block on the feed a little
+                    feeding = bool(hooks.feed(0.05))  # type: ignore[misc]
+                    continue
                 nxt = store.next_ready_at()
                 if nxt is None:
                     break
@@ -59,17 +72,21 @@ class SequentialBackend:
             spec = store.spec(lease.spec)
             runner.specs.setdefault(lease.spec, spec)
             store.start([(lease.task, lease.token)])
+            if hooks.on_dispatch is not None:
+                hooks.on_dispatch(leases)
             finished = self._run_one(runner, lease, spec.timeout if main and spec.kind == "py" else None)
             store.finish(wid, [finished])
             attempts += 1
+            if hooks.on_finished is not None:
+                hooks.on_finished([], [finished])
             if on_progress is not None:
                 on_progress(store.counts())
         counts = store.counts()
         return Summary(run=run_dir, total=sum(counts.values()), counts=counts, attempts=attempts,
-                       elapsed_s=time.time() - t0)
+                       elapsed_s=time.time() - t0, interrupted=interrupted)
 
     @staticmethod
-    def _run_one(runner: LeaseRunner, lease: Any, timeout: float | None) -> Finished:
+    def _run_one(runner: LeaseRunner, lease: Lease, timeout: float | None) -> Finished:
         if timeout is None or not math.isfinite(timeout) or timeout > _LONGEST_TIMER_S:
             return runner(lease)
 

@@ -1,56 +1,98 @@
-"""The local backend: one coordinator process and N worker processes on this host.
+"""The coordinator: feeds a store's ready tasks to workers it reaches through a transport.
 
-The coordinator is the only writer of the store. It starts at most one worker per task that
-could run (lazily, as tasks arrive, when fed by the Executor), leases batches of about
-``batch_target_s`` of work sized from the durations measured for each spec (function or
-command), splits what it leases evenly over the workers that want work, queues a second batch
-behind short ones only when no worker is idle, and lets an idle worker take over the unstarted
-tail of a busy one (:class:`~pipefarm.worker.Revoke`). It commits results in batches, enforces
-timeouts by killing the worker whose task overran (and starting a new one), and turns a dead
-worker's task into a ``lost`` attempt; a worker found dead when work is sent to it is the same
-loss, never a crash of the run. Workers die with the coordinator (parent-death signal), so a
-killed coordinator leaves no orphans, and the next run reaps its leases at once.
+It is the store's only writer. It leases ready tasks in batches of about ``batch_target_s`` of
+work, sized from the durations measured for each spec (function or command), splits what it
+leases evenly over the workers that want work, queues a second batch behind short ones only when
+no worker is idle, and lets an idle worker take over the unstarted tail of a busy one
+(:class:`~pipefarm.worker.Revoke`). It commits outcomes in batches, enforces timeouts by killing
+the worker whose task overran (and starting a new one), turns a dead worker's task into a
+``lost`` (or, for a Python task that crashed its worker, ``failed``) attempt, applies the halt
+policy, and stops cleanly on SIGINT/SIGTERM or ``hooks.stop``.
+
+How workers are started and reached is the :class:`~pipefarm.backends.transport.Transport`'s
+business (:mod:`pipefarm.backends.local.transport` for processes on this host)::
+
+    store                        Coordinator                       Transport        workers
+    -----                        -----------                       ---------        -------
+    lease_ready() ----leases---> _hand_out / _split
+                                 (batch sizing: spec_s)
+                                 _send -----Batch bytes----------> send(link) ----> run tasks,
+                                 _steal ----Revoke bytes---------> send(link) ----> publish
+                                                                                    current task
+                                 _mark_running <--(task, since)--- current(slot) <-- (slots)
+    start_leased() <-----------'
+                                 _on_message <---Done/Revoked----- ready/receive <-- report
+                                 (pending_ok / pending_other)
+    finish_leased() <--_commit--'  (every commit_every_s)
+                                 _check_timeouts --------------->  kill(link)
+                                 _on_worker_exit <--gone---------- receive -> None,
+                                 (_abandon: lost/failed,           exit_status(link)
+    release() <------------------ the rest released) ---------->   start(slot): replacement
+    counts() ----> _progress ----> hooks.on_progress
+
+It stays one module (about 700 lines) because every method reads and writes the same loop
+state -- the workers' outstanding batches, the in-flight leases, the pending commits -- and
+cutting it would pass that state around instead of keeping it in one place.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import secrets
 import signal
-import socket
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import msgspec
 
 from ..states import TERMINAL, Outcome
+from ..store.base import Store
 from ..task import PY, Finished, Lease, Resources, Spec, signal_label
-from ..worker import (
-    Batch,
-    Done,
-    Revoke,
-    Revoked,
-    Slots,
-    from_worker_decoder,
-    local_worker_main,
-    slots_path,
-)
-from .base import Summary
-
-ProgressFn = Callable[[dict[str, int]], None]
-
+from ..worker import Batch, Done, Revoke, Revoked, from_worker_decoder
+from .base import Hooks, Summary
+from .transport import Transport
 
 #: ``fail=N%`` is judged only once at least this many tasks have ended in the run being
 #: halted (GNU parallel judges from the first job): with fewer, one early failure among the
 #: first three would already be 33% and halt a sweep whose failure rate is 1%.
 HALT_PERCENT_MIN_ENDED = 10
+
+#: A busy worker that has sent nothing for this long while holding leases it may not have
+#: started is asked to hand some back when a worker is idle and nothing is ready. Same value as
+#: the worker's FLUSH_AFTER_S: a batch sized for ``batch_target_s`` (20 ms) that is still
+#: silent after 50 ms was estimated wrong; a steal costs one round trip (well under 1 ms).
+STEAL_AFTER_S = 0.05
+
+#: A second batch is queued behind a worker's current one only for specs measured shorter than
+#: this, to hide the round trip between batches; for longer tasks it would only hold work back
+#: from a worker that becomes idle (the cut-off the single run-wide estimate used before; W3's
+#: 20 ms tasks keep their efficiency with it).
+PREFETCH_BELOW_S = 0.5
+
+#: ``Revoke.thieves`` that takes back every unstarted lease of a worker (halt soon).
+HALT_TAKE_ALL = 1 << 30
+
+#: How long one loop turn waits for a worker's message before it commits, checks timeouts and
+#: reports progress: short enough that a commit is never late by more than this next to
+#: ``commit_every_s`` (50 ms).
+RECEIVE_WAIT_S = 0.02
+
+_TERMINAL_LABELS = frozenset(s.label for s in TERMINAL)
+
+#: Signals a process raises against itself when its code goes wrong: a worker that dies of one
+#: while running a Python task was crashed by that task (a C extension's segfault, abort()).
+CRASH_SIGNALS = frozenset(
+    int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE,
+                     signal.SIGILL, signal.SIGSYS, signal.SIGTRAP)
+)
+
+_SIGNAL_WORDS = {
+    int(signal.SIGSEGV): "segmentation fault", int(signal.SIGABRT): "aborted",
+    int(signal.SIGBUS): "bus error", int(signal.SIGFPE): "floating-point exception",
+    int(signal.SIGILL): "illegal instruction",
+}
 
 
 class HaltPolicy(msgspec.Struct, frozen=True):
@@ -100,69 +142,6 @@ class HaltPolicy(msgspec.Struct, frozen=True):
         return failed >= self.fail
 
 
-@dataclass
-class _Worker:
-    index: int
-    id: str
-    pid: int
-    conn_out: Connection
-    conn_in: Connection
-    proc: Any = None  # a Popen when started fresh rather than forked
-    outstanding: collections.deque = field(default_factory=collections.deque)
-    specs_sent: set[int] = field(default_factory=set)
-    cpus_held: int = 0
-    gpus_held: list[str] = field(default_factory=list)
-    alive: bool = True
-    started: float = field(default_factory=time.time)
-    # batch id -> [leases neither reported nor handed back, spec id or -1 when mixed]
-    batches: dict[int, list[int]] = field(default_factory=dict)
-    revoking: bool = False  # a Revoke is on its way: no second one, no more work until answered
-    heard: float = field(default_factory=time.monotonic)  # last message from it or batch to it
-    err: Any = None  # forked: the read end of the pipe its last words (a traceback) come through
-    err_tail: bytearray = field(default_factory=bytearray)  # fresh: the end of its stderr
-    err_thread: Any = None  # fresh: the thread that copies its stderr
-
-
-#: ``workers`` above this many per CPU gets a warning (it is not a limit: tasks that mostly
-#: wait, on I/O or sleeps, can use more workers than CPUs). Measured on the 2-CPU development
-#: host: 10,000 workers asked for 2 tasks used to fork 10,000 processes (load average above 300,
-#: minutes to stop); 1,000 forked workers take about 1 s to start and 20 s to stop. Below 8 per
-#: CPU, starting them costs well under a second and nothing to stop.
-MANY_WORKERS_PER_CPU = 8
-
-#: A busy worker that has sent nothing for this long while holding leases it may not have
-#: started is asked to hand some back when a worker is idle and nothing is ready. Same value as
-#: the worker's FLUSH_AFTER_S: a batch sized for ``batch_target_s`` (20 ms) that is still
-#: silent after 50 ms was estimated wrong; a steal costs one round trip (well under 1 ms).
-STEAL_AFTER_S = 0.05
-
-#: A second batch is queued behind a worker's current one only for specs measured shorter than
-#: this, to hide the round trip between batches; for longer tasks it would only hold work back
-#: from a worker that becomes idle (the cut-off the single run-wide estimate used before; W3's
-#: 20 ms tasks keep their efficiency with it).
-PREFETCH_BELOW_S = 0.5
-
-#: ``Revoke.thieves`` that takes back every unstarted lease of a worker (halt soon).
-HALT_TAKE_ALL = 1 << 30
-
-#: How much of a dying worker's stderr (or traceback) is kept to name the cause.
-LAST_WORDS_BYTES = 4096
-
-_TERMINAL_LABELS = frozenset(s.label for s in TERMINAL)
-
-#: How long to wait for a worker whose pipe closed to be reapable (its exit status tells a
-#: crash from a kill). The pipe closes in the kernel's exit path just before the process turns
-#: into a zombie: microseconds, but a loaded host can delay it by a scheduler tick or two.
-WORKER_EXIT_WAIT_S = 1.0
-
-#: Signals a process raises against itself when its code goes wrong: a worker that dies of one
-#: while running a Python task was crashed by that task (a C extension's segfault, abort()).
-CRASH_SIGNALS = frozenset(
-    int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE,
-                     signal.SIGILL, signal.SIGSYS, signal.SIGTRAP)
-)
-
-
 def describe_worker_death(status: int | None, kind: str | None) -> tuple[Outcome, str, int | None]:
     """How the running task's attempt ends when its worker process died with ``status``.
 
@@ -190,294 +169,113 @@ def describe_worker_death(status: int | None, kind: str | None) -> tuple[Outcome
     return Outcome.LOST, "lost: its worker process died (killed, or crashed the interpreter)", None
 
 
-_SIGNAL_WORDS = {
-    int(signal.SIGSEGV): "segmentation fault", int(signal.SIGABRT): "aborted",
-    int(signal.SIGBUS): "bus error", int(signal.SIGFPE): "floating-point exception",
-    int(signal.SIGILL): "illegal instruction",
-}
+@dataclass(frozen=True)
+class Options:
+    """The coordinator's settings (a backend's options, less how workers are reached)."""
+
+    n: int  # at most this many workers at once
+    batch_target_s: float = 0.02  # seconds of measured work per batch
+    max_batch: int = 4096  # tasks per batch at most, however short they are
+    heartbeat_s: float = 10.0  # how often live workers' heartbeats are recorded
+    commit_every_s: float = 0.05  # outcomes are committed at least this often
+    halt: HaltPolicy | None = None
+    gpus_available: list[str] | None = None  # None: the GPUs detected on this host
 
 
-def _host() -> str:
-    return socket.gethostname().split(".")[0]
+@dataclass
+class _Slot:
+    """The coordinator's view of one worker (the transport knows it by ``link``)."""
+
+    index: int  # its slot: the transport's cell that says what it runs
+    id: str  # its worker id in the store
+    pid: int
+    link: Any  # what the transport reaches it by
+    # batches sent and not finished: (batch id, leases, sent at, cpus held, gpus held)
+    outstanding: collections.deque = field(default_factory=collections.deque)
+    specs_sent: set[int] = field(default_factory=set)  # specs it has: sent once per worker
+    alive: bool = True
+    # batch id -> [leases neither reported nor handed back, spec id or -1 when mixed]
+    batches: dict[int, list[int]] = field(default_factory=dict)
+    revoking: bool = False  # a Revoke is on its way: no second one, no more work until answered
+    heard: float = field(default_factory=time.monotonic)  # last message from it or batch to it
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    try:
-        fds = [int(f) for f in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 256))
-    for fd in fds:
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+class Coordinator:
+    """One ``execute`` call's loop: see the module docstring. Use once: :meth:`run`."""
 
-
-def _write_last_words(fd: int) -> None:
-    """In a forked worker about to exit with an exception: its traceback to ``fd`` (read by
-    the coordinator) and to stderr."""
-    try:
-        import traceback
-
-        text = traceback.format_exc().encode(errors="replace")[-LAST_WORDS_BYTES:]
-        os.write(fd, text)
-        os.write(2, text)
-    except BaseException:  # noqa: S110 - exiting anyway; nothing left to tell
-        pass
-
-
-def _worker_env() -> dict[str, str]:
-    """This environment with this process's import path first on ``PYTHONPATH``: a fresh
-    interpreter then finds pipefarm and the tasks' modules where this one found them (also when
-    they were only put on ``sys.path``)."""
-    env = dict(os.environ)
-    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-    if env.get("PYTHONPATH"):
-        paths += env["PYTHONPATH"].split(os.pathsep)
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-    return env
-
-
-def _copy_stderr(stream: Any, tail: bytearray, log: str | None) -> None:
-    """Copy a fresh worker's stderr to ours (or to its log file) and keep the end of it."""
-    fd = stream.fileno()
-    out = None
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return
-            tail.extend(chunk)
-            del tail[:-LAST_WORDS_BYTES]
-            try:
-                if log:
-                    if out is None:
-                        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                    os.write(out, chunk)
-                else:
-                    os.write(2, chunk)
-            except OSError:
-                pass
-    except OSError:
-        return
-    finally:
-        if out is not None:
-            os.close(out)
-        stream.close()
-
-
-def _send_or_eof(conn: Connection, data: bytes) -> bool:
-    """Send ``data``; False when the other end is gone (EPIPE: the worker died)."""
-    try:
-        conn.send_bytes(data)
-    except OSError:
-        return False
-    return True
-
-
-def _sigkill(pid: int) -> None:
-    """SIGKILL a worker's process group (its task's children too), or the worker alone."""
-    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        try:
-            kill()
-            return
-        except (ProcessLookupError, PermissionError):
-            continue
-
-
-class LocalBackend:
-    """Run tasks with ``workers`` processes on this host (default: the CPU count)."""
-
-    name = "local"
-
-    def __init__(
-        self,
-        workers: int | None = None,
-        *,
-        batch_target_s: float = 0.02,
-        max_batch: int = 4096,
-        heartbeat_s: float = 10.0,
-        commit_every_s: float = 0.05,
-        capture_output: bool = True,
-        gpus_available: list[str] | None = None,
-        halt: str | HaltPolicy | None = None,
-    ) -> None:
-        self.n = max(1, int(workers or os.cpu_count() or 1))
-        self.halt = None if halt is None else HaltPolicy.parse(halt)
-        self.batch_target_s = batch_target_s
-        self.max_batch = max_batch
-        self.heartbeat_s = heartbeat_s
-        self.commit_every_s = commit_every_s
-        self.capture_output = capture_output
-        self.gpus_available = gpus_available
-        cpus = os.cpu_count() or 1
-        if self.n > MANY_WORKERS_PER_CPU * cpus:
-            warnings.warn(
-                f"{self.n:,} workers asked for on a host with {cpus} CPU(s): at most one is"
-                " started per task that can run, but beyond a few per CPU they mostly compete"
-                " for the CPUs", RuntimeWarning, stacklevel=2,
-            )
-
-    # ------------------------------------------------------------------------------------------------
-    def execute(
-        self,
-        store: Any,
-        *,
-        run_dir: str | None = None,
-        on_progress: ProgressFn | None = None,
-        feed: Callable[[float], bool] | None = None,
-        on_finished: Callable[[list[tuple], list[Finished]], None] | None = None,
-        on_dispatch: Callable[[list[Lease]], None] | None = None,
-        stop: threading.Event | None = None,
-    ) -> Summary:
-        """Run every claimable task of ``store`` until none is left.
-
-        ``feed(wait_s)`` (the Executor's) is called every loop turn to add tasks, waiting up to
-        ``wait_s`` for one when idle; it returns False once no more will come. ``on_finished(ok_rows, others)`` sees every committed outcome: plain
-        successes as :data:`~pipefarm.task.SuccessRow` rows, the rest as Finished. ``on_dispatch(leases)`` sees leases as they are sent to a worker. ``stop`` ends the run
-        like Ctrl-C does.
-        """
-        return _Coordinator(self, store, run_dir, on_progress, feed, on_finished, stop,
-                            on_dispatch).run()
-
-
-class _Coordinator:
-    def __init__(self, cfg: LocalBackend, store: Any, run_dir: str | None,
-                 on_progress: ProgressFn | None, feed: Callable[[float], bool] | None,
-                 on_finished: Callable[[list[tuple], list[Finished]], None] | None,
-                 stop: threading.Event | None,
-                 on_dispatch: Callable[[list[Lease]], None] | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, opts: Options, transport: Transport, store: Store, hooks: Hooks) -> None:
+        self.opts = opts
+        self.transport = transport
         self.store = store
-        self.run_dir = run_dir
-        self.on_progress = on_progress
-        self.feed = feed
-        self.on_finished = on_finished
-        self.on_dispatch = on_dispatch
-        self.stop_event = stop
-        self.tag = f"{os.getpid()}-{secrets.token_hex(3)}"
-        self.host = _host()
-        self.workers: list[_Worker] = []
+        self.run_dir = hooks.run_dir
+        self.on_progress = hooks.on_progress
+        self.feed = hooks.feed
+        self.on_finished = hooks.on_finished
+        self.on_dispatch = hooks.on_dispatch
+        self.stop_event = hooks.stop
+        # the workers by slot index (a replacement takes its dead predecessor's place)
+        self.workers: list[_Slot] = []
         # committed-but-not-yet outcomes per worker: plain success rows, and everything else
         self.pending_ok: dict[str, list[tuple]] = collections.defaultdict(list)
         self.pending_other: dict[str, list[Finished]] = collections.defaultdict(list)
-        self.n_pending = 0
+        self.n_pending = 0  # outcomes in pending_ok and pending_other together
         # leases live in memory (see SQLiteStore.lease_ready): ids leased and not yet committed
         self.inflight: set[int] = set()
+        # where the next lease_ready search starts (None: from the top)
         self.cursor: tuple[int, float, int] | None = None
-        self.last_commit = time.monotonic()
-        self.batch_id = 0
+        self.last_commit = time.monotonic()  # when _commit last wrote
+        self.batch_id = 0  # the id of the latest batch sent (ids are per coordinator)
         # measured seconds per task, per spec (an EWMA): batches are sized from these, so the
         # history of one function never sizes the batches of another
         self.spec_s: dict[int, float] = {}
         self.last_spec: int | None = None  # the spec of the latest task leased
-        self.specs: dict[int, Spec] = {}
-        self.spec_blobs: dict[int, bytes] = {}
+        self.specs: dict[int, Spec] = {}  # specs read from the store, by id
+        self.spec_blobs: dict[int, bytes] = {}  # the same, encoded once for every worker
+        # nothing was ready at the last look: no new lease_ready before this (monotonic) time
         self.dry_until = 0.0
-        self.attempts = 0
-        self.interrupted: str | None = None
+        self.attempts = 0  # attempts that ended (were committed) during this call
+        self.interrupted: str | None = None  # what stopped the run: a signal's name, "stop"
+        # when workers died (monotonic): many deaths at start with no attempt ended is fatal
         self.deaths: collections.deque = collections.deque(maxlen=64)
+        # the counts by state as last read from the store, kept up to date between reads for
+        # plain successes; stale (read again) after anything else
         self.counts: dict[str, int] = {}
         self.counts_stale = True
-        self.last_counts = 0.0
-        self.feeding = feed is not None
-        # fed tasks arrive one by one: workers start as they are needed, up to cfg.n
-        self.lazy = feed is not None
-        self.gpu_pool: Any = None
+        self.last_counts = 0.0  # when counts were last read (monotonic)
+        self.feeding = self.feed is not None  # the feed may still add tasks
+        # fed tasks arrive one by one: workers start as they are needed, up to opts.n
+        self.lazy = self.feed is not None
+        self.gpu_pool: Any = None  # a DevicePool when this host has GPUs
+        # a spec needs several CPUs or GPUs: tasks then go one by one, as resources allow
         self.resourceful = False
-        self.cpus_free = cfg.n
-        self.slots: Slots | None = None
-        self.spawned = 0
-        self.marked: set[int] = set()
+        self.cpus_free = opts.n  # CPUs not held by a running task (counted when resourceful)
+        self.marked: set[int] = set()  # leased tasks recorded as running in the store
         # the halt policy: failures and ended tasks counted from this call's start
-        self.halted: str | None = None
-        self.halt_base: dict[str, int] = {}
+        self.halted: str | None = None  # why the policy stopped the run
+        self.halt_base: dict[str, int] = {}  # the counts when the call started
         self.halt_failed = 0
         self.halt_ended = 0
 
     # --- workers ---------------------------------------------------------------------------------
-    def _spawn(self, index: int) -> _Worker:
-        c2w_r, c2w_w = os.pipe()
-        w2c_r, w2c_w = os.pipe()
-        self.spawned += 1
-        wid = f"{self.host}-{self.tag}-w{index}.{self.spawned}"
-        output = err_log = ""
-        if self.cfg.capture_output and self.run_dir:
-            # the worker appends its stdout/stderr to logs/<wid>.out/.err (Python tasks'
-            # output is attributed per attempt from there); a fresh worker's early stderr
-            # goes to the .err file too
-            output = os.path.join(self.run_dir, "logs")
-            os.makedirs(output, mode=0o700, exist_ok=True)
-            err_log = os.path.join(output, wid + ".err")
-        assert self.slots is not None
-        args = (c2w_r, w2c_w, self.slots.path, self.cfg.n, index, self.run_dir or "", wid, output)
-        proc = err = drain = None
-        tail = bytearray()
-        try:
-            # fork is fast (no interpreter start, modules already imported) and safe while this
-            # process has a single thread; otherwise start a fresh interpreter.
-            if sys.platform.startswith("linux") and threading.active_count() == 1:
-                err_r, err_w = os.pipe()  # the child's last words, should it fail
-                try:
-                    pid = os.fork()
-                except OSError:
-                    os.close(err_r)
-                    os.close(err_w)
-                    raise
-                if pid == 0:  # the child
-                    code = 0
-                    try:
-                        os.setsid()
-                        _close_fds_except({c2w_r, w2c_w, err_w})
-                        local_worker_main(*args[:5], args[5] or None, wid, output or None)
-                    except BaseException:
-                        code = 1
-                        _write_last_words(err_w)
-                    finally:
-                        os._exit(code)
-                os.close(err_w)
-                os.set_blocking(err_r, False)
-                err = os.fdopen(err_r, "rb", buffering=0)
-            else:
-                import subprocess
-
-                # its stderr comes through a pipe, so that if it cannot start (no pipefarm
-                # there, a broken environment) the error can name the cause
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "pipefarm.worker", "--local", *map(str, args)],
-                    pass_fds=(c2w_r, w2c_w), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                    env=_worker_env(), start_new_session=True,
-                )
-                pid = proc.pid
-                drain = threading.Thread(target=_copy_stderr, args=(proc.stderr, tail, err_log),
-                                         name="pipefarm-worker-stderr", daemon=True)
-                drain.start()
-        except BaseException:
-            for fd in (c2w_r, c2w_w, w2c_r, w2c_w):
-                os.close(fd)
-            raise
-        os.close(c2w_r)
-        os.close(w2c_w)
-        w = _Worker(index, wid, pid, Connection(c2w_w, readable=False),
-                    Connection(w2c_r, writable=False), proc, err=err, err_tail=tail,
-                    err_thread=drain)
-        self.store.register_worker(wid, self.host, pid)
-        return w
+    def _start(self, index: int) -> _Slot:
+        """Start a worker in slot ``index`` and register it in the store."""
+        wid, pid, link = self.transport.start(index)
+        self.store.register_worker(wid, self.transport.host, pid)
+        return _Slot(index, wid, pid, link)
 
     def _start_workers(self) -> None:
-        """Start one worker per task that could run, at most ``cfg.n`` (when fed, none: they
+        """Start one worker per task that could run, at most ``opts.n`` (when fed, none: they
         start as tasks arrive). A stop signal ends the starting at once."""
         if self.lazy:
             return
         runnable = sum(v for k, v in self.counts.items() if k not in _TERMINAL_LABELS)
-        want = min(self.cfg.n, runnable)
+        want = min(self.opts.n, runnable)
         with self.store.transaction():  # one commit for every worker's registration
             for i in range(want):
                 if self._stop_asked():
                     break
                 try:
-                    self.workers.append(self._spawn(i))
+                    self.workers.append(self._start(i))
                 except OSError as exc:  # out of processes or file descriptors
                     if not self.workers:
                         raise
@@ -490,62 +288,6 @@ class _Coordinator:
             self.interrupted = "stop"
         return bool(self.interrupted)
 
-    def _kill(self, w: _Worker) -> None:
-        w.alive = False
-        _sigkill(w.pid)
-        self._reap_child(w, block=True)
-
-    def _last_words(self, w: _Worker) -> str:
-        """The end of what dead worker ``w`` wrote to stderr (fresh) or its traceback (forked)."""
-        data = b""
-        if w.err is not None:
-            try:
-                data = w.err.read() or b""
-            except OSError:
-                pass
-        elif w.err_thread is not None:
-            w.err_thread.join(timeout=2.0)  # it is dead: the rest of its stderr is on its way
-            data = bytes(w.err_tail)
-        self._forget(w)
-        lines = data.decode(errors="replace").strip().splitlines()
-        return "\n".join(lines[-20:])
-
-    def _forget(self, w: _Worker) -> None:
-        """Close what is left of dead worker ``w`` besides its pipes (see _reap_child)."""
-        if w.err is not None:
-            try:
-                w.err.close()
-            except OSError:
-                pass
-            w.err = None
-
-    def _reap_child(self, w: _Worker, block: bool = False, wait_s: float = 0.0) -> int | None:
-        """Reap ``w`` (waiting up to ``wait_s`` for it to end, or 5 s with ``block``) and
-        close its pipes; its exit status as ``Popen.returncode`` has it (-N: signal N), or
-        None when it has not ended or was reaped elsewhere."""
-        status: int | None = None
-        try:
-            if w.proc is not None:
-                status = w.proc.wait(timeout=5 if block else wait_s)
-            else:
-                end = time.monotonic() + (5.0 if block else wait_s)
-                while True:
-                    pid, raw = os.waitpid(w.pid, os.WNOHANG)
-                    if pid:
-                        status = os.waitstatus_to_exitcode(raw)
-                        break
-                    if time.monotonic() >= end:
-                        break
-                    time.sleep(0.002)
-        except Exception:
-            pass
-        for c in (w.conn_out, w.conn_in):
-            try:
-                c.close()
-            except OSError:
-                pass
-        return status
-
     # --- batches ---------------------------------------------------------------------------------
     def _per_batch(self, sid: int | None) -> int:
         """How many tasks of spec ``sid`` make about ``batch_target_s`` of work (1 until one of
@@ -553,7 +295,7 @@ class _Coordinator:
         est = self.spec_s.get(sid) if sid is not None else None
         if est is None:
             return 1
-        return max(1, min(self.cfg.max_batch, int(self.cfg.batch_target_s / max(est, 1e-7))))
+        return max(1, min(self.opts.max_batch, int(self.opts.batch_target_s / max(est, 1e-7))))
 
     def _short(self, sid: int | None) -> bool:
         est = self.spec_s.get(sid) if sid is not None else None
@@ -579,7 +321,7 @@ class _Coordinator:
         sent = False
         if time.monotonic() >= self.dry_until:
             idle = [w for w in self.workers if w.alive and not w.outstanding]
-            spare = self.cfg.n - len(self.workers) if self.lazy else 0
+            spare = self.opts.n - len(self.workers) if self.lazy else 0
             if idle or spare > 0:
                 sent = self._hand_out(idle, spare)
             elif self._short(self.last_spec):
@@ -593,7 +335,7 @@ class _Coordinator:
             self._steal()
         return sent
 
-    def _hand_out(self, targets: list[_Worker], spare: int) -> bool:
+    def _hand_out(self, targets: list[_Slot], spare: int) -> bool:
         """Lease work for ``targets`` and ``spare`` workers not started yet, split evenly over
         them (starting workers for the shares beyond ``targets``); False when nothing was
         ready (True even when a worker turned out dead: its share is ready again)."""
@@ -620,7 +362,7 @@ class _Coordinator:
                     self.cursor = None
                     break
                 try:
-                    w = self._spawn(len(self.workers))
+                    w = self._start(len(self.workers))
                 except OSError as exc:  # out of processes or file descriptors
                     if not any(x.alive for x in self.workers):
                         raise
@@ -657,7 +399,7 @@ class _Coordinator:
     def _split_mixed(self, leases: list[Lease], k: int) -> tuple[list[Lease], list[list[Lease]]]:
         """Leases of several specs: keep about ``k`` batches' worth by each spec's measured
         duration and cut them into at most ``k`` contiguous parts of about equal work."""
-        target = self.cfg.batch_target_s
+        target = self.opts.batch_target_s
         costs: list[float] = []
         total = 0.0
         for lz in leases:
@@ -679,7 +421,7 @@ class _Coordinator:
             acc += c
         return keep, parts
 
-    def _send(self, w: _Worker, leases: list[Lease], sid: int, env: dict[str, str] | None = None,
+    def _send(self, w: _Slot, leases: list[Lease], sid: int, env: dict[str, str] | None = None,
               held_cpus: int = 1, held_gpus: list[str] | None = None) -> bool:
         """Send ``leases`` (all of spec ``sid``, or -1) to ``w`` as one batch. False when ``w``
         turned out to be dead: a lost worker (its leases go back, it is replaced)."""
@@ -699,14 +441,14 @@ class _Coordinator:
         w.heard = now
         if self.resourceful:
             self.cpus_free -= held_cpus
-        if not _send_or_eof(w.conn_out, msgspec.msgpack.encode(Batch(bid, leases, specs, env))):
+        if not self.transport.send(w.link, msgspec.msgpack.encode(Batch(bid, leases, specs, env))):
             self._on_worker_exit(w)  # it died since we last heard of it: a lost worker
             return False
         if self.on_dispatch is not None:
             self.on_dispatch(leases)
         return True
 
-    def _fill_resourceful(self, w: _Worker) -> bool:
+    def _fill_resourceful(self, w: _Slot) -> bool:
         """Tasks that need several CPUs or GPUs go one at a time, as the resources allow."""
         now = time.monotonic()
         if now < self.dry_until or not w.alive or w.outstanding or self.cpus_free < 1:
@@ -742,7 +484,7 @@ class _Coordinator:
         chosen = victims[: len(idle)]
         thieves = max(1, len(idle) // len(chosen))
         for _, w in chosen:
-            if not _send_or_eof(w.conn_out, msgspec.msgpack.encode(Revoke(thieves))):
+            if not self.transport.send(w.link, msgspec.msgpack.encode(Revoke(thieves))):
                 self._on_worker_exit(w)
                 continue
             w.revoking = True
@@ -764,14 +506,14 @@ class _Coordinator:
             self.gpu_pool.release(held_gpus)
 
     # --- results ---------------------------------------------------------------------------------
-    def _on_message(self, w: _Worker, msg: Done | Revoked) -> None:
+    def _on_message(self, w: _Slot, msg: Done | Revoked) -> None:
         w.heard = time.monotonic()
         if isinstance(msg, Revoked):
             self._on_revoked(w, msg.tasks)
         else:
             self._on_done(w, msg)
 
-    def _on_done(self, w: _Worker, done: Done) -> None:
+    def _on_done(self, w: _Slot, done: Done) -> None:
         info = w.batches.get(done.id)
         if info is None:
             return  # a batch we already gave up on
@@ -796,7 +538,7 @@ class _Coordinator:
         old = self.spec_s.get(sid)
         self.spec_s[sid] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
-    def _learn_mixed(self, w: _Worker, done: Done) -> None:
+    def _learn_mixed(self, w: _Slot, done: Done) -> None:
         """A batch of several specs: each learns from its own tasks' durations."""
         leases = next((e[1] for e in w.outstanding if e[0] == done.id), [])
         spec_of = {lz.task: lz.spec for lz in leases}
@@ -813,7 +555,7 @@ class _Coordinator:
             if sid >= 0:
                 self._learn(sid, total / n)
 
-    def _batch_done(self, w: _Worker, bid: int) -> None:
+    def _batch_done(self, w: _Slot, bid: int) -> None:
         """Every lease of batch ``bid`` was reported or handed back."""
         del w.batches[bid]
         for i, entry in enumerate(w.outstanding):
@@ -822,7 +564,7 @@ class _Coordinator:
                 self._release_resources(entry[3], entry[4])
                 return
 
-    def _on_revoked(self, w: _Worker, tasks: list[int]) -> None:
+    def _on_revoked(self, w: _Slot, tasks: list[int]) -> None:
         """``w`` handed back ``tasks``: it never started them and never will."""
         w.revoking = False
         if not tasks:
@@ -846,7 +588,7 @@ class _Coordinator:
         if not self.n_pending:
             return
         now = time.monotonic()
-        if not force and self.n_pending < 20000 and now - self.last_commit < self.cfg.commit_every_s:
+        if not force and self.n_pending < 20000 and now - self.last_commit < self.opts.commit_every_s:
             return
         all_ok: list[tuple] = []
         all_other: list[Finished] = []
@@ -863,27 +605,34 @@ class _Coordinator:
         self.last_commit = now
         self.dry_until = 0.0
         self.attempts += len(all_ok) + len(all_other)
-        has_deps = getattr(self.store, "_has_deps", False)
-        if all_other or has_deps:
+        if all_other or self.store.has_deps():
             self.cursor = None  # a retry or an unblocked dependent may be ready before the cursor
             self.counts_stale = True
         elif self.counts:
-            self.counts["succeeded"] += len(all_ok)
-            self.counts["ready"] = max(0, self.counts["ready"] - len(all_ok))
+            self._count_successes([r[0] for r in all_ok])
         if self.on_finished is not None:
             self.on_finished(all_ok, all_other)
-        if self.cfg.halt is not None and not self.halted:
+        if self.opts.halt is not None and not self.halted:
             self._check_halt(len(all_ok), bool(all_other))
         self._progress()
 
+    def _count_successes(self, tasks: list[int]) -> None:
+        """Move plain successes into ``counts`` without reading the store: each came from
+        ``running`` when it was recorded as started (:meth:`_mark_running`), from ``ready``
+        otherwise (leases live in memory: a leased task is still ready in the store)."""
+        started = sum(1 for t in tasks if t in self.marked)
+        self.counts["succeeded"] = self.counts.get("succeeded", 0) + len(tasks)
+        self.counts["running"] = max(0, self.counts.get("running", 0) - started)
+        self.counts["ready"] = max(0, self.counts.get("ready", 0) - (len(tasks) - started))
+
     def _halt_now(self) -> bool:
-        return self.cfg.halt is not None and self.cfg.halt.when == "now"
+        return self.opts.halt is not None and self.opts.halt.when == "now"
 
     def _check_halt(self, n_ok: int, others: bool) -> None:
         """Apply the halt policy after a commit. Only a commit with unsuccessful outcomes
         pays for a count of the catalog (whether a failure was the task's last try is the
         store's to say); plain successes just add to the tasks that ended."""
-        halt = self.cfg.halt
+        halt = self.opts.halt
         assert halt is not None
         if others:
             c = self.store.counts()
@@ -900,7 +649,7 @@ class _Coordinator:
         if halt.when == "soon":  # running tasks finish; unstarted leases come back at once
             for w in self.workers:
                 if w.alive and w.outstanding and not w.revoking:
-                    if _send_or_eof(w.conn_out, msgspec.msgpack.encode(Revoke(HALT_TAKE_ALL))):
+                    if self.transport.send(w.link, msgspec.msgpack.encode(Revoke(HALT_TAKE_ALL))):
                         w.revoking = True
 
     def _progress(self, final: bool = False) -> None:
@@ -917,12 +666,11 @@ class _Coordinator:
         self.on_progress(shown)
 
     # --- failures of workers ---------------------------------------------------------------------
-    def _abandon(self, w: _Worker, current_outcome: Outcome | None, note: str,
+    def _abandon(self, w: _Slot, current_outcome: Outcome | None, note: str,
                  exit_code: int | None = None) -> None:
         """``w`` is gone: its current task gets ``current_outcome``, the rest are released."""
-        assert self.slots is not None
-        current, started = self.slots.get(w.index)
-        self.slots.clear(w.index)
+        current, started = self.transport.current(w.index)
+        self.transport.clear(w.index)
         now = time.time()
         to_release: list[tuple[int, int]] = []
         for _, leases, _, cpus, gpus in w.outstanding:
@@ -945,26 +693,26 @@ class _Coordinator:
         self.cursor = None
         self.dry_until = 0.0
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: _Slot) -> None:
         self.deaths.append(time.monotonic())
         if len(self.deaths) >= 8 and self.deaths[-1] - self.deaths[-8] < 5.0 and self.attempts == 0:
-            words = self._last_words(w)
+            words = self.transport.last_words(w.link)
             raise RuntimeError(
                 "workers keep dying at start; "
                 + (f"the last one's stderr ends with:\n{words}" if words
                    else "see the worker logs in RUN/logs")
             )
-        self._forget(w)
+        self.transport.forget(w.link)
         if self.interrupted:
             return
-        self.workers[w.index] = self._spawn(w.index)
+        self.workers[w.index] = self._start(w.index)
 
     def _check_timeouts(self) -> None:
         now = time.time()
         for w in list(self.workers):
             if not w.alive or not w.outstanding:
                 continue
-            task, started = self.slots.get(w.index)
+            task, started = self.transport.current(w.index)
             if not task:
                 continue
             lease = next((x for _, ls, *_ in w.outstanding for x in ls if x.task == task), None)
@@ -976,24 +724,23 @@ class _Coordinator:
             # command tasks time themselves out; this is only the backstop for a stuck worker
             limit = spec.timeout + (5.0 if spec.kind == "cmd" else 0.0)
             if now - started > limit:
-                self._kill(w)
+                w.alive = False
+                self.transport.kill([w.link])
                 self._abandon(
                     w, Outcome.TIMED_OUT,
                     f"timed out after {spec.timeout:g} s; its worker process was killed and replaced",
                 )
                 self._replace(w)
 
-    def _on_worker_exit(self, w: _Worker) -> None:
+    def _on_worker_exit(self, w: _Slot) -> None:
         if not w.alive:
             return
         w.alive = False
-        # its pipe closes a moment before it can be reaped: wait briefly for the exit status
-        status = self._reap_child(w, wait_s=WORKER_EXIT_WAIT_S)
+        status = self.transport.exit_status(w.link)
         if self.interrupted:  # the signal that stops the run reached the worker too
             self._abandon(w, None, "released: the run was stopped")
             return
-        assert self.slots is not None
-        current, _ = self.slots.get(w.index)
+        current, _ = self.transport.current(w.index)
         kind = None
         if current:
             lease = next((x for _, ls, *_ in w.outstanding for x in ls if x.task == current), None)
@@ -1014,7 +761,7 @@ class _Coordinator:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
-        self.slots = Slots(slots_path(self.tag), self.cfg.n, create=True)
+        self.transport.open(self.opts.n, self.run_dir)
         try:
             self._setup_gpus()
             self.counts = self.store.counts()
@@ -1031,11 +778,7 @@ class _Coordinator:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            self.slots.close()
-            try:
-                os.unlink(self.slots.path)
-            except OSError:
-                pass
+            self.transport.close()
         counts = self.store.counts()
         if self.on_progress is not None:
             self.counts, self.counts_stale = counts, False
@@ -1051,8 +794,8 @@ class _Coordinator:
     def _setup_gpus(self) -> None:
         from ..execute.gpus import DevicePool, detect
 
-        if self.cfg.gpus_available is not None:
-            vendor, devs = "nvidia", list(self.cfg.gpus_available)
+        if self.opts.gpus_available is not None:
+            vendor, devs = "nvidia", list(self.opts.gpus_available)
         else:
             vendor, devs = detect()
         if devs:
@@ -1078,7 +821,7 @@ class _Coordinator:
                     self.dry_until = 0.0
                     continue
                 # nothing in flight and nothing claimable: done, unless tasks wait in backoff
-                nxt = self.store.next_ready_at() if hasattr(self.store, "next_ready_at") else None
+                nxt = self.store.next_ready_at()
                 if nxt is None or self.halted:  # halted: tasks in backoff wait for the next run
                     if self._more_claimable():
                         continue
@@ -1091,19 +834,12 @@ class _Coordinator:
                     time.sleep(delay)
                 self.dry_until = 0.0
                 continue
-            conns = [w.conn_in for w in busy]
-            try:
-                ready = wait(conns, timeout=0.02)
-            except InterruptedError:
-                ready = []
-            for c in ready:
-                w = next(x for x in busy if x.conn_in is c)
+            ready = self.transport.ready([w.link for w in busy], RECEIVE_WAIT_S)
+            for link in ready:
+                w = next(x for x in busy if x.link is link)
                 if not w.alive:
                     continue  # found dead while handling an earlier message
-                try:
-                    msg = c.recv_bytes()
-                except (EOFError, OSError):
-                    msg = None  # handled outside the except block: no exception context
+                msg = self.transport.receive(link)
                 if msg is None:
                     self._on_worker_exit(w)
                     continue
@@ -1114,7 +850,7 @@ class _Coordinator:
             if now - last_running > 0.5:
                 self._mark_running()
                 last_running = now
-            if now - last_hb > self.cfg.heartbeat_s:
+            if now - last_hb > self.opts.heartbeat_s:
                 for w in self.workers:
                     if w.alive:
                         self.store.heartbeat(w.id)
@@ -1124,16 +860,18 @@ class _Coordinator:
 
     def _mark_running(self) -> None:
         """Record which leased tasks have started (one per busy worker, from the slots)."""
-        assert self.slots is not None
         for w in self.workers:
             if not (w.alive and w.outstanding):
                 continue
-            task, _ = self.slots.get(w.index)
+            task, _ = self.transport.current(w.index)
             if task and task not in self.marked:
                 lease = next((x for _, ls, *_ in w.outstanding for x in ls if x.task == task), None)
                 if lease is not None:
                     self.store.start_leased(w.id, [lease])
                     self.marked.add(task)
+                    if self.counts and not self.counts_stale:  # as the store now counts it
+                        self.counts["ready"] = max(0, self.counts.get("ready", 0) - 1)
+                        self.counts["running"] = self.counts.get("running", 0) + 1
         if len(self.marked) > 100_000:
             self.marked.intersection_update(self.inflight)
 
@@ -1145,27 +883,20 @@ class _Coordinator:
     def _shutdown(self, kill: bool) -> None:
         if kill:
             alive = [w for w in self.workers if w.alive]
-            for w in alive:  # all at once: they die in parallel, then each is reaped
-                _sigkill(w.pid)
             for w in alive:
-                self._kill(w)
+                w.alive = False
+            self.transport.kill([w.link for w in alive])  # all at once: they die in parallel
             with self.store.transaction():  # one commit, not one (and its fsync) per worker
                 for w in self.workers:
                     if w.outstanding:
                         self._abandon(w, None, "released: the run was stopped")
         else:
-            for w in self.workers:
-                if w.alive:
-                    try:
-                        w.conn_out.send_bytes(msgspec.msgpack.encode(None))
-                    except OSError:
-                        pass
-            for w in self.workers:
-                if w.alive:
-                    w.alive = False
-                    self._reap_child(w, block=True)
+            alive = [w for w in self.workers if w.alive]
+            for w in alive:
+                w.alive = False
+            self.transport.stop([w.link for w in alive])
         for w in self.workers:
-            self._forget(w)
+            self.transport.forget(w.link)
         try:
             self._commit(force=True)
         except Exception:

@@ -1,4 +1,8 @@
-"""Progress display: a bar on a terminal, plain periodic lines otherwise."""
+"""Progress display: a bar on a terminal, plain periodic lines otherwise.
+
+A leaf module (it renders a dict of counts and imports nothing of pipefarm), so that ``run``
+can show progress without importing ``observe/``, which sits above it.
+"""
 
 from __future__ import annotations
 
