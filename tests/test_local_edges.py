@@ -373,3 +373,49 @@ def test_executor_calls_submitted_one_by_one_after_warm_up_use_both_workers():
         wall = time.monotonic() - t0
     assert len(set(pids)) == 2, collections.Counter(pids)
     assert wall < 2.1, f"{wall:.2f} s for 8 x 0.3 s on 2 workers"
+
+
+# --- the coordinator's bookkeeping, without processes --------------------------------------------
+class _CommitOnlyStore:
+    """Just what Coordinator._commit calls."""
+
+    def transaction(self):
+        import contextlib
+
+        return contextlib.nullcontext(self)
+
+    def finish_leased(self, worker, ok, others):
+        return len(ok) + len(others)
+
+    def has_deps(self):
+        return False
+
+
+def test_progress_counts_take_started_successes_from_running_not_ready():
+    from pipefarm.backends.base import Hooks as H
+    from pipefarm.backends.coordinator import Coordinator, Options
+
+    c = Coordinator(Options(2), None, _CommitOnlyStore(), H())
+    # as read from the store: tasks 1 and 2 were recorded as running, 3..5 are ready
+    c.counts = {"ready": 3, "running": 2, "succeeded": 0}
+    c.counts_stale = False
+    c.marked = {1, 2}
+    c.inflight = {1, 2, 3}
+    c.pending_ok["w"] = [(1,), (2,), (3,)]
+    c.n_pending = 3
+    c._commit(force=True)
+    assert c.counts == {"ready": 2, "running": 0, "succeeded": 3}
+
+
+def test_backends_by_name_and_by_contract():
+    from pipefarm.backends import Backend, installed, make_backend
+    from pipefarm.backends.sequential import SequentialBackend
+
+    assert {"local", "sequential"} <= set(installed())
+    assert isinstance(make_backend("local", 1), LocalBackend)
+    assert isinstance(make_backend("sequential"), SequentialBackend)
+    for be in (LocalBackend(1), SequentialBackend()):
+        assert isinstance(be, Backend)
+        assert make_backend(be) is be
+    with pytest.raises(ValueError, match="unknown backend 'nope'; installed: .*local.*sequential"):
+        make_backend("nope")
