@@ -493,6 +493,28 @@ class Run:
         """Every attempt of a task, oldest first."""
         return self.store.attempts(task)
 
+    def output(self, task: int, attempt: int | None = None, stream: str = "stdout") -> bytes:
+        """What ``attempt`` (None: the latest) of ``task`` printed on ``stream`` (``"stdout"``
+        or ``"stderr"``), byte-exact. Raises
+        :class:`~pipefarm.execute.output.OutputUnavailable` when its log is missing or shorter
+        than recorded."""
+        from .execute.output import read_output
+
+        return read_output(self.path, self.store.output_ref(task, attempt), stream)
+
+    def follow_output(self, task: int, stream: str, write: Callable[[bytes], None]) -> None:
+        """Pass what ``task`` prints on ``stream`` to ``write`` as it prints it, until its
+        attempt ends (``pipefarm logs --follow``); a task not started yet is waited for, an
+        ended one is written whole (see :func:`~pipefarm.execute.output.follow_output`)."""
+        from .execute.output import follow_output
+
+        def poll() -> tuple[str, str | None, int]:
+            row = self.store.tasks(ids=[task])[0]
+            return row.state, row.worker, row.attempts
+
+        follow_output(self.path, task, stream, poll,
+                      lambda attempt: self.store.output_ref(task, attempt), write)
+
     def result(self, task: int) -> Any:
         """The task's value; :class:`TaskFailed` if it ended without one."""
         state, blob, error = self.store.result(task)
@@ -555,6 +577,11 @@ class Run:
     def cancel(self, ids: Iterable[int] | None = None) -> int:
         """Cancel unfinished tasks (all, or ``ids``); their dependents are skipped."""
         return self.store.cancel(ids)
+
+    def use_lease(self, seconds: float) -> None:
+        """Seconds without a heartbeat before an array worker's blocks are taken over, for
+        the workers of this run's next export (fixed at its first; ``pipefarm array --lease``)."""
+        self.store.lease_s = seconds
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until no coordinator holds the run (for tests and scripts)."""

@@ -72,7 +72,8 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
     """
     import signal as signals
 
-    from ..store.fsjournal import new_worker_id, work_loop
+    from ..backends.array.worker_loop import work_loop
+    from ..store.shared_fs import new_worker_id
     from ..worker import reset_inherited_signals
 
     # The array scripts start workers as background jobs with USR1/USR2 ignored: every
@@ -148,7 +149,7 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
         raise click.UsageError("choose one of --scheduler and --launch")
     run = _open(run_dir)
     if lease is not None:
-        run.store.lease_s = lease
+        run.use_lease(lease)
     if launcher is not None:
         summary = arr.launch(run, launcher, n_workers or elements * workers_per_element,
                              signal=sig)
@@ -183,7 +184,7 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
     if not wait:
         click.echo(f"follow it with: pipefarm status {run_dir}")
         return 0
-    from ..observe.progress import ProgressDisplay
+    from ..progress import ProgressDisplay
 
     display = ProgressDisplay(interval_s=poll)
     summary = backend.wait(run, job, on_progress=display)

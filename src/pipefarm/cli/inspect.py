@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ..states import TERMINAL, UNSUCCESSFUL_END, State
 from .app import _open, main
 
 
@@ -140,42 +141,33 @@ def logs(run_dir: str, task: int, attempt: int | None, want_stderr: bool, follow
       pipefarm logs runs/sweep 42 --follow      # while `pipefarm run` runs it
     With --follow a task not started yet is waited for.
     """
-    from ..execute.output import OutputUnavailable, follow_output, read_output
+    from ..execute.output import OutputUnavailable
 
     run = _open(run_dir)
-    rows = run.store.tasks(ids=[task])
+    rows = run.tasks(ids=[task])
     if not rows:
         raise click.UsageError(f"no task {task} in {run_dir}")
     made = rows[0].attempts
     if attempt is not None and not 1 <= attempt <= made:
         have = f"attempts 1-{made}" if made > 1 else "attempt 1" if made else "no attempt yet"
         raise click.UsageError(f"task {task} has {have}; there is no attempt {attempt}")
+    if follow and attempt is not None:
+        raise click.UsageError("--follow shows the running attempt: leave out --attempt")
     stream = "stderr" if want_stderr else "stdout"
-    if follow:
-        if attempt is not None:
-            raise click.UsageError("--follow shows the running attempt: leave out --attempt")
-
-        def poll() -> tuple[str, str | None, int]:
-            row = run.store.tasks(ids=[task])[0]
-            return row.state, row.worker, row.attempts
-
-        def write(data: bytes) -> None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-
+    try:
+        if not follow:
+            _write(run.output(task, attempt, stream))
+            return
         try:
-            follow_output(run.path, task, stream, poll,
-                          lambda a: run.store.output_ref(task, a), write)
+            run.follow_output(task, stream, _write)
         except KeyboardInterrupt:
             pass  # Ctrl-C ends following; the task runs on
-        except OutputUnavailable as exc:
-            raise click.ClickException(f"task {task}'s output cannot be read: {exc}") from None
-        return
-    ref = run.store.output_ref(task, attempt)
-    try:
-        data = read_output(run.path, ref, stream)
     except OutputUnavailable as exc:
         raise click.ClickException(f"task {task}'s output cannot be read: {exc}") from None
+
+
+def _write(data: bytes) -> None:
+    """Bytes to stdout as they come, byte-exact."""
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -250,8 +242,8 @@ def list_cmd(top: str, as_json: bool) -> None:
         if r["state"] == "unreadable":
             click.echo(f"{r['run']:<{width}}  {'unreadable':<21}  {r['error']}")
             continue
-        left = sum(c[k] for k in ("blocked", "ready", "claimed", "running"))
-        bad = c["failed"] + c["skipped"] + c["cancelled"]
+        left = sum(c[s.label] for s in State if s not in TERMINAL)
+        bad = sum(c[s.label] for s in UNSUCCESSFUL_END)
         click.echo(f"{r['run']:<{width}}  {r['state']:<21}  {r['total']:>8,}  {c['succeeded']:>8,}"
                    f"  {bad:>8,}  {left:>8,}" + (f"  unsafe: {r['unsafe']}" if "unsafe" in r else ""))
 

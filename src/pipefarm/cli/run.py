@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..states import TERMINAL
 from .app import EXIT_FAILED_TASKS, _open, main
 from .params import _ids, _known
 
@@ -41,8 +42,8 @@ def _not_succeeded_lines(run_dir: str, counts: dict[str, int]) -> list[str]:
     if counts.get("cancelled"):
         lines.append(f"{counts['cancelled']:,} task(s) cancelled (pipefarm cancel); run them with:"
                      f" pipefarm retry {run_dir} --all")
-    left = sum(n for k, n in counts.items()
-               if k not in ("succeeded", "failed", "skipped", "cancelled"))
+    ended = {s.label for s in TERMINAL}
+    left = sum(n for k, n in counts.items() if k not in ended)
     if left:
         lines.append(f"{left:,} task(s) not finished; resume with: pipefarm run {run_dir}")
     return lines
