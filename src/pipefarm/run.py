@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from .backends import local as _local  # noqa: F401 - imported with Run, not inside execute()
-from .backends import make_backend
+from .backends.base import Backend, Hooks, Summary, make_backend
+from .backends.local import HaltPolicy, LocalBackend  # imported with Run, not inside execute()
 from .errors import (
     PipefarmError,
     RetryRefused,
@@ -26,6 +26,7 @@ from .errors import (
     TaskFailed,
     TaskNotFinished,
 )
+from .progress import ProgressDisplay
 from .states import State
 from .store.base import check_private
 from .store.sqlite import SQLiteStore
@@ -361,12 +362,12 @@ class Run:
     def execute(
         self,
         workers: int | None = None,
-        backend: str | Any = "local",
+        backend: str | Backend = "local",
         progress: bool = True,
         on_progress: Callable[[dict[str, int]], None] | None = None,
         halt: str | None = None,
         **backend_options: Any,
-    ) -> Any:
+    ) -> Summary:
         """Run every task that is not finished; return a :class:`~pipefarm.backends.base.Summary`.
 
         Resumes where an earlier execute stopped: leases of a dead coordinator are reaped at
@@ -384,15 +385,15 @@ class Run:
         :class:`Unrunnable` before anything runs.
         """
         if halt is not None:
-            policy = _local.HaltPolicy.parse(halt)
-            if isinstance(backend, _local.LocalBackend):
+            policy = HaltPolicy.parse(halt)
+            if isinstance(backend, LocalBackend):
                 backend.halt = policy  # a backend object given: it applies to this call too
             elif backend == "local":
                 backend_options["halt"] = policy
             else:
                 raise ValueError("halt= works with the local backend")
         be = make_backend(backend, workers=workers, **backend_options)
-        if isinstance(be, _local.LocalBackend):
+        if isinstance(be, LocalBackend):
             self._check_gpus(be.gpus_available)
         lock = _RunLock(self.path)
         lock.acquire()
@@ -400,10 +401,8 @@ class Run:
         try:
             self.reap_orphans()
             self._take_back_blocks()
-            callbacks = []
+            callbacks: list[Callable[[dict[str, int]], None]] = []
             if progress:
-                from .observe.progress import ProgressDisplay
-
                 display = ProgressDisplay()
                 callbacks.append(display)
             if on_progress is not None:
@@ -413,8 +412,8 @@ class Run:
                 for cb in callbacks:
                     cb(counts)
 
-            summary = be.execute(self.store, run_dir=str(self.path),
-                                 on_progress=report if callbacks else None)
+            hooks = Hooks(run_dir=str(self.path), on_progress=report if callbacks else None)
+            summary = be.execute(self.store, hooks)
             if display is not None:
                 display.close(summary.counts)
             return summary
@@ -437,12 +436,12 @@ class Run:
         bad = {sid: g for sid, g in pending if g > have}
         if not bad:
             return
-        from .states import TERMINAL
+        from .states import TERMINAL, sql_list
 
-        ended = ",".join(str(int(s)) for s in TERMINAL)
         marks = ",".join("?" * len(bad))
         ids = [r[0] for r in self.store.db.execute(
-            f"SELECT id FROM tasks WHERE spec IN ({marks}) AND state NOT IN ({ended}) ORDER BY id"
+            f"SELECT id FROM tasks WHERE spec IN ({marks}) AND state NOT IN {sql_list(TERMINAL)}"
+            " ORDER BY id"
             f" LIMIT {UNRUNNABLE_IDS_SHOWN + 1}", list(bad))]
         shown = ", ".join(map(str, ids[:UNRUNNABLE_IDS_SHOWN])) + (
             ", ..." if len(ids) > UNRUNNABLE_IDS_SHOWN else "")
