@@ -28,6 +28,7 @@ _LAZY = {
     "DiskFull": ("pipefarm.store.sqlite", "DiskFull"),
     "State": ("pipefarm.states", "State"),
     "Outcome": ("pipefarm.states", "Outcome"),
+    "TaskOptions": ("pipefarm.task", "TaskOptions"),
     "backends": ("pipefarm.backends", None),
 }
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .run import Run  # noqa: F401
     from .states import Outcome, State  # noqa: F401
     from .store.sqlite import DiskFull  # noqa: F401
+    from .task import TaskOptions  # noqa: F401
 
 
 def __getattr__(name: str) -> object:
