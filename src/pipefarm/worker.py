@@ -3,6 +3,11 @@
 The local backend starts workers and feeds them batches over a pipe (:func:`serve_pipe`). A
 worker marks the task it is running in a shared slot (:class:`Slots`), so its coordinator can
 enforce timeouts and show what is running without a message per task.
+
+It stays one module (about 600 lines) because its three parts -- :class:`LeaseRunner`, the pipe
+loop and the signal handling -- share one process-wide state (``STOPPING``, the inherited
+signals reset once at start) that a split would have to pass around; the array worker loop
+(``backends/array``) imports :class:`LeaseRunner` from here.
 """
 
 from __future__ import annotations
