@@ -30,7 +30,7 @@ business (:mod:`pipefarm.backends.local.transport` for processes on this host)::
     release() <------------------ the rest released) ---------->   start(slot): replacement
     counts() ----> _progress ----> hooks.on_progress
 
-It stays one module (about 700 lines) because every method reads and writes the same loop
+It stays one module (about 900 lines) because every method reads and writes the same loop
 state -- the workers' outstanding batches, the in-flight leases, the pending commits -- and
 cutting it would pass that state around instead of keeping it in one place.
 """

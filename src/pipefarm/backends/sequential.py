@@ -50,18 +50,19 @@ class SequentialBackend:
         runner = LeaseRunner(run_dir, wid, {})
         attempts = 0
         interrupted = False
-        feeding = hooks.feed is not None
+        feed = hooks.feed
+        feeding = feed is not None
         main = threading.current_thread() is threading.main_thread()
         while True:
             if stop is not None and stop.is_set():
                 interrupted = True
                 break
-            if feeding:
-                feeding = bool(hooks.feed(0.0))  # type: ignore[misc]
+            if feed is not None and feeding:
+                feeding = bool(feed(0.0))
             leases = store.claim(wid, 1)
             if not leases:
-                if feeding:  # idle: block on the feed a little
-                    feeding = bool(hooks.feed(0.05))  # type: ignore[misc]
+                if feed is not None and feeding:  # idle: block on the feed a little
+                    feeding = bool(feed(0.05))
                     continue
                 nxt = store.next_ready_at()
                 if nxt is None:
