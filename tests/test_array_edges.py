@@ -254,8 +254,7 @@ def split_run(tmp_path: Path, n: int, seconds: float, *, lease: float) -> Path:
     """``n`` command tasks of ``seconds`` each, in ONE exported block; each appends a line to
     its own marker file (so every execution is counted)."""
     from pipefarm.run import Run
-    from pipefarm.store.fold import export
-    from pipefarm.store.fsjournal import Layout, write_config
+    from pipefarm.store.shared_fs import Layout, export, write_config
 
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -279,15 +278,15 @@ def worker(run: Path, wid: str) -> subprocess.Popen:
 
 
 def journal(run: Path, wid: str) -> list:
-    from pipefarm.store.fsjournal import decode
     from pipefarm.store.journal import read_journal
+    from pipefarm.store.shared_fs import decode
 
     return [decode(r) for r in read_journal(run / "fs" / "journal" / f"{wid}.log").records]
 
 
 def agreed_cut(run: Path):
     """The first agreed split of block 1 (a cut slot naming a child), or None."""
-    from pipefarm.store.fsjournal import read_cut
+    from pipefarm.store.shared_fs import read_cut
 
     for p in sorted((run / "fs" / "claims").glob("1.*.cut*")):
         cut = read_cut(p.read_bytes())
@@ -367,7 +366,7 @@ def test_a_split_survives_the_death_of_either_worker(tmp_path: Path, victim: str
             p.wait()
     counts = check_exactly_once(tmp_path, run, n)
     assert counts["failed"] == 0
-    from pipefarm.store.fsjournal import Claimed
+    from pipefarm.store.journal import Claimed
 
     claims = [r for w in ("V", "T", "W") for r in journal(run, w) if isinstance(r, Claimed)]
     given = set(cut.tasks)
@@ -420,7 +419,7 @@ def test_random_kills_with_splits_lose_and_duplicate_nothing(tmp_path: Path) -> 
 
     from test_fsjournal import kill, make_run, spawn, value_of
 
-    from pipefarm.store.fsjournal import read_cut
+    from pipefarm.store.shared_fs import read_cut
 
     n, lease = 1200, 1.0
     store, sid, ids = make_run(tmp_path, value_of, [(i, 0.01) for i in range(n)],

@@ -16,20 +16,20 @@ import cloudpickle
 import msgspec
 import pytest
 
+from pipefarm.backends.array.worker_loop import work_loop
 from pipefarm.states import Outcome
-from pipefarm.store import fold as F
-from pipefarm.store.fsjournal import (
+from pipefarm.store import shared_fs as F
+from pipefarm.store.journal import Claimed, Ended, JournalWriter, Started, frame
+from pipefarm.store.shared_fs import (
     BlockFile,
-    Claimed,
     FsJournalStore,
     FsWorker,
     Layout,
     encode,
     read_wave,
     token_of,
-    work_loop,
 )
-from pipefarm.store.journal import Ended, JournalWriter, Started, frame
+from pipefarm.store.shared_fs import exporting as E
 from pipefarm.store.sqlite import SQLiteStore
 from pipefarm.task import Spec, dumps_args
 
@@ -158,7 +158,7 @@ def test_export_orders_by_priority_and_groups_resources(tmp_path):
 
 def test_export_crash_between_catalog_and_files_is_repaired(tmp_path, monkeypatch):
     store, sid = new_store(tmp_path, 200, workers=2)
-    real = F._write_block
+    real = E.write_block
     calls = []
 
     def flaky(layout, bf, fsync=True):
@@ -167,11 +167,11 @@ def test_export_crash_between_catalog_and_files_is_repaired(tmp_path, monkeypatc
             raise OSError("simulated crash while writing block files")
         real(layout, bf, fsync)
 
-    monkeypatch.setattr(F, "_write_block", flaky)
+    monkeypatch.setattr(E, "write_block", flaky)
     with pytest.raises(OSError):
         store.export()
     assert read_wave(store.layout).blocks == 0, "the wave is written last"
-    monkeypatch.setattr(F, "_write_block", real)
+    monkeypatch.setattr(E, "write_block", real)
     ex = store.export()
     assert ex.repaired >= 1 and ex.blocks == 0
     wave = read_wave(store.layout)

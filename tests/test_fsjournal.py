@@ -1,4 +1,4 @@
-"""The shared-filesystem protocol with real processes (store/fsjournal.py): workers killed and
+"""The shared-filesystem protocol with real processes (store/shared_fs/): workers killed and
 restarted, a SIGSTOPped zombie, torn journals, skewed clocks, drains, waves, and the metadata
 operations a task costs.
 
@@ -25,16 +25,16 @@ from collections import Counter
 import cloudpickle
 import pytest
 
+from pipefarm.backends.array.worker_loop import work_loop
 from pipefarm.errors import UnsafeRun
 from pipefarm.states import Outcome
-from pipefarm.store.fsjournal import (
+from pipefarm.store.journal import Ended, frame, read_journal
+from pipefarm.store.shared_fs import (
     FsJournalStore,
     FsWorker,
     decode,
     list_claims,
-    work_loop,
 )
-from pipefarm.store.journal import Ended, frame, read_journal
 from pipefarm.task import Spec, dumps_args
 
 FORK = mp.get_context("fork")
@@ -247,7 +247,7 @@ SKEW_MAIN = (
     "    _t, _tn = time.time, time.time_ns\n"
     "    time.time = lambda: _t() + {offset}\n"
     "    time.time_ns = lambda: _tn() + int({offset} * 1e9)\n"
-    "from pipefarm.store.fsjournal import work_loop\n"
+    "from pipefarm.backends.array.worker_loop import work_loop\n"
     "s = work_loop(sys.argv[1], sys.argv[2], steal=False)  # takeovers, not splits, here\n"
     "json.dump(s.__dict__, open(sys.argv[3], 'w'))\n"
 )
@@ -472,7 +472,7 @@ STRACE_WORKERS = (
     "import sys, multiprocessing as mp\n"
     "sys.path.insert(0, {here!r})\n"
     "import test_fsjournal  # noqa: the task function\n"
-    "from pipefarm.store.fsjournal import work_loop\n"
+    "from pipefarm.backends.array.worker_loop import work_loop\n"
     "from pipefarm.worker import LeaseRunner  # noqa\n"
     "import pipefarm.execute.py  # noqa\n"
     "ctx = mp.get_context('fork')\n"

@@ -32,8 +32,8 @@ class TestSQLiteInMemory(ContractExamples):
     make_store = staticmethod(lambda path: SQLiteStore(":memory:", lease_s=LEASE_S))
 
 
-# --- the shared-filesystem store (store/fsjournal.py): the same contract ---------------------------
-from pipefarm.store.fsjournal import FsJournalStore  # noqa: E402
+# --- the shared-filesystem store (store/shared_fs/): the same contract -----------------------------
+from pipefarm.store.shared_fs import FsJournalStore  # noqa: E402
 
 
 def make_fs_store(path: str) -> FsJournalStore:

@@ -234,7 +234,7 @@ class JournalWriter:
         try:
             self.repaired = self._repair(on_corrupt)
             if not existed and fsync:
-                _fsync_dir(os.path.dirname(self.path) or ".")  # make the new name durable
+                fsync_dir(os.path.dirname(self.path) or ".")  # make the new name durable
         except BaseException:
             os.close(self._fd)
             raise
@@ -325,7 +325,7 @@ class JournalWriter:
                 pass
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:

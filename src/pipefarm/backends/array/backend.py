@@ -2,7 +2,7 @@
 are launched inside an allocation.
 
 The submitting process holds the catalog: it exports ready tasks as blocks
-(:func:`pipefarm.store.fold.export`), submits the array, and with ``wait`` follows it: it asks
+(:func:`pipefarm.store.shared_fs.export`), submits the array, and with ``wait`` follows it: it asks
 the scheduler how the job stands at most once per ``poll_s`` (30 s by default, gentle on the
 scheduler), and folds the workers' journals into the catalog every ``fold_s`` seconds, exporting
 new waves as dependencies succeed. Workers (``pipefarm worker``) coordinate through the run
@@ -36,15 +36,15 @@ def sync(run: Any) -> Any:
     """Fold the journals of a shared-filesystem run into its catalog (nothing if it has none)."""
     if not (Path(run.path) / "fs").is_dir():
         return None
-    from ...store.fold import fold
+    from ...store.shared_fs import fold
 
     return fold(run.path, run.store)
 
 
 def export(run: Any, workers: int) -> Any:
     """Fold, then offer every ready task not yet in a block as new blocks (one wave)."""
-    from ...store.fold import export as export_wave
-    from ...store.fsjournal import Layout, write_config
+    from ...store.shared_fs import Layout, write_config
+    from ...store.shared_fs import export as export_wave
 
     layout = Layout(run.path)
     layout.make()
@@ -56,7 +56,7 @@ def export(run: Any, workers: int) -> Any:
 def lease_of(run: Any) -> float:
     """The lease the run's workers judge each other by: ``fs/config``'s, fixed at the first
     export (``pipefarm array --lease``), else the catalog's default."""
-    from ...store.fsjournal import Layout, read_config
+    from ...store.shared_fs import Layout, read_config
 
     cfg = read_config(Layout(run.path)) if (Path(run.path) / "fs").is_dir() else None
     return float(cfg.lease_s) if cfg is not None else float(run.store.lease_s)
@@ -67,16 +67,13 @@ def recall(run: Any, *, dead: bool = False) -> int:
 
     With ``dead`` (the array has ended), every holder counts as gone.
     """
-    from ...store.fold import recall_blocks
-    from ...store.fsjournal import Layout, mtime_ns, touch
+    from ...store.shared_fs import Layout, recall_blocks, server_now_ns
 
     if not (Path(run.path) / "fs").is_dir():
         return 0
     layout = Layout(run.path)
     sync(run)
-    me = os.path.join(layout.hb, "catalog")
-    touch(me)
-    ref = mtime_ns(me) or time.time_ns()
+    ref = server_now_ns(os.path.join(layout.hb, "catalog"))
     lease = 0.0 if dead else lease_of(run)
     with run.store.transaction():
         return recall_blocks(layout, run.store, lease_s=lease, ref_ns=ref)
@@ -104,21 +101,21 @@ class HeartbeatWatch:
     """Whether any worker of a shared-filesystem run still heartbeats.
 
     Workers are the journals' owners (``fs/journal/<id>.log``); each one's heartbeat file is
-    judged by :class:`~pipefarm.store.fsjournal.Liveness`: dead once its mtime stopped changing
+    judged by :class:`~pipefarm.store.shared_fs.Liveness`: dead once its mtime stopped changing
     for ``lease_s`` of our monotonic clock (or ``lease_s / 2`` while also older than our own
     freshly touched heartbeat). A heartbeat seen for the first time counts as alive, so keep one
     watch across polls. One stat per worker per call.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], lease_s: float) -> None:
-        from ...store.fsjournal import Layout, Liveness
+        from ...store.shared_fs import Layout, Liveness
 
         self.layout = Layout(run_dir)
         self.live = Liveness(lease_s)
 
     def alive(self) -> list[str]:
         """The workers whose heartbeat is (still) alive."""
-        from ...store.fsjournal import mtime_ns, touch
+        from ...store.shared_fs import mtime_ns, server_now_ns
 
         try:
             names = os.listdir(self.layout.journal)
@@ -128,8 +125,7 @@ class HeartbeatWatch:
         me = os.path.join(self.layout.hb, "catalog")
 
         def ref() -> int:
-            touch(me)
-            return mtime_ns(me) or time.time_ns()
+            return server_now_ns(me)
 
         return [w for w in workers
                 if not self.live.dead(w, mtime_ns(self.layout.hb_of(w)), ref)]
