@@ -268,6 +268,15 @@ def test_submit_commands():
     assert submit_command("slurm", "/a/s.sh").stdin is None
 
 
+def test_cancel_commands():
+    # the scheduler interface's fourth verb (directives, submit, query, cancel): the whole array
+    assert S.cancel_command("slurm", "1234") == ["scancel", "1234"]
+    assert S.cancel_command("pbs", "1234[].pbs01") == ["qdel", "1234[].pbs01"]
+    assert S.cancel_command("sge", "3") == ["qdel", "3"]
+    assert S.cancel_command("htcondor", "17") == ["condor_rm", "17"]
+    assert S.cancel_command("lsf", "4242") == ["bkill", "4242"]
+
+
 @pytest.mark.parametrize(
     "scheduler,out,want",
     [
