@@ -46,6 +46,10 @@ class Outcome(IntEnum):
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.SKIPPED, State.CANCELLED})
 ACTIVE = frozenset({State.CLAIMED, State.RUNNING})
 UNSUCCESSFUL_END = frozenset({State.FAILED, State.SKIPPED, State.CANCELLED})
+#: the tasks left: not ended yet (what a run still has to do; a run with none is over)
+LEFT = frozenset(State) - TERMINAL
+#: the tasks left that are not running yet (waiting for dependencies, ready, or leased)
+QUEUED = LEFT - {State.RUNNING}
 
 _EDGES: frozenset[tuple[State, State]] = frozenset(
     {

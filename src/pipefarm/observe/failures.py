@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from ..states import State
+from ..store.sqlite.query import CatalogQuery
 
 _NUM = re.compile(r"(?<![A-Za-z_])[-+]?(?:0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _PATH = re.compile(r"(?:/[\w.\-]+){2,}")
@@ -68,7 +68,5 @@ def group_failures(rows: Iterable[tuple[int, int | None, str | None]],
 
 def failures(run: Any) -> list[FailureGroup]:
     """The failure groups of a run."""
-    rows = run.store.db.execute(
-        f"SELECT id, exit_code, error FROM tasks WHERE state={int(State.FAILED)} ORDER BY id"
-    )
-    return group_failures(rows)
+    with CatalogQuery.open(run.path) as q:
+        return group_failures(q.failed())

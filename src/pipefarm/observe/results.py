@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from ..run import RESULT_COLUMNS
 from ..states import State
+from ..store.sqlite.query import CatalogQuery
 from ..task import INLINE_RESULT_MAX
 
 # json, tempfile and datetime are imported where they are used: exporting is rare
@@ -46,24 +47,25 @@ def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
     blobs: list[bytes | None] = []
     succeeded = int(State.SUCCEEDED)
     labels = {int(s): s.label for s in State}
-    for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker) in run.store.results():
-        cols["task_id"].append(tid)
-        cols["key"].append(key)
-        cols["state"].append(labels[st])
-        cols["attempts"].append(att)
-        cols["exit_code"].append(code)
-        value = None
-        if st == succeeded:  # other states keep a pickled exception there, not a result
-            if rfile is not None:
-                blob = (run.path / rfile).read_bytes()
-            value = pickle.loads(blob) if blob is not None else None
-        blobs.append(blob if value is not None else None)
-        cols["result"].append(value)
-        cols["error"].append(err)
-        cols["started_at"].append(t0)
-        cols["ended_at"].append(t1)
-        cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
-        cols["worker"].append(worker)
+    with CatalogQuery.open(run.path) as q:
+        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker) in q.results():
+            cols["task_id"].append(tid)
+            cols["key"].append(key)
+            cols["state"].append(labels[st])
+            cols["attempts"].append(att)
+            cols["exit_code"].append(code)
+            value = None
+            if st == succeeded:  # other states keep a pickled exception there, not a result
+                if rfile is not None:
+                    blob = (run.path / rfile).read_bytes()
+                value = pickle.loads(blob) if blob is not None else None
+            blobs.append(blob if value is not None else None)
+            cols["result"].append(value)
+            cols["error"].append(err)
+            cols["started_at"].append(t0)
+            cols["ended_at"].append(t1)
+            cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
+            cols["worker"].append(worker)
     return cols, blobs
 
 
@@ -279,7 +281,8 @@ class _Spec:
 
 
 def _specs(run: Any) -> dict[int, _Spec]:
-    return {sid: _Spec(kind, payload) for sid, kind, payload in run.store.spec_rows()}
+    with CatalogQuery.open(run.path) as q:
+        return {sid: _Spec(kind, payload) for sid, kind, payload in q.spec_rows()}
 
 
 def _values(spec: _Spec | None, args: bytes | None) -> dict[str, str]:
@@ -387,12 +390,13 @@ def _chunks(run: Any) -> Iterable[list[tuple[Any, ...]]]:
     """The catalog's export rows in chunks bounded by rows and by result bytes."""
     chunk: list[tuple[Any, ...]] = []
     size = 0
-    for row in run.store.export_rows():
-        chunk.append(row)
-        size += len(row[5] or b"") + (_file_size(run.path / row[6]) if row[6] else 0)
-        if len(chunk) >= EXPORT_BATCH_ROWS or size >= EXPORT_BATCH_BYTES:
-            yield chunk
-            chunk, size = [], 0
+    with CatalogQuery.open(run.path) as q:
+        for row in q.export_rows():
+            chunk.append(row)
+            size += len(row[5] or b"") + (_file_size(run.path / row[6]) if row[6] else 0)
+            if len(chunk) >= EXPORT_BATCH_ROWS or size >= EXPORT_BATCH_BYTES:
+                yield chunk
+                chunk, size = [], 0
     if chunk:
         yield chunk
 

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import states
+from ..store.sqlite.query import CatalogQuery
+
 #: how many directory levels below DIR are searched: runs/<project>/<sweep> is found, while a
 #: large data tree next to the runs is not walked to its bottom
 MAX_DEPTH = 4
@@ -56,7 +59,7 @@ def find_runs(top: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> Iterat
 def state_word(counts: dict[str, int], live: bool, started: bool) -> str:
     """One word for a run: running, interrupted-resumable, pending, failed, finished, empty."""
     total = sum(counts.values())
-    left = sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+    left = sum(counts[s.label] for s in states.LEFT)
     if total == 0:
         return "empty"
     if live and left:
@@ -84,10 +87,10 @@ def describe(path: Path) -> dict[str, Any]:
                 "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     try:
         sync(run)
-        counts = run.store.counts()
-        started = run.store.db.execute(
-            "SELECT 1 FROM tasks WHERE attempt > 0 LIMIT 1").fetchone() is not None
-        left = sum(counts[k] for k in ("blocked", "ready", "claimed", "running"))
+        with CatalogQuery.open(path) as q:
+            counts = q.counts()
+            started = q.started_any()
+        left = sum(counts[s.label] for s in states.LEFT)
         live = being_worked_on(run) if left else False
         out = {"run": str(path), "state": state_word(counts, live, started),
                "total": sum(counts.values()), "counts": counts}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..states import State
+from ..store.sqlite.query import CatalogQuery
 from ..task import signal_label
 
 #: characters of an argument's repr shown: enough to recognise a value, while a task that
@@ -58,9 +59,9 @@ def output_location(run_dir: Path, ref: str | None) -> dict[str, Any] | None:
         return {"reference": ref}
 
 
-def _what(run: Any, spec_id: int, args: bytes | None) -> dict[str, Any]:
+def _what(run: Any, q: CatalogQuery, spec_id: int, args: bytes | None) -> dict[str, Any]:
     """The command (rendered, with its source row) or the function and its arguments."""
-    spec = run.store.spec(spec_id)
+    spec = q.spec(spec_id)
     if spec.kind == "cmd":
         from ..execute.template import decode_command, decode_values, render_cwd
         from .results import command_text
@@ -86,12 +87,16 @@ def _what(run: Any, spec_id: int, args: bytes | None) -> dict[str, Any]:
 
 def show_task(run: Any, task: int) -> dict[str, Any]:
     """Everything about one task as a JSON-ready dict; ``KeyError`` if there is no such task."""
-    row = run.store.task_detail(task)
-    deps = [d for (d,) in run.store.db.execute(
-        "SELECT dep FROM deps WHERE task=? ORDER BY dep", (task,))]
-    outputs = run.store.attempt_outputs(task)
+    with CatalogQuery.open(run.path) as q:
+        return _show(run, q, task)
+
+
+def _show(run: Any, q: CatalogQuery, task: int) -> dict[str, Any]:
+    row = q.task_detail(task)
+    deps = q.deps_of(task)
+    outputs = q.attempt_outputs(task)
     attempts = []
-    for a in run.store.attempts(task):
+    for a in q.attempts(task):
         ref = row["output"] if a.attempt == row["attempt"] else outputs.get(a.attempt)
         lines = (a.error or "").strip().splitlines()
         if lines and lines[0].startswith("Traceback"):
@@ -111,7 +116,7 @@ def show_task(run: Any, task: int) -> dict[str, Any]:
         error = "a task it depends on did not succeed"
     return {
         "run": str(run.path), "task_id": task, "key": row["key"], "state": state,
-        **_what(run, row["spec"], row["args"]),
+        **_what(run, q, row["spec"], row["args"]),
         "after": deps, "priority": row["priority"],
         "error": error, "attempts": attempts,
         "logs": f"pipefarm logs {run.path} {task}" if any(x["output"] for x in attempts) else None,

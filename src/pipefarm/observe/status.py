@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..states import State
+from .. import states
+from ..store.sqlite.query import CatalogQuery
 
 #: throughput is measured over the tasks that ended in this many recent seconds
 RATE_WINDOW_S = 60.0
@@ -101,51 +102,41 @@ def estimate_eta(queued: int, running_elapsed: list[float], rate: float,
 
 def status_report(run: Any, window_s: float = RATE_WINDOW_S, last_failures: int = 5) -> dict[str, Any]:
     """The status of ``run`` as a JSON-ready dict (``pipefarm status --json``)."""
-    db = run.store.db
-    counts = run.store.counts()
+    with CatalogQuery.open(run.path) as q:
+        return _report(run, q, window_s, last_failures)
+
+
+def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> dict[str, Any]:
+    counts = q.counts()
     total = sum(counts.values())
     now = time.time()
-    ended = f"({int(State.SUCCEEDED)}, {int(State.FAILED)})"
-    n_recent, first, mean = db.execute(
-        f"SELECT count(*), min(ended_at), avg(ended_at - started_at) FROM tasks"
-        f" WHERE state IN {ended} AND ended_at >= ?",
-        (now - window_s,),
-    ).fetchone()
+    n_recent, first, mean = q.recent_ends(now - window_s)
     span = (now - first) if first else 0.0
     # at least the window's first task's own duration: one task ending just now is not a
     # burst of infinite speed
     span = max(span, mean or 0.0)
     rate = n_recent / span if n_recent and span > 0 else 0.0
     if mean is None:  # nothing ended lately: the run's mean duration, for the running tasks
-        mean = db.execute(f"SELECT avg(ended_at - started_at) FROM tasks WHERE state IN {ended}"
-                          " AND started_at IS NOT NULL").fetchone()[0]
-    running = [now - t0 for (t0,) in db.execute(
-        f"SELECT started_at FROM tasks WHERE state={int(State.RUNNING)} AND started_at IS NOT NULL")]
-    queued = sum(counts[k] for k in ("blocked", "ready", "claimed"))
+        mean = q.mean_duration()
+    running = [now - t0 for t0 in q.running_since()]
+    queued = sum(counts[s.label] for s in states.QUEUED)
     left = queued + counts["running"]
     live = being_worked_on(run) if left else False
     eta = estimate_eta(queued, running, rate, mean) if live and left else None
     fails = [
         {"task_id": t, "key": k, "exit_code": code, "error": (err or "").strip().splitlines()[-1:] and
          (err or "").strip().splitlines()[-1], "ended_at": ended_at}
-        for t, k, code, err, ended_at in db.execute(
-            f"SELECT id, key, exit_code, error, ended_at FROM tasks WHERE state={int(State.FAILED)}"
-            " ORDER BY ended_at DESC LIMIT ?",
-            (last_failures,),
-        )
+        for t, k, code, err, ended_at in q.last_failed(last_failures)
     ]
     notes = [
         {"task_id": t, "note": note}
-        for t, note in db.execute(
-            "SELECT id, note FROM tasks WHERE note IS NOT NULL ORDER BY ended_at DESC LIMIT ?",
-            (last_failures,),
-        )
+        for t, note in q.last_notes(last_failures)
     ]
     return {
         "run": str(run.path),
         "total": total,
         "counts": counts,
-        "done": counts["succeeded"] + counts["failed"] + counts["skipped"] + counts["cancelled"],
+        "done": sum(counts[s.label] for s in states.TERMINAL),
         "live": live,  # a coordinator or live array workers are running it now
         "throughput_per_s": round(rate, 3),
         "eta_s": round(eta, 1) if eta is not None else None,

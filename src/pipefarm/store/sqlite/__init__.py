@@ -5,10 +5,12 @@ status, watch and the other readers use.
 The names other modules import from ``pipefarm.store.sqlite`` are re-exported here.
 """
 
+from .query import CatalogQuery
 from .schema import SCHEMA_VERSION, KeysNotUnique
 from .store import INLINE_RESULT_MAX, DiskFull, SQLiteStore, StoreError, is_damage
 
 __all__ = [
+    "CatalogQuery",
     "INLINE_RESULT_MAX",
     "SCHEMA_VERSION",
     "DiskFull",

@@ -26,14 +26,14 @@ from typing import Any
 from ... import states
 from ...errors import CatalogDamaged
 from ...states import Outcome, State
-from ...task import INLINE_RESULT_MAX, PY, Finished, Lease, Resources, Spec
-from ..base import DEFAULT_LEASE_S, AttemptRow, Store, TaskIds, TaskRow
+from ...task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
+from ..base import DEFAULT_LEASE_S, Store, TaskIds
 from . import schema
+from .query import SPEC_COLS, CatalogQuery, spec_of_row
 from .schema import (
     _ACTIVE,
     _READY,
     _S,
-    _SUCCEEDED,
     _TERMINAL,
     _UNSUCCESSFUL,
     _UNSUCCESSFUL_STATES,
@@ -95,8 +95,9 @@ def _refuse_empty(db: Path) -> None:
         time.sleep(0.05)
 
 
-class SQLiteStore(Store):
-    """Durable task state in one SQLite file (see the module docstring)."""
+class SQLiteStore(CatalogQuery, Store):
+    """Durable task state in one SQLite file (see the module docstring); its query side is
+    :class:`~.query.CatalogQuery`'s, on the writer's own connection."""
 
     def __init__(
         self,
@@ -248,19 +249,10 @@ class SQLiteStore(Store):
     def spec(self, spec_id: int) -> Spec:
         spec = self._specs.get(spec_id)
         if spec is None:
-            row = self.db.execute(
-                "SELECT kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus,"
-                " memory, tags, name FROM specs WHERE id=?",
-                (spec_id,),
-            ).fetchone()
+            row = self.db.execute(f"SELECT {SPEC_COLS} FROM specs WHERE id=?", (spec_id,)).fetchone()
             if row is None:
                 raise KeyError(f"no spec {spec_id}")
-            spec = Spec(
-                kind=row[0], payload=row[1], max_attempts=row[2], timeout=row[3],
-                backoff=row[4], max_lost=row[5],
-                resources=Resources(cpus=row[6], gpus=row[7], memory=row[8]),
-                tags=tuple(t for t in (row[9] or "").split(",") if t), name=row[10] or "",
-            )
+            spec = spec_of_row(row)
             self._specs[spec_id] = spec
         return spec
 
@@ -983,158 +975,6 @@ class SQLiteStore(Store):
                     chunk,
                 ).rowcount
         return n
-
-    # --- the query side --------------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        out = {s.label: 0 for s in State}
-        for st, n in self.db.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
-            out[State(st).label] = n
-        return out
-
-    _TASK_COLS = (
-        "id, key, state, attempt, failures, lost, priority, cost, worker, started_at, ended_at,"
-        " exit_code, error, note, spec"
-    )
-
-    def _task_row(self, r: tuple) -> TaskRow:
-        return TaskRow(
-            id=r[0], key=r[1], state=State(r[2]).label, attempts=r[3], failures=r[4], lost=r[5],
-            priority=r[6], cost=r[7], worker=r[8], started_at=r[9], ended_at=r[10],
-            exit_code=r[11], error=r[12], note=r[13], spec=r[14],
-        )
-
-    def tasks(
-        self, state: str | None = None, ids: Iterable[int] | None = None, limit: int | None = None
-    ) -> list[TaskRow]:
-        where, params = [], []
-        if state is not None:
-            where.append("state = ?")
-            params.append(int(State[state.upper()]))
-        lim = f" LIMIT {int(limit)}" if limit is not None else ""
-        if ids is not None:
-            out = []
-            for chunk in _chunks(sorted(set(ids))):
-                w = " AND ".join([*where, f"id IN ({_qs(len(chunk))})"])
-                out += [
-                    self._task_row(r)
-                    for r in self.db.execute(
-                        f"SELECT {self._TASK_COLS} FROM tasks WHERE {w} ORDER BY id", [*params, *chunk]
-                    )
-                ]
-            return out[:limit] if limit is not None else out
-        w = (" WHERE " + " AND ".join(where)) if where else ""
-        return [
-            self._task_row(r)
-            for r in self.db.execute(f"SELECT {self._TASK_COLS} FROM tasks{w} ORDER BY id{lim}", params)
-        ]
-
-    def attempts(self, task: int) -> list[AttemptRow]:
-        rows = [
-            AttemptRow(
-                task=r[0], attempt=r[1], worker=r[2], token=r[3], outcome=Outcome(r[4]).label,
-                started_at=r[5], ended_at=r[6], exit_code=r[7], error=r[8], note=r[9],
-            )
-            for r in self.db.execute(
-                "SELECT task, attempt, worker, token, outcome, started_at, ended_at, exit_code,"
-                " error, note FROM attempts WHERE task=? ORDER BY attempt, rowid",
-                (task,),
-            )
-        ]
-        cur = self.db.execute(
-            "SELECT id, attempt, worker, token, outcome, started_at, ended_at, exit_code, error,"
-            " note, state FROM tasks WHERE id=?",
-            (task,),
-        ).fetchone()
-        if cur is not None and (cur[4] is not None or cur[10] in (_S.CLAIMED, _S.RUNNING)):
-            label = Outcome(cur[4]).label if cur[4] is not None else State(cur[10]).label
-            rows.append(
-                AttemptRow(
-                    task=cur[0], attempt=cur[1], worker=cur[2], token=cur[3], outcome=label,
-                    started_at=cur[5], ended_at=cur[6], exit_code=cur[7], error=cur[8], note=cur[9],
-                )
-            )
-        return rows
-
-    def output_ref(self, task: int, attempt: int | None = None) -> str | None:
-        """Where an attempt's output landed (``None`` if it printed nothing or is unknown)."""
-        row = self.db.execute("SELECT attempt, output FROM tasks WHERE id=?", (task,)).fetchone()
-        if row is None:
-            raise KeyError(task)
-        if attempt is None or attempt == row[0]:
-            if row[1] is not None or attempt is not None:
-                return row[1]
-        q = "SELECT output FROM attempts WHERE task=? AND output IS NOT NULL"
-        args: list[Any] = [task]
-        if attempt is not None:
-            q += " AND attempt=?"
-            args.append(attempt)
-        r = self.db.execute(q + " ORDER BY attempt DESC, rowid DESC LIMIT 1", args).fetchone()
-        return None if r is None else r[0]
-
-    def result(self, task: int) -> tuple[str, bytes | None, str | None]:
-        row = self.db.execute(
-            "SELECT state, result, result_file, error FROM tasks WHERE id=?", (task,)
-        ).fetchone()
-        if row is None:
-            raise KeyError(f"no task {task}")
-        blob = row[1]
-        if row[2] is not None and self.run_dir is not None:
-            blob = (self.run_dir / row[2]).read_bytes()
-        return State(row[0]).label, blob, row[3]
-
-    def results(self) -> Iterable[tuple[Any, ...]]:
-        """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker)`` per task, in id order, streamed."""
-        cur = self.db.execute(
-            "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            " ended_at, worker FROM tasks ORDER BY id"
-        )
-        while True:
-            rows = cur.fetchmany(4096)
-            if not rows:
-                return
-            yield from rows
-
-    def export_rows(self) -> Iterable[tuple[Any, ...]]:
-        """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker, spec, args, output)`` per task, in id order, one row at a time (an
-        export of any size holds one row of the cursor in memory, not the run)."""
-        cur = self.db.execute(
-            "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            " ended_at, worker, spec, args, output FROM tasks ORDER BY id"
-        )
-        yield from cur
-
-    def has_python_tasks(self) -> bool:
-        """Whether any task is a Python call (its arguments are pickles)."""
-        return self.db.execute("SELECT 1 FROM specs WHERE kind=? LIMIT 1", (PY,)).fetchone() is not None
-
-    def has_results(self) -> bool:
-        """Whether any succeeded task holds a (pickled) result, inline or in a file."""
-        return self.db.execute(
-            f"SELECT 1 FROM tasks WHERE state={_SUCCEEDED} AND (result IS NOT NULL"
-            " OR result_file IS NOT NULL) LIMIT 1").fetchone() is not None
-
-    def spec_rows(self) -> list[tuple[int, str, bytes]]:
-        """``(id, kind, payload)`` of every spec (to render commands and name functions)."""
-        return self.db.execute("SELECT id, kind, payload FROM specs ORDER BY id").fetchall()
-
-    def task_detail(self, task: int) -> dict[str, Any]:
-        """Every column of one task's row (``KeyError`` if there is none)."""
-        cur = self.db.execute("SELECT * FROM tasks WHERE id=?", (task,))
-        row = cur.fetchone()
-        if row is None:
-            raise KeyError(task)
-        return dict(zip((d[0] for d in cur.description), row, strict=True))
-
-    def attempt_outputs(self, task: int) -> dict[int, str | None]:
-        """The output reference of each archived attempt of ``task``, by attempt number."""
-        return dict(self.db.execute(
-            "SELECT attempt, output FROM attempts WHERE task=? ORDER BY attempt, rowid", (task,)))
-
-    def size(self) -> int:
-        """Number of tasks."""
-        return self.db.execute("SELECT count(*) FROM tasks").fetchone()[0]
 
     def pending_spec_resources(self) -> list[tuple[int, int, int]]:
         """``(spec, cpus, gpus)`` for specs that still have unfinished tasks."""
