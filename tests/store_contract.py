@@ -599,6 +599,103 @@ class StoreMachine(RuleBasedStateMachine):
         self.check_all()
         self._do_finish(w, list(zip(good, outcomes, strict=False)), [], [])
 
+    @rule(
+        n=st.integers(1, 4),
+        started=st.integers(0, 15),
+        outcomes=st.lists(st.sampled_from(WORK_OUTCOMES), min_size=1, max_size=4),
+    )
+    def coordinator(self, n, started, outcomes):
+        """The local backend's coordinator in one round, between the other rules: lease ready
+        tasks (``lease_ready``), mark some running on a worker (``start_leased``), commit every
+        outcome (``finish_leased``: plain successes as rows, the rest as ``Finished``). The
+        leases obey claim's order and tokens; the outcomes commit as ``finish`` commits them."""
+        self._settle_clock()
+        inflight = set(self.live)
+        leases, _ = self.store.lease_ready(n, inflight, None, None, now=self.now)
+        self._check_leased(leases, n, inflight)
+        worker = WORKERS[started % len(WORKERS)]
+        self._beat(worker)
+        run = [lz for i, lz in enumerate(leases) if started >> i & 1]
+        if run:
+            moved = self.store.start_leased(worker, run, now=self.now)
+            assert moved == len(run), f"start_leased moved {moved}, expected {len(run)}"
+        rows, others, blobs = [], [], {}
+        for i, lz in enumerate(leases):
+            outcome = outcomes[i % len(outcomes)]
+            if outcome == Outcome.SUCCEEDED:
+                self.values += 1
+                blobs[lz.task] = pickle.dumps(("coordinator", lz.task, lz.token, self.values))
+                rows.append((lz.task, lz.token, lz.attempt, self.now - 1, self.now,
+                             blobs[lz.task], worker))
+            else:
+                others.append(Finished(lz.task, lz.token, int(outcome), self.now - 1, self.now,
+                                       error=f"{outcome.label} on purpose", exit_code=1,
+                                       attempt=lz.attempt))
+        for lz in leases:  # leased and run in this one step: legal steps the invariant did not see
+            self.prev_states[lz.task] = State.RUNNING
+        took = self.store.finish_leased(worker, rows, others, now=self.now)
+        assert took == len(leases), f"finish_leased took effect {took} times, not {len(leases)}"
+        for i, lz in enumerate(leases):
+            t = self.tasks[lz.task]
+            outcome = outcomes[i % len(outcomes)]
+            t.issued.append(lz.token)
+            t.last_attempt = lz.attempt
+            t.last_started = True
+            if outcome == Outcome.SUCCEEDED:
+                t.state = State.SUCCEEDED
+                t.result = blobs[lz.task]
+            else:
+                spec = self._spec_of(t)
+                t.failures += 1
+                t.state = after_attempt(outcome, t.failures, spec.max_attempts, t.lost,
+                                        spec.max_lost)
+                t.result = None
+                if t.state == State.READY:
+                    t.ready_lo = t.ready_hi = self.now + backoff_delay(spec.backoff, t.failures)
+            assert outcome.label in self._outcomes_of(lz.task, lz.token), (
+                f"no {outcome.label} attempt with token {lz.token} on task {lz.task}"
+            )
+        self._settle_deps()
+        # a late commit of a lease whose task succeeded changes nothing (a task ready again after
+        # a failure is not checked: an in-memory lease leaves no token there to compare with)
+        done = [lz for lz in leases if self.tasks[lz.task].state == State.SUCCEEDED]
+        if done:
+            lz = done[0]
+            before = (self._model_sig(lz.task), self._signature(lz.task))
+            again = self.store.finish_leased(
+                worker, [(lz.task, lz.token, lz.attempt, self.now - 1, self.now, b"late", worker)],
+                now=self.now)
+            assert again == 0, "a repeated finish_leased took effect"
+            assert (self._model_sig(lz.task), self._signature(lz.task)) == before, (
+                f"a repeated finish_leased changed task {lz.task}")
+
+    def _check_leased(self, leases: list[Lease], n: int, inflight: set[int]) -> None:
+        """``lease_ready`` hands out what ``claim`` would: claimable tasks, in claim order, none
+        in flight, fresh tokens, the next attempt number."""
+        now = self.now
+        ready = [t for t in self.tasks.values() if t.state == State.READY]
+        certain = {t.id for t in ready if t.ready_hi <= now}
+        possible = {t.id for t in ready if t.ready_lo <= now}
+        got = [lz.task for lz in leases]
+        assert len(got) == len(set(got)) and len(got) <= n, f"lease_ready({n}) gave {got}"
+        for lz in leases:
+            t = self.tasks[lz.task]
+            assert lz.task not in inflight, f"lease_ready handed out task {lz.task} in flight"
+            assert lz.task in possible, f"lease_ready leased task {lz.task}, {t.state.label}"
+            assert lz.token not in t.issued, f"token {lz.token} reused for task {t.id}"
+            assert (lz.spec, lz.args) == (t.spec, t.args)
+            if t.last_attempt is not None:
+                assert lz.attempt > t.last_attempt or (
+                    not t.last_started and lz.attempt == t.last_attempt
+                ), f"attempt number went from {t.last_attempt} to {lz.attempt} on task {t.id}"
+        if len(got) < n:
+            assert not certain - set(got), f"lease_ready({n}) left {certain - set(got)} ready"
+        if got:
+            worst = max(sort_key(self.tasks[i].priority, self.tasks[i].cost, i) for i in got)
+            for i in certain - set(got):
+                t = self.tasks[i]
+                assert sort_key(t.priority, t.cost, i) > worst, f"lease_ready passed over {i}"
+
     @precondition(lambda self: any(self.tasks[i].state == State.CLAIMED for i in self.live))
     @rule(
         picks=st.lists(st.integers(0, 100), min_size=1, max_size=3),
