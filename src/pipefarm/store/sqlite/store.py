@@ -8,6 +8,11 @@ updates, with no per-attempt insert on the hot path.
 Every write method is one transaction; callers batch (claim many, finish many), so the engine
 spends microseconds per task. Transitions are restricted in SQL to the source states that
 :mod:`pipefarm.states` allows.
+
+Still one piece past 1,000 lines because every method here is one write transaction of one
+state machine over one connection (the lease protocol, its coordinator variant, the user
+actions and the fold's writes share ``_tx`` and the compare-and-set helpers); the schema and
+the read side live in :mod:`.schema` and :mod:`.query`.
 """
 
 from __future__ import annotations
