@@ -45,6 +45,7 @@ each rule; the main points:
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import shutil
 import sys
@@ -950,6 +951,8 @@ def contract_for(
     every example; it is removed afterwards). Its ``lease_s`` may be anything; ``10.0`` keeps
     the simulated clock's numbers readable.
     """
+    if os.environ.get("PIPEFARM_FAST") == "1":  # make test-fast: the inner loop
+        max_examples = min(max_examples, 10)
     machine = type(name, (StoreMachine,), {"store_factory": staticmethod(factory)})
     case = machine.TestCase
     case.settings = settings(

@@ -107,7 +107,7 @@ def test_json_is_one_array_jsonl_one_object_a_line_and_dash_is_stdout(tmp_path: 
 
 # === 7. exports stream; large results are private ===================================================
 def test_export_is_streamed_in_bounded_batches(tmp_path: Path) -> None:
-    from pipefarm.observe import results as R
+    from pipefarm.observe import export as R
 
     size = 200 * 1024  # past the inline limit: each result is a file in RUN/results
     run = pf.Run.create(tmp_path / "r")

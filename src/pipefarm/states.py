@@ -7,7 +7,7 @@ into their ``WHERE`` clauses. A transition that is not listed here cannot happen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import IntEnum
 
 
@@ -50,6 +50,11 @@ UNSUCCESSFUL_END = frozenset({State.FAILED, State.SKIPPED, State.CANCELLED})
 LEFT = frozenset(State) - TERMINAL
 #: the tasks left that are not running yet (waiting for dependencies, ready, or leased)
 QUEUED = LEFT - {State.RUNNING}
+
+
+def left_count(counts: Mapping[str, int]) -> int:
+    """How many tasks are left in a table of counts by state label."""
+    return sum(counts.get(s.label, 0) for s in LEFT)
 
 _EDGES: frozenset[tuple[State, State]] = frozenset(
     {

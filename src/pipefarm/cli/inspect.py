@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from ..states import TERMINAL, UNSUCCESSFUL_END, State
+from ..states import UNSUCCESSFUL_END, left_count
 from .app import _open, main
 
 
@@ -105,7 +105,7 @@ def results(run_dir: str, fmt: str | None, output: str | None) -> None:
     import pyarrow as pa
 
     from ..backends.array import sync
-    from ..observe.results import replace_file, result_batches, write_stream
+    from ..observe.export import replace_file, result_batches, write_stream
 
     run = _open(run_dir)
     sync(run)
@@ -242,7 +242,7 @@ def list_cmd(top: str, as_json: bool) -> None:
         if r["state"] == "unreadable":
             click.echo(f"{r['run']:<{width}}  {'unreadable':<21}  {r['error']}")
             continue
-        left = sum(c[s.label] for s in State if s not in TERMINAL)
+        left = left_count(c)
         bad = sum(c[s.label] for s in UNSUCCESSFUL_END)
         click.echo(f"{r['run']:<{width}}  {r['state']:<21}  {r['total']:>8,}  {c['succeeded']:>8,}"
                    f"  {bad:>8,}  {left:>8,}" + (f"  unsafe: {r['unsafe']}" if "unsafe" in r else ""))

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..states import TERMINAL
+from ..states import left_count
 from .app import EXIT_FAILED_TASKS, _open, main
 from .params import _ids, _known
 
@@ -42,8 +42,7 @@ def _not_succeeded_lines(run_dir: str, counts: dict[str, int]) -> list[str]:
     if counts.get("cancelled"):
         lines.append(f"{counts['cancelled']:,} task(s) cancelled (pipefarm cancel); run them with:"
                      f" pipefarm retry {run_dir} --all")
-    ended = {s.label for s in TERMINAL}
-    left = sum(n for k, n in counts.items() if k not in ended)
+    left = left_count(counts)
     if left:
         lines.append(f"{left:,} task(s) not finished; resume with: pipefarm run {run_dir}")
     return lines

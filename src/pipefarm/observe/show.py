@@ -64,7 +64,7 @@ def _what(run: Any, q: CatalogQuery, spec_id: int, args: bytes | None) -> dict[s
     spec = q.spec(spec_id)
     if spec.kind == "cmd":
         from ..execute.template import decode_command, decode_values, render_cwd
-        from .results import command_text
+        from .export import command_text
 
         cmd = decode_command(spec.payload)
         values = decode_values(args)

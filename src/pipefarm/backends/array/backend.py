@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...states import LEFT
 from ..base import Summary
 from .launchers import launch_command
 from .registry import poll_state, submit, write_scripts
@@ -79,8 +80,8 @@ def recall(run: Any, *, dead: bool = False) -> int:
         return recall_blocks(layout, run.store, lease_s=lease, ref_ns=ref)
 
 
-#: States of a task that an array has not finished.
-LEFT_STATES = ("blocked", "ready", "claimed", "running")
+#: States of a task that an array has not finished, in the order they are shown.
+LEFT_STATES = tuple(s.label for s in sorted(LEFT))
 
 #: Consecutive scheduler polls that must not find the job before it counts as gone: one miss can
 #: be a transient failure of the query (a busy controller), and a pending array has no worker

@@ -23,7 +23,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -330,10 +330,14 @@ class SQLiteStore(CatalogQuery, Store):
         key it refuses (the rows before it stay inserted), the rest goes in chunks that look
         their keys up first, so a driver script run again costs lookups, not failed inserts.
         """
-        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
         sql = ("INSERT INTO tasks(args, key, id, spec, state, priority, cost, ndeps)"
                f" VALUES (?, ?, ?, {consts})")
-        pairs = zip(args, keys, strict=True)
+        pairs: Iterator[tuple[bytes | None, str | None]] = zip(args, keys, strict=True)
+        last: list[str | None] = [None]  # the key of the row executemany took last
+        if not isinstance(keys, (list, tuple)):
+            # a streamed source: remember each key as it passes instead of holding them all
+            # (one generator step per row, ~5% of the insert; a list would cost memory per task)
+            pairs = _remembering(pairs, last)
         nxt = first
         reused: set[str] = set()  # keys given back as existing tasks: a repeat is refused
         if self._keys_unique:
@@ -348,7 +352,7 @@ class SQLiteStore(CatalogQuery, Store):
             # executemany stops at the refused row: it is the one after the last inserted
             nxt = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
             ids: list[int] = list(range(first, nxt))
-            refused = _key_text(keys[nxt - first])
+            refused = _key_text(keys[nxt - first] if isinstance(keys, (list, tuple)) else last[0])
             ids.append(self._existing_key(db, refused, first))
             reused.add(refused)
         else:  # an older catalog whose keys are not unique: look every key up
@@ -1046,3 +1050,11 @@ class SQLiteStore(CatalogQuery, Store):
                 f"UPDATE tasks SET result_file=? WHERE id=? AND token=? AND state={int(State.SUCCEEDED)}",
                 [(path, task, token) for task, token, path in rows],
             ).rowcount
+
+
+def _remembering(pairs: Iterator[tuple[bytes | None, str | None]],
+                 last: list[str | None]) -> Iterator[tuple[bytes | None, str | None]]:
+    """The pairs unchanged, with the key of the latest one kept in ``last[0]``."""
+    for pair in pairs:
+        last[0] = pair[1]
+        yield pair
