@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick lint clean
+.PHONY: demo test test-fast bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+# The inner loop: unit and contract tests, few hypothesis examples, no test slower than ~10 s
+# (the whole suite, faults and cluster included, is `make test`).
+test-fast: $(STAMP)
+	PIPEFARM_FAST=1 $(BIN)/python -m pytest -q -m "not slow" tests/unit tests/contract
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

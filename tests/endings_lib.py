@@ -1,4 +1,4 @@
-"""Task functions that end their attempt in unusual ways (for tests/test_task_endings.py).
+"""Task functions that end their attempt in unusual ways (for tests/faults/test_task_endings.py).
 
 Importable by workers by reference (``tests/`` is on ``PYTHONPATH``, see ``conftest.py``).
 """

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_lib import slurm_up
 from conftest import service_absent
-from test_schedulers import _slurm_up
 
 PF = [sys.executable, "-m", "pipefarm"]
 
@@ -40,7 +40,7 @@ def pf(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
 
 
 def need_slurm() -> None:
-    if not _slurm_up():
+    if not slurm_up():
         service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
 
 

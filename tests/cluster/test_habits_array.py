@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cluster_lib import SGE_ENV, sge_up, slurm_up
 from conftest import service_absent
-from test_schedulers import _SGE_ENV, _sge_up, _slurm_up
 
 from pipefarm.backends.array import ArraySpec, render
 
@@ -62,7 +62,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 def test_slurm_dry_run_output_submitted_as_is_runs_to_completion(tmp_path: Path) -> None:
     """stdout of --dry-run starts with #!, carries --mem and --setup, quotes the log path of a
     run directory with a space, and `sbatch job.sh` runs every task."""
-    if not _slurm_up():
+    if not slurm_up():
         service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
     run = make_run(tmp_path, "my run", 6)
     r = pf("array", str(run), "--scheduler", "slurm", "--elements", "2", "-w", "2",
@@ -87,7 +87,7 @@ def test_slurm_dry_run_output_submitted_as_is_runs_to_completion(tmp_path: Path)
 def test_sge_dry_run_output_submitted_as_is_runs_to_completion(tmp_path: Path) -> None:
     """The same with the real SGE qsub: h_vmem, -pe with a named environment, the quoted log
     path of a run directory with a space."""
-    if not _sge_up():
+    if not sge_up():
         service_absent("no Grid Engine here")
     run = make_run(tmp_path, "my run", 6)
     r = pf("array", str(run), "--scheduler", "sge", "--elements", "2", "-w", "2",
@@ -99,7 +99,7 @@ def test_sge_dry_run_output_submitted_as_is_runs_to_completion(tmp_path: Path) -
     assert f'#$ -o "{run}/logs/pipefarm.$JOB_ID.$TASK_ID.out"' in lines
     job = tmp_path / "job.sh"
     job.write_text(r.stdout)
-    env = {**os.environ, **_SGE_ENV}
+    env = {**os.environ, **SGE_ENV}
     s = subprocess.run(["qsub", "-sync", "y", "-terse", str(job)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert s.returncode == 0, (s.stdout, s.stderr)

@@ -8,13 +8,9 @@ normalisation, worker launch, signal forwarding, waiting), not the worker.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_lib import SGE_ENV, sge_up, slurm_up
 from conftest import service_absent
 
 from pipefarm.backends import array as S
@@ -589,15 +586,6 @@ def test_launch_command_worker_gets_its_rank(fake, rank_env, element):
 
 
 # ----------------------------------------------------------------- real schedulers (optional)
-def _responds(argv: list[str]) -> bool:
-    if not shutil.which(argv[0]):
-        return False
-    try:
-        return subprocess.run(argv, capture_output=True, timeout=15).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def _run_on_real(scheduler: str, fake, mode: str) -> None:
     """Submit to the real scheduler; in "wait" mode also signal the job through it."""
     make, out = fake
@@ -630,37 +618,10 @@ def _run_on_real(scheduler: str, fake, mode: str) -> None:
         assert state in ("done", "unknown")  # unknown: accounting not written yet
 
 
-_SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
-
-
-@functools.cache
-def _slurm_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    # a down controller makes sinfo retry for ~10 s: knock on its port first
-    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-    text = conf.read_text() if conf.is_file() else ""
-    m = re.search(r"^\s*SlurmctldHost\s*=\s*([^\s(]+)(?:\(([^)]+)\))?", text, re.M | re.I)
-    if m:
-        port = re.search(r"^\s*SlurmctldPort\s*=\s*(\d+)", text, re.M | re.I)
-        try:
-            socket.create_connection(
-                (m.group(2) or m.group(1), int(port.group(1)) if port else 6817), 1
-            ).close()
-        except OSError:
-            return False
-    return _responds(["sinfo", "-h"])
-
-
-@functools.cache
-def _sge_up() -> bool:
-    return _responds(["env", *(f"{k}={v}" for k, v in _SGE_ENV.items()), "qstat"])
-
-
 @pytest.mark.scheduler
 @pytest.mark.parametrize("mode", ["exit", "wait"])
 def test_real_slurm_array(fake, mode):
-    if not _slurm_up():
+    if not slurm_up():
         service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
     _run_on_real("slurm", fake, mode)
 
@@ -668,9 +629,9 @@ def test_real_slurm_array(fake, mode):
 @pytest.mark.scheduler
 @pytest.mark.parametrize("mode", ["exit", "wait"])
 def test_real_sge_array(fake, mode, monkeypatch):
-    for k, v in _SGE_ENV.items():
+    for k, v in SGE_ENV.items():
         monkeypatch.setenv(k, os.environ.get(k, v))
-    if not _sge_up():
+    if not sge_up():
         service_absent("no Grid Engine here (see ../shared/ci/sge-up.sh)")
     _run_on_real("sge", fake, mode)
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_lib import SGE_ENV, sge_up, slurm_up
 from conftest import service_absent
-from test_schedulers import _SGE_ENV, _sge_up, _slurm_up
 
 PF = [sys.executable, "-m", "pipefarm"]
 
@@ -61,7 +61,7 @@ def slurm_elements(job: str) -> dict[str, str]:
 
 @pytest.mark.scheduler
 def test_slurm_array_survives_a_cancelled_element(tmp_path: Path) -> None:
-    if not _slurm_up():
+    if not slurm_up():
         service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
     n, markers = 5000, tmp_path / "markers"
     markers.mkdir()
@@ -115,9 +115,9 @@ def test_slurm_array_survives_a_cancelled_element(tmp_path: Path) -> None:
 
 @pytest.mark.scheduler
 def test_sge_array_runs_every_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in _SGE_ENV.items():
+    for k, v in SGE_ENV.items():
         monkeypatch.setenv(k, os.environ.get(k, v))
-    if not _sge_up():
+    if not sge_up():
         service_absent("no Grid Engine here (see ../shared/ci/sge-up.sh)")
     n = 400
     r = pf("submit", "run", "--array", f"0-{n - 1}", "--", "sh", "-c", "echo {index}", cwd=tmp_path)
@@ -158,7 +158,7 @@ def test_slurm_walltime_warning_releases_unstarted_work_at_once(tmp_path: Path) 
     """An element hits its time limit: the warning signal makes its worker finish the running
     task and hand the rest of its block back at once; a second array finishes them without
     waiting for the (long) lease."""
-    if not _slurm_up():
+    if not slurm_up():
         service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
     n = 160
     r = pf("submit", "run", "--array", f"0-{n - 1}", "--", "sleep", "0.5", cwd=tmp_path)

@@ -1,7 +1,7 @@
 """How an attempt's end is recorded when it is not a plain return or exception.
 
 Issue "Trust at the edges", items 1, 2, 3 and 8, on the local and sequential backends (the
-array worker's side is in ``tests/test_array_edges.py``):
+array worker's side is in ``tests/cluster/test_array_edges.py``):
 
 * a task killed by the signal that stops its worker (scheduler cancel, preemption, Ctrl-C) is a
   loss, never the task's failure;

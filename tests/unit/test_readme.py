@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 CLUSTER = re.compile(r"<!--\s*snippet:\s*cluster\b[^>]*-->\s*$")
 
@@ -76,7 +76,7 @@ def commands(lang: str, body: str) -> list[str]:
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
     return e
 
 
