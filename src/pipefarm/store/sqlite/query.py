@@ -282,3 +282,19 @@ class CatalogQuery:
         """``(id, exit_code, error)`` of every failed task, in id order, streamed."""
         yield from self.db.execute(
             f"SELECT id, exit_code, error FROM tasks WHERE state={int(State.FAILED)} ORDER BY id")
+
+    # --- what the dashboard's /metrics asks (observe/metrics.py) ---------------------------------
+    def duration_histogram(self, edges: Sequence[float]) -> tuple[list[int], int, float]:
+        """``(cumulative counts per upper edge, count, sum)`` of the durations of every
+        succeeded attempt (the current one in ``tasks`` and archived ones in ``attempts``):
+        a Prometheus histogram with fixed ``edges``, in one pass over each table."""
+        ok = int(Outcome.SUCCEEDED)
+        le = ", ".join(f"sum(d <= {float(e)!r})" for e in edges)
+        row = self.db.execute(
+            f"SELECT {le}{',' if le else ''} count(*), total(d) FROM ("
+            f" SELECT ended_at - started_at AS d FROM tasks WHERE outcome = {ok}"
+            "  AND started_at IS NOT NULL AND ended_at IS NOT NULL"
+            f" UNION ALL SELECT ended_at - started_at FROM attempts WHERE outcome = {ok}"
+            "  AND started_at IS NOT NULL AND ended_at IS NOT NULL)").fetchone()
+        n = len(edges)
+        return [int(x or 0) for x in row[:n]], int(row[n]), float(row[n + 1] or 0.0)
