@@ -298,3 +298,46 @@ class CatalogQuery:
             "  AND started_at IS NOT NULL AND ended_at IS NOT NULL)").fetchone()
         n = len(edges)
         return [int(x or 0) for x in row[:n]], int(row[n]), float(row[n + 1] or 0.0)
+
+    # --- what the HTML report asks (observe/report.py) -------------------------------------------
+    def attempt_span(self) -> tuple[float | None, float | None]:
+        """``(first start, last end)`` over every attempt, archived or current (None: none)."""
+        return self.db.execute(
+            "SELECT min(s), max(e) FROM ("
+            " SELECT min(started_at) AS s, max(ended_at) AS e FROM tasks"
+            " UNION ALL SELECT min(started_at), max(ended_at) FROM attempts)").fetchone()
+
+    def worker_busy(self, now: float) -> list[tuple[str | None, int, float, float | None, float | None]]:
+        """``(worker, attempts, busy seconds, first start, last end)`` per worker, busiest
+        first: every started attempt, archived or current; a running one counts up to ``now``."""
+        running = int(State.RUNNING)
+        return self.db.execute(
+            "SELECT w, count(*), total(e - s), min(s), max(e) FROM ("
+            " SELECT worker AS w, started_at AS s, ended_at AS e FROM attempts"
+            "  WHERE started_at IS NOT NULL AND ended_at IS NOT NULL"
+            " UNION ALL SELECT worker, started_at, coalesce(ended_at, ?) FROM tasks"
+            f"  WHERE started_at IS NOT NULL AND (outcome IS NOT NULL OR state = {running}))"
+            " GROUP BY w ORDER BY 3 DESC", (now,)).fetchall()
+
+    def duration_quantiles(self, fractions: Sequence[float]) -> tuple[int, float | None, list[float]]:
+        """``(count, mean, [quantile per fraction])`` of the durations of every succeeded
+        attempt (current and archived); one sorted pass, the values are not kept."""
+        ok = int(Outcome.SUCCEEDED)
+        src = (f" FROM (SELECT ended_at - started_at AS d FROM tasks WHERE outcome = {ok}"
+               "  AND started_at IS NOT NULL AND ended_at IS NOT NULL"
+               f" UNION ALL SELECT ended_at - started_at FROM attempts WHERE outcome = {ok}"
+               "  AND started_at IS NOT NULL AND ended_at IS NOT NULL)")
+        n, mean = self.db.execute("SELECT count(*), avg(d)" + src).fetchone()
+        if not n:
+            return 0, None, []
+        want = sorted({min(n - 1, max(0, int(f * n))) for f in fractions})
+        at: dict[int, float] = {}
+        cur = self.db.execute("SELECT d" + src + " ORDER BY d")
+        i = 0
+        for k in want:  # skip to each wanted rank without building a list
+            while i < k:
+                step = cur.fetchmany(min(65536, k - i))
+                i += len(step)
+            at[k] = cur.fetchone()[0]
+            i += 1
+        return n, mean, [at[min(n - 1, max(0, int(f * n)))] for f in fractions]
