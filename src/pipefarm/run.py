@@ -366,6 +366,7 @@ class Run:
         progress: bool = True,
         on_progress: Callable[[dict[str, int]], None] | None = None,
         halt: str | None = None,
+        dashboard: bool = False,
         **backend_options: Any,
     ) -> Summary:
         """Run every task that is not finished; return a :class:`~pipefarm.backends.base.Summary`.
@@ -383,7 +384,17 @@ class Run:
 
         With the local backend, tasks that ask for more GPUs than it has raise
         :class:`Unrunnable` before anything runs.
+
+        ``dashboard=True`` serves the web dashboard beside the run (port 8787, or any free
+        port when it is taken), prints its URL, and stops it when execute returns.
         """
+        if dashboard:
+            from .observe.dashboard import DEFAULT_PORT, start
+
+            with start(self.path, port=DEFAULT_PORT, fallback=True) as dash:
+                print(f"pipefarm dashboard: {dash.url}", flush=True)
+                return self.execute(workers, backend, progress, on_progress, halt,
+                                    **backend_options)
         if halt is not None:
             policy = HaltPolicy.parse(halt)
             if isinstance(backend, LocalBackend):
@@ -474,6 +485,15 @@ class Run:
         """Reap the leases of coordinators that are gone (the caller holds the run lock)."""
         live = [w for (w,) in self.store.db.execute("SELECT id FROM workers WHERE gone=0")]
         return self.store.reap(workers=live) if live else 0
+
+    def serve(self, port: int = 0, bind: str = "127.0.0.1", token: str | None = None) -> Any:
+        """Serve this run's web dashboard and ``/metrics`` in a background thread; return a
+        :class:`~pipefarm.observe.dashboard.Dashboard` (``.url``, ``.stop()``, a context
+        manager; a notebook shows it as a link). ``port=0`` takes a free port; a ``bind``
+        beyond loopback needs ``token``, which actions (retry, cancel) always need."""
+        from .observe.dashboard import start
+
+        return start(self.path, port=port, bind=bind, token=token)
 
     # --- the query side --------------------------------------------------------------------------
     def status(self) -> dict[str, int]:

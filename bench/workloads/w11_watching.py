@@ -1,0 +1,138 @@
+"""W11 the cost of watching: W1's workload with the dashboard served beside the run.
+
+Two measurements.
+
+1. W1's no-op tasks on 2 workers, executed alone and with ``run.serve()`` attached while an
+   HTTP client in another process scrapes ``/metrics`` and reads ``/api/snapshot`` once a
+   second (what Prometheus and a browser tab do), in the same invocation. Reported: the
+   execute rate of each and watched / alone. Target: at most 2 % slower (ratio ≥ 0.98).
+2. A finished 1,000,000-task run (200,000 with ``--quick``): the time of one ``/metrics``
+   scrape and one ``/api/snapshot`` refresh through a freshly started server, so nothing is
+   cached (the cold read: a tab opened on the run), and again once warm. Target: each cold
+   one under 200 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from .. import tasks
+from ..core import Context, Job, Row, at_most, metric_rows, ratio_at_least, workload
+
+WL = "W11"
+TARGET = f"{__name__}:child"
+BIG = f"{__name__}:big_run"
+
+#: the client that stands for Prometheus and a browser tab: a scrape and a refresh a second
+_CLIENT = r"""
+import sys, time, urllib.request
+url = sys.argv[1]
+while True:
+    t = time.monotonic()
+    for path in ("metrics", "api/snapshot"):
+        try:
+            urllib.request.urlopen(url + path, timeout=10).read()
+        except Exception:
+            pass
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+"""
+
+
+def child(system: str, n: int, workers: int = 2) -> dict:
+    import pipefarm as pf
+
+    tmp = tempfile.mkdtemp(prefix="pfbench-")
+    dash = client = None
+    try:
+        run = pf.Run.create(os.path.join(tmp, "run"))
+        run.map(tasks.noop, range(n))
+        if system == "watched":
+            dash = run.serve(port=0)
+            client = subprocess.Popen([sys.executable, "-c", _CLIENT, dash.url],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            urllib.request.urlopen(dash.url + "metrics", timeout=30).read()  # it is up
+        t = time.perf_counter()
+        run.execute(workers=workers, progress=False)
+        run_s = time.perf_counter() - t
+        ok = run.status()["succeeded"]
+        return {"n": n, "run_s": run_s, "succeeded": ok}
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        if dash is not None:
+            dash.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _get_s(url: str) -> float:
+    t = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=120) as r:
+        r.read()
+    return time.perf_counter() - t
+
+
+def big_run(n: int, repeats: int = 3) -> dict:
+    """Build a finished ``n``-task run (``run.map`` + ``run.execute`` of no-ops),
+    then time cold and warm reads through fresh servers."""
+    import pipefarm as pf
+
+    tmp = tempfile.mkdtemp(prefix="pfbench-")
+    try:
+        run = pf.Run.create(os.path.join(tmp, "run"))
+        t = time.perf_counter()
+        run.map(tasks.noop, range(n))
+        run.execute(workers=2, progress=False)
+        build_s = time.perf_counter() - t
+        out: dict = {"n": n, "build_s": build_s, "scrape_cold_s": [], "refresh_cold_s": [],
+                     "scrape_warm_s": [], "refresh_warm_s": []}
+        for _ in range(repeats):
+            with run.serve(port=0) as d:  # a fresh server: nothing cached
+                out["scrape_cold_s"].append(_get_s(d.url + "metrics"))
+            with run.serve(port=0) as d:
+                out["refresh_cold_s"].append(_get_s(d.url + "api/snapshot"))
+                time.sleep(1.1)  # past the refresh interval: the unchanged catalog is reused
+                out["refresh_warm_s"].append(_get_s(d.url + "api/snapshot"))
+                _get_s(d.url + "metrics")
+                time.sleep(1.1)
+                out["scrape_warm_s"].append(_get_s(d.url + "metrics"))
+        for k in ("scrape_cold_s", "refresh_cold_s", "scrape_warm_s", "refresh_warm_s"):
+            out[k] = sorted(out[k])[len(out[k]) // 2]
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rate(s: dict) -> float | None:
+    return s["n"] / s["run_s"] if s.get("run_s") else None
+
+
+@workload(WL, "cost of watching: W1 with serve + a scrape a second; reads of a 1M-task run",
+          quick_s=90, full_s=240)
+def run(ctx: Context) -> list[Row]:
+    n = ctx.size(100_000, 20_000)
+    big = ctx.size(1_000_000, 200_000)
+    reps = ctx.reps(5, 3)
+    ms = ctx.measure([
+        Job("W1 alone", TARGET, {"system": "alone", "n": n}, reps, 240),
+        Job("W1 watched", TARGET, {"system": "watched", "n": n}, reps, 240),
+    ])
+    rows = metric_rows(
+        WL, ms, "execute rate, watched vs alone", "tasks/s", _rate, ref="W1 watched",
+        targets={"W1 alone": ("≥ 0.98× (≤ 2 % slower)", ratio_at_least(0.98))},
+        notes={"W1 watched": "run.serve() + /metrics and /api/snapshot read every second"},
+    )
+    bm = ctx.measure([Job("pipefarm", BIG, {"n": big}, 1, 600)])
+    for key, what in (("scrape_cold_s", "/metrics scrape, finished run, cold"),
+                      ("refresh_cold_s", "/api/snapshot refresh, finished run, cold"),
+                      ("scrape_warm_s", "/metrics scrape, finished run, warm"),
+                      ("refresh_warm_s", "/api/snapshot refresh, finished run, warm")):
+        target = {"targets": {"pipefarm": ("< 200 ms", at_most(0.2))}} if "cold" in key else {}
+        rows += metric_rows(WL, bm, what, "s", key, **target)
+    return rows

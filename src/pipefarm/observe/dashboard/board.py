@@ -1,0 +1,197 @@
+"""What the dashboard shows of one run, read at most once per refresh whoever asks.
+
+A :class:`Board` holds the last payload of its run (the overview, running tasks, workers,
+failure groups, throughput, durations, the task stream) with the JSON bytes the server sends, and
+the data ``/metrics`` is made of. Any number of browser tabs, SSE streams and scrapes within
+:data:`REFRESH_S` share one read; a finished run whose catalog files did not change is not read
+again at all. Reads go through :mod:`pipefarm.observe.snapshot` (read-only connections to the
+WAL catalog: they never block the run's writer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+#: seconds between two reads of one run's catalog, whatever the number of clients: the
+#: issue's "about once a second"; on W1 (~50k tasks/s on 2 cores) a read a second costs
+#: the run under 2 % (bench W11)
+REFRESH_S = 1.0
+
+#: bars of the task stream (Gantt) sent per refresh: the latest attempts; enough to fill a
+#: screen's width with detail, small enough to keep a refresh of a 1M-task run fast
+STREAM_BARS = 2000
+
+#: failure groups on the page, each with its example's output tail
+FAILURE_GROUPS = 10
+
+#: task ids listed per failure group (the group's count says how many there are)
+GROUP_IDS = 200
+
+#: bytes of an example's stderr shown with its failure group
+EXAMPLE_TAIL = 4096
+
+#: bytes of each stream of an attempt on the task page (its tail: errors come last)
+LOG_TAIL = 65536
+
+
+def _tail(data: bytes, n: int) -> str:
+    text = data[-n:].decode("utf-8", "replace")
+    return (f"[... {len(data) - n:,} bytes before]\n" if len(data) > n else "") + text
+
+
+def _jsonable(x: Any) -> Any:
+    """Dataclasses, msgspec structs and tuples as plain JSON values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if hasattr(x, "__struct_fields__"):
+        return {k: _jsonable(getattr(x, k)) for k in x.__struct_fields__}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and x != x:  # NaN is no JSON
+        return None
+    return x
+
+
+def encode(obj: Any) -> bytes:
+    """``obj`` as compact JSON bytes."""
+    return json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _signature(run_dir: Path) -> tuple:
+    """What changes when anything commits to the catalog (the database and its WAL)."""
+    out: list[Any] = []
+    for name in ("catalog.db", "catalog.db-wal"):
+        try:
+            st = os.stat(run_dir / name)
+            out += [st.st_mtime_ns, st.st_size]
+        except OSError:
+            out += [None, None]
+    return tuple(out)
+
+
+class Board:
+    """One run's dashboard data, cached per refresh (thread-safe)."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], name: str = "") -> None:
+        self.path = Path(run_dir)
+        self.name = name or self.path.name
+        self._lock = threading.Lock()
+        self._payload: dict[str, Any] | None = None
+        self._bytes = b""
+        self._read_at = 0.0
+        self._sig: tuple | None = None
+        #: bumped whenever the payload changes: an SSE stream sends only new versions
+        self.version = 0
+        self._metrics: dict[str, Any] | None = None
+        self._metrics_at = 0.0
+        self._metrics_sig: tuple | None = None
+
+    def _fresh(self, read_at: float, sig: tuple | None, live: bool) -> bool:
+        now = time.monotonic()
+        if now - read_at < REFRESH_S:
+            return True
+        # a run nobody works on, whose files did not change: what we read is still true
+        return not live and sig is not None and sig == _signature(self.path) \
+            and not (self.path / "fs").is_dir()
+
+    def payload(self) -> tuple[dict[str, Any], bytes, int]:
+        """The page's live payload, its JSON bytes and its version."""
+        with self._lock:
+            p = self._payload
+            if p is None or not self._fresh(self._read_at, self._sig, p["overview"]["live"]):
+                sig = _signature(self.path)
+                p = self._read()
+                self._read_at, self._sig = time.monotonic(), sig
+                b = encode(p)
+                if b != self._bytes:
+                    self._payload, self._bytes = p, b
+                    self.version += 1
+            return self._payload, self._bytes, self.version  # type: ignore[return-value]
+
+    def _read(self) -> dict[str, Any]:
+        from .. import snapshot as snap
+
+        d = self.path
+        out = _jsonable(snap.snapshot(d))
+        groups = _jsonable(snap.failure_groups(d, limit=FAILURE_GROUPS))
+        for g in groups:
+            g["task_ids"] = g["task_ids"][:GROUP_IDS]
+            g["example_stderr"] = self._stderr_tail(g["example_task"])
+        out["failures"] = groups
+        out["run"] = self.name
+        out["attempts"] = snap.attempt_totals(d)
+        out["throughput"] = _jsonable(snap.throughput(d))
+        out["durations"] = _jsonable(snap.durations(d))
+        out["stream"] = _jsonable(snap.task_stream(d, limit=STREAM_BARS))
+        return out
+
+    def _stderr_tail(self, task: int) -> str:
+        from ...execute.output import read_output
+        from ...store.sqlite.query import CatalogQuery
+
+        try:
+            with CatalogQuery.open(self.path) as q:
+                ref = q.output_ref(task)
+            return _tail(read_output(self.path, ref, "stderr"), EXAMPLE_TAIL)
+        except (OSError, KeyError):
+            return ""
+
+    def metrics(self) -> dict[str, Any]:
+        """:func:`~pipefarm.observe.metrics.metric_data`, cached as :meth:`payload` is."""
+        from ..metrics import metric_data
+
+        with self._lock:
+            m = self._metrics
+            live = bool(self._payload and self._payload["overview"]["live"]) or m is None \
+                or m["throughput_per_s"] > 0
+            if m is None or not self._fresh(self._metrics_at, self._metrics_sig, live):
+                sig = _signature(self.path)
+                self._metrics = metric_data(self.path)
+                self._metrics_at, self._metrics_sig = time.monotonic(), sig
+            return self._metrics
+
+    def task(self, task: int) -> dict[str, Any]:
+        """One task in full (``pipefarm show``) with each attempt's stdout and stderr tails;
+        ``KeyError`` if there is no such task."""
+        from ...execute.output import read_output
+        from ...store.sqlite.query import CatalogQuery
+        from ..show import show_task
+
+        info = show_task(SimpleNamespace(path=self.path), task)
+        with CatalogQuery.open(self.path) as q:
+            for a in info["attempts"]:
+                for stream in ("stdout", "stderr"):
+                    try:
+                        ref = q.output_ref(task, a["attempt"])
+                        a[stream] = _tail(read_output(self.path, ref, stream), LOG_TAIL)
+                    except (OSError, KeyError) as exc:
+                        a[stream] = f"[cannot read it: {exc}]"
+        return info
+
+    def log(self, task: int, attempt: int | None, stream: str) -> bytes:
+        """Exactly what ``attempt`` (None: the latest) of ``task`` printed on ``stream``."""
+        from ...execute.output import read_output
+        from ...store.sqlite.query import CatalogQuery
+
+        with CatalogQuery.open(self.path) as q:
+            ref = q.output_ref(task, attempt)
+        return read_output(self.path, ref, stream)
+
+    def group_ids(self, signature: str) -> list[int]:
+        """Every task of the failure group with this signature (empty: no such group now)."""
+        from ..failures import failures
+
+        for g in failures(SimpleNamespace(path=self.path)):
+            if g.signature == signature:
+                return list(g.task_ids)
+        return []
