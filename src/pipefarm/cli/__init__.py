@@ -14,6 +14,7 @@ The entry point ``pipefarm = "pipefarm.cli:main"`` and ``python -m pipefarm`` bo
 """
 
 from . import cluster, inspect, run, submit  # noqa: F401  (registers the verbs on main)
+from . import serve  # noqa: F401,E402  (the serve verb)
 from .app import EXIT_FAILED_TASKS, EXIT_USAGE, _die, _Main, _open, main
 from .params import _ids
 
