@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,37 @@ def live_workers(run_dir: str | os.PathLike[str], lease_s: float) -> int:
 
 def being_worked_on(run: Any) -> bool:
     """Whether a coordinator or live array workers are running ``run`` now."""
-    if coordinator_alive(run.path):
-        return True
-    if not (Path(run.path) / "fs").is_dir():
-        return False
+    return worked_on(run.path, lambda: _lease_of_run(run))
+
+
+def _lease_of_run(run: Any) -> float:
     from ..backends.array import lease_of
 
-    return live_workers(run.path, lease_of(run)) > 0
+    return lease_of(run)
+
+
+def run_lease(run_dir: str | os.PathLike[str]) -> float:
+    """The lease a run's workers are judged by, from its directory alone: ``fs/config``'s for
+    a shared-filesystem run, else the store's default (what ``pipefarm run`` uses)."""
+    from ..store.base import DEFAULT_LEASE_S
+
+    if (Path(run_dir) / "fs").is_dir():
+        from ..store.shared_fs import Layout, read_config
+
+        cfg = read_config(Layout(run_dir))
+        if cfg is not None:
+            return float(cfg.lease_s)
+    return DEFAULT_LEASE_S
+
+
+def worked_on(run_dir: str | os.PathLike[str], lease: Callable[[], float] | None = None) -> bool:
+    """:func:`being_worked_on` from the run directory; ``lease`` gives the array workers' lease
+    (default :func:`run_lease`), asked only for a shared-filesystem run without a coordinator."""
+    if coordinator_alive(run_dir):
+        return True
+    if not (Path(run_dir) / "fs").is_dir():
+        return False
+    return live_workers(run_dir, (lease or (lambda: run_lease(run_dir)))()) > 0
 
 
 def estimate_eta(queued: int, running_elapsed: list[float], rate: float,
@@ -106,40 +131,50 @@ def status_report(run: Any, window_s: float = RATE_WINDOW_S, last_failures: int 
         return _report(run, q, window_s, last_failures)
 
 
-def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> dict[str, Any]:
+def progress_of(run_dir: str | os.PathLike[str], q: CatalogQuery, window_s: float = RATE_WINDOW_S,
+                now: float | None = None,
+                live: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The numbers at the head of ``pipefarm status``: ``run, total, counts, done, live,
+    throughput_per_s, eta_s`` (what :func:`status_report` and the live views share).
+    ``live`` says whether the run is being worked on (default :func:`worked_on`)."""
     counts = q.counts()
     total = sum(counts.values())
-    now = time.time()
+    now = time.time() if now is None else now
     n_recent, first, mean = q.recent_ends(now - window_s)
     span = (now - first) if first else 0.0
     # at least the window's first task's own duration: one task ending just now is not a
     # burst of infinite speed
     span = max(span, mean or 0.0)
     rate = n_recent / span if n_recent and span > 0 else 0.0
-    if mean is None:  # nothing ended lately: the run's mean duration, for the running tasks
-        mean = q.mean_duration()
-    running = [now - t0 for t0 in q.running_since()]
     queued = sum(counts[s.label] for s in states.QUEUED)
     left = queued + counts["running"]
-    live = being_worked_on(run) if left else False
-    eta = estimate_eta(queued, running, rate, mean) if live and left else None
-    fails = [
+    is_live = (live or (lambda: worked_on(run_dir)))() if left else False
+    eta = None
+    if is_live:  # only then is an ETA given, so only then are the running tasks read
+        if mean is None:  # nothing ended lately: the recent tasks' mean duration
+            mean = q.recent_mean_duration()
+        running = [now - t0 for t0 in q.running_since()]
+        eta = estimate_eta(queued, running, rate, mean)
+    return {
+        "run": str(run_dir),
+        "total": total,
+        "counts": counts,
+        "done": sum(counts[s.label] for s in states.TERMINAL),
+        "live": is_live,  # a coordinator or live array workers are running it now
+        "throughput_per_s": round(rate, 3),
+        "eta_s": round(eta, 1) if eta is not None else None,
+    }
+
+
+def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> dict[str, Any]:
+    rep = progress_of(run.path, q, window_s, live=lambda: being_worked_on(run))
+    rep["last_failures"] = [
         {"task_id": t, "key": k, "exit_code": code, "error": (err or "").strip().splitlines()[-1:] and
          (err or "").strip().splitlines()[-1], "ended_at": ended_at}
         for t, k, code, err, ended_at in q.last_failed(last_failures)
     ]
-    notes = [
+    rep["last_notes"] = [  # e.g. output cut at its cap
         {"task_id": t, "note": note}
         for t, note in q.last_notes(last_failures)
     ]
-    return {
-        "run": str(run.path),
-        "total": total,
-        "counts": counts,
-        "done": sum(counts[s.label] for s in states.TERMINAL),
-        "live": live,  # a coordinator or live array workers are running it now
-        "throughput_per_s": round(rate, 3),
-        "eta_s": round(eta, 1) if eta is not None else None,
-        "last_failures": fails,
-        "last_notes": notes,  # e.g. output cut at its cap
-    }
+    return rep

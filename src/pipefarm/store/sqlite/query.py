@@ -341,3 +341,121 @@ class CatalogQuery:
             at[k] = cur.fetchone()[0]
             i += 1
         return n, mean, [at[min(n - 1, max(0, int(f * n)))] for f in fractions]
+
+    # --- the shared read model (observe/snapshot.py: watch, dashboard, metrics, report) --------
+    # Each is an index range (ix_state_end: tasks(state, ended_at)) or a bounded scan, so that a
+    # view of a 1,000,000-task run refreshes in well under 200 ms.
+    def recent_mean_duration(self, n: int = 1000) -> float | None:
+        """The mean duration of the ``n`` tasks that succeeded or failed last (None: none has)."""
+        rows = [d for st in (State.SUCCEEDED, State.FAILED) for (d,) in self.db.execute(
+            "SELECT ended_at - started_at FROM tasks WHERE state=? AND ended_at IS NOT NULL"
+            " AND started_at IS NOT NULL ORDER BY ended_at DESC LIMIT ?", (int(st), n))]
+        return sum(rows) / len(rows) if rows else None
+
+    def running_rows(self, limit: int) -> list[tuple[int, str | None, str | None, str | None, float | None]]:
+        """``(id, key, spec name, worker, started_at)`` of up to ``limit`` running tasks, the
+        longest-running first."""
+        return self.db.execute(
+            "SELECT t.id, t.key, s.name, t.worker, t.started_at FROM tasks t"
+            f" JOIN specs s ON s.id = t.spec WHERE t.state={int(State.RUNNING)}"
+            " ORDER BY t.started_at LIMIT ?", (limit,)).fetchall()
+
+    def running_by_worker(self) -> dict[str, int]:
+        """Running tasks per worker."""
+        return dict(self.db.execute(
+            f"SELECT worker, count(*) FROM tasks WHERE state={int(State.RUNNING)}"
+            " AND worker IS NOT NULL GROUP BY worker"))
+
+    def worker_rows(self) -> list[tuple[str, str | None, int | None, float | None, float | None, int]]:
+        """``(id, host, pid, started_at, heartbeat, gone)`` of every worker the catalog knows."""
+        return self.db.execute(
+            "SELECT id, host, pid, started_at, heartbeat, gone FROM workers ORDER BY started_at, id"
+        ).fetchall()
+
+    def ended_by_worker(self) -> dict[str, int]:
+        """Attempts each worker ended (the tasks' current ones and the archived ones).
+
+        A full scan of ``tasks``: callers cache it (observe/snapshot.py)."""
+        out: dict[str, int] = {}
+        for sql in ("SELECT worker, count(*) FROM tasks WHERE outcome IS NOT NULL"
+                    " AND worker IS NOT NULL GROUP BY worker",
+                    "SELECT worker, count(*) FROM attempts WHERE worker IS NOT NULL GROUP BY worker"):
+            for w, n in self.db.execute(sql):
+                out[w] = out.get(w, 0) + n
+        return out
+
+    def end_span(self) -> tuple[float | None, float | None]:
+        """``(first, last)`` ``ended_at`` of the tasks that succeeded or failed."""
+        lo = hi = None
+        for st in (int(State.SUCCEEDED), int(State.FAILED)):
+            a = self.db.execute("SELECT min(ended_at) FROM tasks WHERE state=?", (st,)).fetchone()[0]
+            b = self.db.execute("SELECT max(ended_at) FROM tasks WHERE state=?", (st,)).fetchone()[0]
+            lo = a if lo is None or (a is not None and a < lo) else lo
+            hi = b if hi is None or (b is not None and b > hi) else hi
+        return lo, hi
+
+    def ends_per_bucket(self, edges: Sequence[float]) -> list[int]:
+        """Tasks that succeeded or failed with ``edges[i] <= ended_at < edges[i+1]`` (the last
+        bucket includes its upper edge): one index range count per bucket."""
+        out = []
+        for i, (a, b) in enumerate(zip(edges, edges[1:], strict=False)):
+            op = "<=" if i == len(edges) - 2 else "<"
+            n = 0
+            for st in (int(State.SUCCEEDED), int(State.FAILED)):
+                n += self.db.execute(
+                    f"SELECT count(*) FROM tasks WHERE state=? AND ended_at >= ? AND ended_at {op} ?",
+                    (st, a, b)).fetchone()[0]
+            out.append(n)
+        return out
+
+    def succeeded_durations(self, sample: int) -> list[tuple[str, float]]:
+        """``(spec name, duration)`` of the ``sample`` succeeded tasks that ended last (their
+        current attempts), and of archived succeeded attempts among the last ``sample``."""
+        rows = self.db.execute(
+            "SELECT s.name, t.ended_at - t.started_at FROM (SELECT spec, started_at, ended_at"
+            f" FROM tasks WHERE state={int(State.SUCCEEDED)} AND ended_at IS NOT NULL"
+            " ORDER BY ended_at DESC LIMIT ?) t JOIN specs s ON s.id = t.spec"
+            " WHERE t.started_at IS NOT NULL", (sample,)).fetchall()
+        rows += self.db.execute(
+            "SELECT s.name, a.ended_at - a.started_at FROM (SELECT task, started_at, ended_at"
+            f" FROM attempts WHERE outcome={int(Outcome.SUCCEEDED)} ORDER BY rowid DESC LIMIT ?) a"
+            " JOIN tasks t ON t.id = a.task JOIN specs s ON s.id = t.spec"
+            " WHERE a.started_at IS NOT NULL AND a.ended_at IS NOT NULL", (sample,)).fetchall()
+        return rows
+
+    def latest_attempt_rows(self, since: float | None, limit: int
+                            ) -> list[tuple[int, int, str | None, float | None, float | None, int | None, int]]:
+        """``(task, attempt, worker, started_at, ended_at, outcome, state)`` of the attempts
+        running now and of up to ``limit`` that ended last (at or after ``since``): current ones
+        from ``tasks`` (outcome None while running), archived ones from ``attempts``."""
+        lo = -1e300 if since is None else since
+        rows = self.db.execute(
+            "SELECT id, attempt, worker, started_at, ended_at, outcome, state FROM tasks"
+            f" WHERE state IN {states.sql_list(states.ACTIVE)} ORDER BY started_at LIMIT ?",
+            (limit,)).fetchall()
+        for st in (int(State.SUCCEEDED), int(State.FAILED)):
+            rows += self.db.execute(
+                "SELECT id, attempt, worker, started_at, ended_at, outcome, state FROM tasks"
+                " WHERE state=? AND ended_at >= ? ORDER BY ended_at DESC LIMIT ?",
+                (st, lo, limit)).fetchall()
+        rows += self.db.execute(
+            "SELECT task, attempt, worker, started_at, ended_at, outcome, -1 FROM attempts"
+            " WHERE rowid > (SELECT coalesce(max(rowid), 0) FROM attempts) - ?"
+            " AND ended_at >= ?", (limit, lo)).fetchall()
+        return rows
+
+    def outcome_counts(self) -> dict[int, int]:
+        """Attempts by outcome value: the tasks' current attempts and the archived ones."""
+        out = {int(o): 0 for o in Outcome}
+        out[int(Outcome.SUCCEEDED)] += self.db.execute(
+            f"SELECT count(*) FROM tasks WHERE state={int(State.SUCCEEDED)}").fetchone()[0]
+        others = states.sql_list(set(State) - {State.SUCCEEDED, State.READY, State.BLOCKED})
+        for sql in (f"SELECT outcome, count(*) FROM tasks WHERE state IN {others}"
+                    " AND outcome IS NOT NULL GROUP BY outcome",
+                    # ready and blocked tasks hold an outcome only while a retry waits
+                    f"SELECT outcome, count(*) FROM tasks WHERE state IN {states.sql_list({State.READY, State.BLOCKED})}"
+                    " AND outcome IS NOT NULL GROUP BY outcome",
+                    "SELECT outcome, count(*) FROM attempts GROUP BY outcome"):
+            for o, n in self.db.execute(sql):
+                out[o] = out.get(o, 0) + n
+        return out
