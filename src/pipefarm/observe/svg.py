@@ -144,7 +144,8 @@ def histogram(edges: Sequence[float], counts: Sequence[int], *, label: str, widt
     every = max(1, math.ceil(len(edges) / max(1, plot_w // 56)))  # ~56 px per edge label
     for i in range(0, len(edges), every):
         x = left + i * bw
-        out.append(f'<text x="{_n(x)}" y="{_n(height - bottom + 14)}" text-anchor="middle">{_e(fmt(edges[i]))}</text>')
+        anchor = "end" if i == len(edges) - 1 else "start" if i == 0 else "middle"  # stay inside
+        out.append(f'<text x="{_n(x)}" y="{_n(height - bottom + 14)}" text-anchor="{anchor}">{_e(fmt(edges[i]))}</text>')
     out.append(f'<line x1="{_n(left)}" x2="{_n(width - 8)}" y1="{_n(top_pad + plot_h)}" '
                f'y2="{_n(top_pad + plot_h)}" stroke="{_AXIS}"/>'
                f'<text x="{_n(left + plot_w / 2)}" y="{_n(height - 4)}" text-anchor="middle" fill="{_AXIS}">'
@@ -152,9 +153,23 @@ def histogram(edges: Sequence[float], counts: Sequence[int], *, label: str, widt
     return "".join(out)
 
 
+#: round steps for a time axis, in seconds (beyond the last: whole days)
+_TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+               43200, 86400)
+
+
+def time_ticks(span: float, n: int = 6) -> list[float]:
+    """About ``n`` ticks over ``[0, span]`` seconds at round clock steps (30 s, 5 min, 1 h...)."""
+    raw = span / max(1, n)
+    if raw < 1:
+        return nice_ticks(0, span, n)
+    step = next((s for s in _TIME_STEPS if s >= raw), 86400 * math.ceil(raw / 86400))
+    return [i * step for i in range(int(span // step) + 1)]
+
+
 def _time_axis(out: list[str], t0: float, t1: float, left: float, plot_w: float, y: float) -> None:
     span = max(t1 - t0, 1e-9)
-    for t in nice_ticks(0, span, 6):
+    for t in time_ticks(span, 6):
         x = left + plot_w * t / span
         out.append(f'<line x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y)}" y2="{_n(y + 4)}" stroke="{_AXIS}"/>'
                    f'<text x="{_n(x)}" y="{_n(y + 15)}" text-anchor="middle">+{_e(fmt_seconds(t))}</text>')
