@@ -41,6 +41,8 @@ STDERR_LINES = 25
 STDERR_BYTES = 8192
 #: functions/commands given a duration histogram of their own (the most frequent ones)
 DURATION_NAMES = 12
+#: ... and rows in the table of durations by name
+DURATION_ROWS = 200
 #: columns of the throughput timeline
 THROUGHPUT_BUCKETS = 60
 
@@ -232,11 +234,14 @@ def _durations(d: _Data) -> str:
     if not stats:
         return "".join(out) + "<p>No attempt succeeded yet.</p>"
     out.append(_table(((s.name, f"{s.count:,}", svg.fmt_seconds(s.p50), svg.fmt_seconds(s.p95),
-                        svg.fmt_seconds(s.max)) for s in stats),
+                        svg.fmt_seconds(s.max)) for s in stats[:DURATION_ROWS]),
                       ("name", "attempts", "p50", "p95", "max"), numeric=[1, 2, 3, 4]))
     for s in stats[:DURATION_NAMES]:
         out.append(f"<h3>{_e(s.name)}</h3>")
         out.append(svg.histogram(list(s.edges), list(s.counts), label=f"{s.name}: duration", width=900))
+    if len(stats) > DURATION_ROWS:
+        out.append(f'<p class="note">The table lists the {DURATION_ROWS} most frequent names of'
+                   f" {len(stats):,}.</p>")
     if len(stats) > DURATION_NAMES:
         out.append(f'<p class="note">Histograms of the {DURATION_NAMES} most frequent names of'
                    f" {len(stats):,}.</p>")
