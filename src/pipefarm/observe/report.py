@@ -26,6 +26,7 @@ from .. import states
 from ..states import Outcome, State
 from ..store.sqlite.query import CatalogQuery
 from . import svg
+from .show import signal_name
 
 #: attempts drawn in the task stream: the latest ones. 5,000 bars are ~0.6 MB of SVG and draw
 #: in well under a second in Chromium; the caption says how many of all attempts are shown
@@ -63,7 +64,7 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:32px;border-bot
 padding-bottom:4px}h3{font-size:14px;margin:18px 0 6px}
 .sub{color:#666;font-size:13px}table{border-collapse:collapse;font-size:13px;margin:6px 0}
 td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}th{color:#555;font-weight:600}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto;white-space:pre-wrap;
 word-break:break-all;max-height:420px}
 .note{color:#666;font-size:12px}.bad{color:#c0392b}.ok{color:#2e7d32}
@@ -195,7 +196,8 @@ def _summary(d: _Data) -> str:
         ("succeeded attempts' duration",
          f"mean {svg.fmt_seconds(d.mean)}, p50 {svg.fmt_seconds(d.p50)}, p95 {svg.fmt_seconds(d.p95)},"
          f" max {svg.fmt_seconds(d.max)} ({d.n_ok:,} attempts)" if d.n_ok else "- (none succeeded)"),
-        ("workers", f"{n_workers:,} seen" + (f", {alive:,} alive now" if alive else "")),
+        # a finished run's workers may not have been marked gone yet: "alive" only while live
+        ("workers", f"{n_workers:,} seen" + (f", {alive:,} alive now" if alive and ov.live else "")),
         ("attempts", f"{n_done_attempts:,} ended" + (f", {d.running_attempts:,} running" if d.running_attempts else "")),
     ]
     state_rows = [(s.label, ov.counts.get(s.label, 0)) for s in State]
@@ -320,7 +322,9 @@ def _failures(d: _Data) -> str:
         if t is not None:
             if t.key is not None:
                 rows.append(("key", t.key))
-            rows.append(("exit code", t.exit_code if t.exit_code is not None else "-"))
+            sig = signal_name(t.exit_code)
+            rows.append(("exit code", "-" if t.exit_code is None else
+                         f"{t.exit_code} ({sig})" if sig else t.exit_code))
             rows.append(("attempts", t.attempts))
         out.append(f'<div class="fg"><h3>{_e(g.signature)}</h3>' + _table(rows))
         err, cut = _tail(g.example_error or "")
