@@ -229,6 +229,7 @@ def chrome():
 
 @pytest.mark.slow
 def test_browser_follows_a_live_run_and_shows_a_failed_tasks_stderr(tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -240,7 +241,9 @@ def test_browser_follows_a_live_run_and_shows_a_failed_tasks_stderr(tmp_path: Pa
     driver = chrome()
     try:
         driver.get(url)
-        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+        # the page redraws on every update: an element found a moment ago may be gone
+        wait = WebDriverWait(driver, 120, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,))
 
         def count(state: str) -> int:
             return int(driver.find_element(By.ID, f"count-{state}").get_attribute("data-count"))
@@ -257,9 +260,17 @@ def test_browser_follows_a_live_run_and_shows_a_failed_tasks_stderr(tmp_path: Pa
         Path(shot).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(shot)
         assert Path(shot).stat().st_size > 10_000
-        link = driver.find_element(By.CSS_SELECTOR, "#failures .ids a.task-link")
-        tid = int(link.text)
-        link.click()
+        clicked: list[int] = []
+
+        def click_a_failed_task(d) -> bool:
+            link = d.find_element(By.CSS_SELECTOR, "#failures .ids a.task-link")
+            tid = int(link.text)
+            link.click()
+            clicked.append(tid)
+            return True
+
+        wait.until(click_a_failed_task)
+        tid = clicked[-1]
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#task-body pre.stderr"))
         stderr = driver.find_element(By.CSS_SELECTOR, "#task-body pre.stderr").text
         assert re.fullmatch(r"bad value \d+", stderr.strip()), stderr

@@ -227,8 +227,13 @@ class Handler(BaseHTTPRequestHandler):
             except (FileNotFoundError, IsADirectoryError):
                 return self._error(404, "no such asset")
         if path == "/metrics":
-            from ..metrics import render
+            try:
+                import prometheus_client  # noqa: F401 - the optional dependency (extra "web")
 
+                from ..metrics import render
+            except ImportError:
+                return self._send(501, b"/metrics needs prometheus-client: "
+                                       b"pip install 'pipefarm[web]'\n", "text/plain")
             site = self.server.site
             pairs = (lambda: [(board.name, board.metrics())]) if board is not None \
                 else site.all_metrics
