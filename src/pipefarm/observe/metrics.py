@@ -47,22 +47,34 @@ EXPORTED = (
 )
 
 
-def metric_data(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """What the metrics of one run are made of, as a JSON-ready dict (one catalog read each)."""
-    from . import snapshot as snap
+def metric_data(run_dir: str | os.PathLike[str], payload: dict[str, Any] | None = None,
+                durations: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the metrics of one run are made of, as a JSON-ready dict. ``payload``: the
+    dashboard's snapshot of the run (its overview, attempts and workers), so that a scrape and
+    a page refresh share one read, and ``durations`` a :func:`duration_data` already read;
+    what is not given is read here."""
+    if payload is None:
+        from . import snapshot as snap
+        from .dashboard.board import _jsonable
 
-    ov = snap.overview(run_dir)
+        payload = {"overview": _jsonable(snap.overview(run_dir)),
+                   "attempts": snap.attempt_totals(run_dir),
+                   "workers": _jsonable(snap.workers(run_dir))}
+    return {
+        "counts": dict(payload["overview"]["counts"]),
+        "throughput_per_s": payload["overview"]["throughput_per_s"],
+        "attempts": dict(payload["attempts"]),
+        "workers": [{"id": w["id"], "state": w["state"], "heartbeat_age_s": w["heartbeat_age_s"]}
+                    for w in payload["workers"]],
+        "durations": durations if durations is not None else duration_data(run_dir),
+    }
+
+
+def duration_data(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The duration histogram of succeeded attempts with :data:`DURATION_BUCKETS`."""
     with CatalogQuery.open(run_dir) as q:
         cum, count, total = q.duration_histogram(DURATION_BUCKETS)
-    return {
-        "counts": dict(ov.counts),
-        "throughput_per_s": ov.throughput_per_s,
-        "attempts": snap.attempt_totals(run_dir),
-        "workers": [{"id": w.id, "state": w.state, "heartbeat_age_s": w.heartbeat_age_s}
-                    for w in snap.workers(run_dir)],
-        "durations": {"edges": list(DURATION_BUCKETS), "cumulative": cum,
-                      "count": count, "sum": total},
-    }
+    return {"edges": list(DURATION_BUCKETS), "cumulative": cum, "count": count, "sum": total}
 
 
 class RunCollector:

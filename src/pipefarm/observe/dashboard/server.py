@@ -77,6 +77,7 @@ class Site:
         self._runs: tuple[float, list[dict[str, Any]]] | None = None
         if self.single:
             self._boards[""] = Board(self.top, self.top.name)
+            self._boards[""].warm()
 
     def board(self, name: str) -> Board | None:
         """The board of the run called ``name`` (``""``: the one run), or None."""
