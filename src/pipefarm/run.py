@@ -495,6 +495,14 @@ class Run:
 
         return start(self.path, port=port, bind=bind, token=token)
 
+    def watch(self, interval: float = 1.0) -> Any:
+        """This run's live view: a :class:`~pipefarm.observe.watch.RunWatch` (``.overview()``,
+        ``.snapshot()``, a table of counts with a bar in a notebook, ``.run()`` for the
+        terminal view of ``pipefarm watch``)."""
+        from .observe.watch import RunWatch
+
+        return RunWatch(self.path, interval)
+
     # --- the query side --------------------------------------------------------------------------
     def status(self) -> dict[str, int]:
         """Number of tasks in each state."""
