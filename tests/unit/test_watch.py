@@ -15,7 +15,9 @@ from cli_lib import PF, ok, one_line_usage_error, pf_cli
 
 import pipefarm as pf
 from pipefarm.observe.watch import RunWatch, render_text
-from pipefarm.observe.watch_tui import FailuresScreen, LogScreen, WatchApp
+
+pytest.importorskip("textual")
+from pipefarm.observe.watch_tui import FailuresScreen, LogScreen, WatchApp  # noqa: E402
 
 N = 300
 FAIL_EVERY = 25  # tasks 0, 25, 50, ... fail: 12 failed tasks, one signature

@@ -39,6 +39,11 @@ def watch(run_dir: str, interval: float, once: bool) -> None:
 
         click.echo(render_text(run_dir))
         return
+    try:
+        import textual  # noqa: F401
+    except ImportError:
+        raise click.ClickException("the live view needs textual: pip install 'pipefarm[watch]'"
+                                   " (or use --once)") from None
     from ..observe.watch import RunWatch
 
     RunWatch(run_dir, interval).run()

@@ -471,3 +471,12 @@ class CatalogQuery:
             for o, n in self.db.execute(sql):
                 out[o] = out.get(o, 0) + n
         return out
+
+    def failed_latest(self, n: int) -> list[tuple[int, int | None, str | None]]:
+        """``(id, exit_code, error)`` of the ``n`` failed tasks that ended last, in id order
+        (an index range however many tasks failed)."""
+        rows = self.db.execute(
+            f"SELECT id, exit_code, error FROM tasks WHERE state={int(State.FAILED)}"
+            " ORDER BY ended_at DESC LIMIT ?", (n,)).fetchall()
+        rows.sort()
+        return rows
