@@ -386,12 +386,13 @@ class Run:
         :class:`Unrunnable` before anything runs.
 
         ``dashboard=True`` serves the web dashboard beside the run (port 8787, or any free
-        port when it is taken), prints its URL, and stops it when execute returns.
+        port when it is taken), prints its URL, and stops it when execute returns. It is served
+        by a child process at a lower priority, so that looking never slows the run.
         """
         if dashboard:
-            from .observe.dashboard import DEFAULT_PORT, start
+            from .observe.dashboard import start_process
 
-            with start(self.path, port=DEFAULT_PORT, fallback=True) as dash:
+            with start_process(self.path) as dash:
                 print(f"pipefarm dashboard: {dash.url}", flush=True)
                 return self.execute(workers, backend, progress, on_progress, halt,
                                     **backend_options)

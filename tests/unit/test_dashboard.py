@@ -290,3 +290,21 @@ def test_fresh_python_stays_fast_to_import() -> None:
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     time.sleep(0)  # (no timing asserted: import time is bench's)
+
+
+def test_execute_dashboard_server_ends_with_its_parent(done_run: Path, tmp_path: Path) -> None:
+    """The child process that serves beside a run never outlives it, even when the run's
+    process dies without cleaning up (SIGKILL, os._exit)."""
+    script = ("import sys, os; from pipefarm.observe.dashboard import start_process;"
+              f"d = start_process({str(done_run)!r}, port=0); print(d.url, flush=True); os._exit(0)")
+    url = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert url.startswith("http://127.0.0.1:")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+        except OSError:
+            break  # gone
+        assert time.monotonic() < deadline, "the server outlived its parent"
+        time.sleep(0.2)

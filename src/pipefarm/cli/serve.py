@@ -7,6 +7,7 @@ and prints where it serves.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,11 @@ from .app import _die, main
 @click.option("--grafana-json", is_flag=True,
               help="Print the Grafana dashboard for /metrics and exit "
                    "(pipefarm serve --grafana-json > pipefarm-grafana.json).")
-def serve(target: str | None, port: int, bind: str, token: str | None, grafana_json: bool) -> None:
+@click.option("--parent", type=int, default=None, hidden=True,
+              help="Exit when this process is gone (execute(dashboard=True)'s server).")
+@click.option("--nice", type=int, default=0, hidden=True, help="Lower this server's priority.")
+def serve(target: str | None, port: int, bind: str, token: str | None, grafana_json: bool,
+          parent: int | None, nice: int) -> None:
     """A live web dashboard of RUN, or of every run under DIR, with Prometheus /metrics.
 
     \b
@@ -76,9 +81,11 @@ def serve(target: str | None, port: int, bind: str, token: str | None, grafana_j
         return
     click.echo(f"serving {target} at {dash.url}  (metrics: {dash.url.split('?')[0]}metrics;"
                " Ctrl-C stops)")
+    if nice:
+        os.nice(nice)
     try:
-        while True:
-            time.sleep(3600)
+        while parent is None or os.getppid() == parent:
+            time.sleep(1.0)  # a server whose parent run ended stops with it
     except KeyboardInterrupt:
         pass
     finally:
