@@ -308,3 +308,20 @@ def test_execute_dashboard_server_ends_with_its_parent(done_run: Path, tmp_path:
             break  # gone
         assert time.monotonic() < deadline, "the server outlived its parent"
         time.sleep(0.2)
+
+
+def test_beyond_loopback_every_request_needs_the_token(done_run: Path) -> None:
+    with pf.Run.open(done_run) as run, run.serve(bind="0.0.0.0", token="s3cret") as d:
+        assert d.url.endswith("/?token=s3cret")
+        local = f"http://127.0.0.1:{d.port}/"
+        assert get(local + "api/snapshot")[0] == 403
+        assert get(local + "metrics")[0] == 403
+        assert get(local + "metrics", token="s3cret")[0] == 200
+        with urllib.request.urlopen(local + "?token=s3cret", timeout=10) as r:
+            cookie = r.headers["Set-Cookie"]
+        assert cookie.startswith("pipefarm_token=s3cret;") and "HttpOnly" in cookie
+        req = urllib.request.Request(local + "api/snapshot", headers={"Cookie": cookie.split(";")[0]})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    with pytest.raises(ValueError, match="--token"):
+        pf.Run.open(done_run).serve(bind="0.0.0.0")
