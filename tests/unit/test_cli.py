@@ -160,6 +160,7 @@ def _wait_until(cond, timeout: float, step: float = 0.05):
 
 
 # --- placeholders from every source --------------------------------------------------------------
+@pytest.mark.slow
 def test_array_source_fills_index_and_format_spec(tmp_path: Path) -> None:
     ids = submit("r", "--array", "0-9", "--", "printf", "i=%s p=%s\\n", "{index}", "{index:03d}",
                  cwd=tmp_path)
@@ -170,6 +171,7 @@ def test_array_source_fills_index_and_format_spec(tmp_path: Path) -> None:
         assert logs[t] == f"i={i} p={i:03d}\n".encode()
 
 
+@pytest.mark.slow
 def test_file_source_fills_line_and_fields(tmp_path: Path) -> None:
     lines = ["alpha beta", "  gamma\tdelta  extra ", "x y", "", "last one"]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
@@ -184,6 +186,7 @@ def test_file_source_fills_line_and_fields(tmp_path: Path) -> None:
         assert logs[t] == f"[{line}][{f[0]}][{f[1]}]".encode()
 
 
+@pytest.mark.slow
 def test_csv_source_fills_columns_and_key_template(tmp_path: Path) -> None:
     rows = [("0.1", "3", "plain"), ("0.25", "-7", "with, comma"), ("1e-3", "0", 'quote " x')]
     with open(tmp_path / "params.csv", "w", newline="") as f:
@@ -215,6 +218,7 @@ def test_json_source_list_of_objects(tmp_path: Path) -> None:
     assert logs[ids[1]] == 'sécond ✓;2.5;false;;{"k":"v"}'.encode()
 
 
+@pytest.mark.slow
 def test_after_env_and_cwd(tmp_path: Path) -> None:
     (tmp_path / "done").mkdir()
     first = submit("r", "--array", "0-3", "--", "sh", "-c", "sleep 0.2; : > done/{index}",
@@ -277,6 +281,7 @@ with open(stem + ".raw", "wb") as f:
 
 
 @pytest.mark.parametrize("mode", ["argv", "shell"])
+@pytest.mark.slow
 def test_hostile_values_reach_the_program_byte_exact(tmp_path: Path, mode: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -322,6 +327,7 @@ def timed_out_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, 
     return d, mark, forked, stubborn
 
 
+@pytest.mark.slow
 def test_timeout_kills_the_whole_process_group(timed_out_run) -> None:
     d, mark, (task,), (stubborn,) = timed_out_run
     # nothing the tasks started is left (a zombie waiting for init to reap it has ended)
@@ -360,6 +366,7 @@ def test_timeouts_form_one_failure_group(timed_out_run) -> None:
 
 
 # --- exit codes and retries ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_retries_until_success(tmp_path: Path) -> None:
     script = ('n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; '
               'echo "attempt $n" >&2; [ "$n" -ge 3 ]')
@@ -377,6 +384,7 @@ def test_retries_until_success(tmp_path: Path) -> None:
     assert [p.stdout for p in each] == [b"attempt 1\n", b"attempt 2\n", b"attempt 3\n"]
 
 
+@pytest.mark.slow
 def test_failures_grouped_by_exit_code_and_message(tmp_path: Path) -> None:
     script = ('if [ $(( {index} % 3 )) -eq 0 ]; then '
               'echo "fatal: input {index} is corrupt at byte {index}7" >&2; '
@@ -423,6 +431,7 @@ def output_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int
     return d, big, binary
 
 
+@pytest.mark.slow
 def test_huge_output_is_capped(output_run) -> None:
     d, big, _ = output_run
     data = _big_output()
@@ -462,6 +471,7 @@ def _log_files(run_dir: Path) -> list[Path]:
             if p.is_file() and not re.fullmatch(r"python-.*\.log", p.name)]
 
 
+@pytest.mark.slow
 def test_ten_thousand_tasks_share_a_few_log_files(tmp_path: Path) -> None:
     ids = submit("r", "--array", "0-9999", "--", "printf", "task %s\\n", "{index}", cwd=tmp_path)
     assert len(ids) == 10_000
@@ -477,6 +487,7 @@ def test_ten_thousand_tasks_share_a_few_log_files(tmp_path: Path) -> None:
         assert logs[t] == f"task {t - ids[0]}\n".encode()
 
 
+@pytest.mark.slow
 def test_output_per_task_gives_one_file_per_task(tmp_path: Path) -> None:
     ids = submit("r", "--array", "0-99", "--output-per-task", "--", "printf", "task %s\\n",
                  "{index}", cwd=tmp_path)
@@ -513,6 +524,7 @@ def _no_overlapping_sharing(recs: list[tuple[list[str], float, float]]) -> None:
 
 
 @pytest.mark.parametrize("per_task,n", [(1, 12), (2, 4)])
+@pytest.mark.slow
 def test_gpus_are_never_shared(tmp_path: Path, per_task: int, n: int) -> None:
     (tmp_path / "rec").mkdir()
     tag = f"g{per_task}-"
@@ -532,6 +544,7 @@ def test_gpus_are_never_shared(tmp_path: Path, per_task: int, n: int) -> None:
 
 
 # --- SIGKILL of the coordinator --------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_of_run_then_resume(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -616,6 +629,7 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("args,untouched", ERRORS)
+@pytest.mark.slow
 def test_errors_are_one_line_and_exit_2(small_run: Path, args: list[str], untouched: str | None) -> None:
     before = None
     if untouched is not None and (small_run / untouched / "catalog.db").exists():
@@ -640,6 +654,7 @@ def test_run_exit_status_reflects_failures(tmp_path: Path) -> None:
     assert "1 task(s) did not succeed" in mixed.stderr
 
 
+@pytest.mark.slow
 def test_every_verb_has_help_with_an_example(tmp_path: Path) -> None:
     from pipefarm.cli import main
 
@@ -654,6 +669,7 @@ def test_every_verb_has_help_with_an_example(tmp_path: Path) -> None:
 
 
 # --- results export --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_results_parquet_csv_json(tmp_path: Path) -> None:
     pa_parquet = pytest.importorskip("pyarrow.parquet")
     ids = submit("r", "--array", "0-2", "--key", "k{index}", "--", "sh", "-c",

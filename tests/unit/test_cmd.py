@@ -300,6 +300,7 @@ def test_timeout_kills_the_whole_group(sink):
     assert live_members(leader) == []
 
 
+@pytest.mark.slow
 def test_timeout_sigkill_when_sigterm_is_ignored(sink):
     cmd = Command(shell="trap '' TERM; sleep 1000 & echo $!; echo $$; sleep 1000")
     t = time.monotonic()
@@ -414,6 +415,7 @@ def reap_leftovers():
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.slow
 def test_worker_death_kills_the_task_group(tmp_path, how, reap_leftovers):
     worker, pids = start_victim(tmp_path, "guardian")
     reap_leftovers.append(pids[0])
@@ -446,6 +448,7 @@ def test_shell_variable_reaches_the_shell(sink):
         assert out(sink, res) == os.environ["HOME"].encode()
 
 
+@pytest.mark.slow
 def test_pipe_held_outside_the_group_does_not_hang_the_worker(sink):
     # a daemon that left the task's session keeps the output pipe open; give up on it
     cmd = Command(shell="setsid sh -c 'echo $$ >&2; exec sleep 30' & sleep 0.2; echo done")

@@ -59,6 +59,7 @@ BAD_TIMEOUTS = ["nan", "NaN", "-nan", "0", "-0", "-1", "-inf"]
 
 
 @pytest.mark.parametrize("value", BAD_TIMEOUTS)
+@pytest.mark.slow
 def test_cli_refuses_nan_and_nonpositive_timeouts(tmp_path: Path, value: str) -> None:
     p = pf_cli("submit", "r", "--array", "0-2", f"--timeout={value}", "--", "true", cwd=tmp_path)
     msg = one_line_usage_error(p)
@@ -80,6 +81,7 @@ def test_api_refuses_nan_and_nonpositive_timeouts(tmp_path: Path, value: float) 
     assert run.store.db.execute("SELECT count(*) FROM specs").fetchone()[0] == 0
 
 
+@pytest.mark.slow
 def test_any_positive_timeout_is_accepted_and_inf_means_none(tmp_path: Path) -> None:
     # accepted and kept as given (how a huge one runs is the backends' business, not tested here)
     kept = pf.Run.create(tmp_path / "kept")
@@ -114,6 +116,7 @@ def _ignore_sigxfsz_and_cap_files(limit: int):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+@pytest.mark.slow
 def test_failed_export_keeps_the_existing_file(tmp_path: Path, fmt: str) -> None:
     # incompressible values, so that every format is far past the cap below
     executed(tmp_path / "r", T.ident, [hashlib.sha256(b"%d" % i).hexdigest() * 5
@@ -148,6 +151,7 @@ def test_dict_results_export_over_an_existing_file(tmp_path: Path) -> None:
     pytest.param([{"a": 1}, {"b": "x"}], id="different-keys"),
     pytest.param([[1, "a"], {"k": [None, True]}], id="mixed-nested"),
 ])
+@pytest.mark.slow
 def test_dict_and_list_results_export_in_every_format(tmp_path: Path, values: list) -> None:
     run = executed(tmp_path / "r", T.ident, values)
     table = run.results()
@@ -221,6 +225,7 @@ def test_values_arrow_would_change_are_pickled(tmp_path: Path, values: list) -> 
     assert decoded == values and [type(v) for v in decoded] == [type(v) for v in values]
 
 
+@pytest.mark.slow
 def test_cli_exports_mixed_results_as_json_text_or_a_marker(tmp_path: Path) -> None:
     values = ["a", (1, "a"), 2**70, None, Decimal("1.10"), {3: "int key"}]
     executed(tmp_path / "r", T.ident, values).close()
@@ -246,6 +251,7 @@ def test_cli_exports_mixed_results_as_json_text_or_a_marker(tmp_path: Path) -> N
 
 
 # === 13. retrying succeeded tasks takes --force ======================================================
+@pytest.mark.slow
 def test_cli_retry_ids_refuses_succeeded_tasks_without_force(tmp_path: Path) -> None:
     ok("submit", "r", "--array", "0-3", "--", "sh", "-c", "echo out{index}; exit $(( {index} == 3 ))",
        cwd=tmp_path)
@@ -372,6 +378,7 @@ def test_a_key_repeated_within_one_submission_is_refused(tmp_path: Path, keys: l
     assert len(run) == 1
 
 
+@pytest.mark.slow
 def test_cli_submit_with_the_same_key_twice(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("a\n1\n2\n")
     first = ok("submit", "r", "--from-csv", "p.csv", "--key", "a{a}", "--", "echo", "{a}",

@@ -97,6 +97,7 @@ def test_map_exception(executor):
         i.__next__()
 
 
+@pytest.mark.slow
 def test_map_timeout(executor):
     results = []
     with pytest.raises(TimeoutError):
@@ -161,6 +162,7 @@ def test_context_manager_shutdown(executor_type):
         e.submit(pow, 2, 2)
 
 
+@pytest.mark.slow
 def test_shutdown_wait_true_runs_everything(executor_type):
     ex = executor_type(max_workers=2)
     fs = [ex.submit(T.sleep_then, i, 0.2) for i in range(6)]
@@ -169,6 +171,7 @@ def test_shutdown_wait_true_runs_everything(executor_type):
     assert [f.result() for f in fs] == list(range(6))
 
 
+@pytest.mark.slow
 def test_shutdown_no_wait(executor_type):
     ex = executor_type(max_workers=2)
     fs = [ex.submit(T.sleep_then, i, 0.1) for i in range(4)]
@@ -215,6 +218,7 @@ def _cancel_pending(executor_type, tmp_path):
     "stdlib",
     "pipefarm",
 ])
+@pytest.mark.slow
 def test_future_cancel_on_pending_call(kind, tmp_path):
     _cancel_pending(EXECUTORS[kind], tmp_path)
 
@@ -228,6 +232,7 @@ def test_20369(executor):
     assert not_done == set()
 
 
+@pytest.mark.slow
 def test_wait_first_completed(executor):
     fixed = _fixed()
     future1 = executor.submit(operator.mul, 21, 2)
@@ -239,6 +244,7 @@ def test_wait_first_completed(executor):
     assert future1.result() == 42
 
 
+@pytest.mark.slow
 def test_wait_first_completed_some_already_completed(executor):
     fixed = _fixed()
     future1 = executor.submit(time.sleep, 1.5)
@@ -248,6 +254,7 @@ def test_wait_first_completed_some_already_completed(executor):
     assert pending == {future1}
 
 
+@pytest.mark.slow
 def test_wait_first_exception(executor):
     future1 = executor.submit(operator.mul, 2, 21)
     future2 = executor.submit(_sleep_and_raise, 0.5)
@@ -271,6 +278,7 @@ def test_wait_all_completed(executor):
     assert isinstance(future1.exception(), ZeroDivisionError)
 
 
+@pytest.mark.slow
 def test_wait_timeout(executor):
     fixed = _fixed()
     future = executor.submit(time.sleep, 2.0)
@@ -281,6 +289,7 @@ def test_wait_timeout(executor):
     assert pending == {future}
 
 
+@pytest.mark.slow
 def test_as_completed(executor):
     fixed = _fixed()
     future1 = executor.submit(T.sleep_then, "slow", 1.0)
@@ -294,6 +303,7 @@ def test_as_completed(executor):
     assert got == sorted(i * i for i in range(100))
 
 
+@pytest.mark.slow
 def test_as_completed_timeout(executor):
     fixed = _fixed()
     future = executor.submit(time.sleep, 1.5)
@@ -305,6 +315,7 @@ def test_as_completed_timeout(executor):
 
 
 # --- pipefarm's own additions ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_per_call_timeout_then_later_calls_work():
     with pf.Executor(max_workers=1, timeout=0.5) as ex:
         t0 = time.monotonic()

@@ -89,6 +89,7 @@ VERBS = [
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "bad-pages"])
+@pytest.mark.slow
 def test_damaged_catalog_is_one_error_and_a_hint_for_every_verb(finished, tmp_path, kind):
     run = _copy(finished, tmp_path / "run")
     _damage(kind, run)
@@ -116,6 +117,7 @@ def test_damaged_catalog_is_one_error_and_a_hint_for_every_verb(finished, tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["garbage", "empty", "bad-pages"])
+@pytest.mark.slow
 def test_list_with_a_damaged_run_says_so_without_a_traceback(finished, tmp_path, kind):
     run = _copy(finished, tmp_path / "run")
     _damage(kind, run)
@@ -126,6 +128,7 @@ def test_list_with_a_damaged_run_says_so_without_a_traceback(finished, tmp_path,
     assert (run / "catalog.db").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_damaged_catalog_from_the_python_api(finished, tmp_path):
     run = _copy(finished, tmp_path / "run")
     _damage("empty", run)
@@ -184,6 +187,7 @@ def failing(tmp_path_factory) -> Path:
     (["--ids", "3", "--all"], "drop --failed/--all"),
     (["--ids", "3", "--failed"], "drop --failed/--all"),
 ])
+@pytest.mark.slow
 def test_retry_refuses_unknown_ids_bad_ranges_and_contradictions(failing, args, says):
     before = pf.Run.open(failing).status()
     line = one_error(cli("retry", str(failing), *args))
@@ -206,6 +210,7 @@ def _warned(p: subprocess.CompletedProcess, run: Path) -> None:
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_reading_verbs_warn_on_a_group_writable_run(failing, tmp_path):
     run = _copy(failing, tmp_path / "run")
     os.chmod(run, 0o770)
@@ -223,6 +228,7 @@ def test_reading_verbs_warn_on_a_group_writable_run(failing, tmp_path):
 
 @pytest.mark.parametrize("verb", [["run", "--no-progress"], ["retry"], ["cancel"],
                                   ["submit", "--", "true"]])
+@pytest.mark.slow
 def test_writing_verbs_refuse_a_group_writable_run_and_keep_its_mode(failing, tmp_path, verb):
     run = _copy(failing, tmp_path / "run")
     os.chmod(run, 0o770)
@@ -262,6 +268,7 @@ def test_submit_into_an_existing_open_directory_refuses_and_changes_nothing(tmp_
     (["--ids", "99999"], "no task 99999 in"),
     (["--ids", "5-3"], "'5-3' is an empty range"),
 ])
+@pytest.mark.slow
 def test_cancel_refuses_unknown_ids_and_bad_ranges(tmp_path, args, says):
     run = tmp_path / "run"
     assert cli("submit", str(run), "--array", "0-4", "--", "true").returncode == 0

@@ -49,6 +49,7 @@ def states(d: Path, run: str = "r") -> dict[int, tuple[str, int]]:
 
 
 # --- halt ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_halt_soon_stops_handing_out_tasks_after_n_failures(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--array", "0-39", "--", "sh", "-c", "sleep 0.05; exit 1", cwd=tmp_path)
     proc = pf("run", "r", "--no-progress", "-w", "1", "--halt", "soon,fail=3", cwd=tmp_path)
@@ -63,6 +64,7 @@ def test_halt_soon_stops_handing_out_tasks_after_n_failures(tmp_path: Path) -> N
     assert len(ready) == 40 - len(failed), st
 
 
+@pytest.mark.slow
 def test_halt_now_releases_running_tasks_without_spending_retries(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--array", "0-1", "--", "sh", "-c", "sleep 60", cwd=tmp_path)
     pf_ok("submit", "r", "--", "sh", "-c", "sleep 0.5; exit 7", cwd=tmp_path)
@@ -77,6 +79,7 @@ def test_halt_now_releases_running_tasks_without_spending_retries(tmp_path: Path
         assert st[t][0] == "ready", st
 
 
+@pytest.mark.slow
 def test_halt_percent_needs_ten_ended_tasks(tmp_path: Path) -> None:
     # task 0 fails, 1-19 succeed: 1 of 1 ended is 100%, but fail=50% is judged from 10 ended
     # tasks on, where it is 10%: no halt
@@ -96,6 +99,7 @@ def test_halt_percent_needs_ten_ended_tasks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["later,fail=1", "soon", "soon,fail=0", "now,fail=x",
                                   "soon,fail=150%", "soon,done=3"])
+@pytest.mark.slow
 def test_bad_halt_is_one_line(tmp_path: Path, spec: str) -> None:
     pf_ok("submit", "r", "--", "true", cwd=tmp_path)
     line = one_error_line(pf("run", "r", "--no-progress", "--halt", spec, cwd=tmp_path))
@@ -147,6 +151,7 @@ def _run_then_signal(d: Path, sig: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_signal_says_interrupted_and_how_to_resume(tmp_path: Path, sig: int, code: int) -> None:
     pf_ok("submit", "r", "--array", "0-7", "--", "sleep", "60", cwd=tmp_path)
     proc = _run_then_signal(tmp_path, sig)
@@ -157,6 +162,7 @@ def test_signal_says_interrupted_and_how_to_resume(tmp_path: Path, sig: int, cod
     assert all(s == "ready" for s, _ in states(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_cancelled_tasks_are_called_cancelled(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--array", "0-9", "--", "true", cwd=tmp_path)
     said = pf_ok("cancel", "r", "--ids", "1-4", cwd=tmp_path).decode()
@@ -172,6 +178,7 @@ def test_cancelled_tasks_are_called_cancelled(tmp_path: Path) -> None:
 
 
 # --- GPUs no worker has ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_more_gpus_than_available_refused_before_running(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--", "true", cwd=tmp_path)
     pf_ok("submit", "r", "--gpus", "2", "--array", "0-1", "--", "true", cwd=tmp_path)
@@ -185,6 +192,7 @@ def test_more_gpus_than_available_refused_before_running(tmp_path: Path) -> None
 
 
 # --- logs mistakes ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_logs_attempt_that_does_not_exist(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--retries", "2", "--", "sh", "-c", "echo try; exit 1", cwd=tmp_path)
     assert pf("run", "r", "--no-progress", cwd=tmp_path).returncode == 1
@@ -193,6 +201,7 @@ def test_logs_attempt_that_does_not_exist(tmp_path: Path) -> None:
     assert "attempts 1-3" in line and "no attempt 5" in line
 
 
+@pytest.mark.slow
 def test_logs_when_the_log_file_was_deleted(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--", "echo", "hello", cwd=tmp_path)
     pf_ok("run", "r", "--no-progress", cwd=tmp_path)
@@ -204,6 +213,7 @@ def test_logs_when_the_log_file_was_deleted(tmp_path: Path) -> None:
 
 
 # --- output cap: head and tail ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_output_cap_keeps_head_and_tail_with_a_marker(tmp_path: Path) -> None:
     code = ("import sys\nfor i in range(100000): print('line', i)\n"
             "print('FATAL: the error at the end', file=sys.stderr)\n"
@@ -226,6 +236,7 @@ def test_output_cap_keeps_head_and_tail_with_a_marker(tmp_path: Path) -> None:
 
 
 # --- logs of Python tasks --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_python_tasks_output_is_captured_per_attempt(tmp_path: Path) -> None:
     (tmp_path / "tasks_habits.py").write_text(
         "import os, sys\n"
@@ -292,6 +303,7 @@ def _follow_while_running(d: Path, run: str, task: int, go: Path) -> None:
                 p.wait()
 
 
+@pytest.mark.slow
 def test_logs_follow_a_command_task(tmp_path: Path) -> None:
     go = tmp_path / "go"
     pf_ok("submit", "r", "--", "sh", "-c",
@@ -299,6 +311,7 @@ def test_logs_follow_a_command_task(tmp_path: Path) -> None:
     _follow_while_running(tmp_path, "r", 1, go)
 
 
+@pytest.mark.slow
 def test_logs_follow_a_python_task(tmp_path: Path) -> None:
     go = tmp_path / "go"
     (tmp_path / "tasks_follow.py").write_text(
@@ -314,6 +327,7 @@ def test_logs_follow_a_python_task(tmp_path: Path) -> None:
     _follow_while_running(tmp_path, "r", 1, go)
 
 
+@pytest.mark.slow
 def test_logs_follow_ctrl_c_is_quiet(tmp_path: Path) -> None:
     pf_ok("submit", "r", "--", "echo", "never run", cwd=tmp_path)
     follower = subprocess.Popen([*PF, "logs", "r", "1", "--follow"], cwd=tmp_path,

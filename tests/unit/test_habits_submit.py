@@ -65,6 +65,7 @@ def logs(tmp_path: Path, n: int, *extra: str) -> list[bytes]:
 
 
 # --- 1. templates that accept ordinary shell ---------------------------------------------------
+@pytest.mark.slow
 def test_awk_program_braces_are_literal(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha 1\nbeta 2\n")
     (tmp_path / "b.txt").write_text("gamma 3\n")
@@ -73,6 +74,7 @@ def test_awk_program_braces_are_literal(tmp_path: Path) -> None:
     assert logs(tmp_path, n) == [b"alpha\nbeta\n", b"gamma\n"]
 
 
+@pytest.mark.slow
 def test_awk_identifier_in_braces_is_a_placeholder_with_a_hint(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha 1\n")
     (tmp_path / "in.txt").write_text("a.txt\n")
@@ -83,6 +85,7 @@ def test_awk_identifier_in_braces_is_a_placeholder_with_a_hint(tmp_path: Path) -
     assert logs(tmp_path, n) == [b"alpha 1\n"]
 
 
+@pytest.mark.slow
 def test_shell_dollar_brace_is_the_shells_variable(tmp_path: Path) -> None:
     home = str(tmp_path / "home-dir")
     ok("submit", "r", "--shell", "--array", "3-4", "--", "echo ${HOME} {index}", cwd=tmp_path)
@@ -91,6 +94,7 @@ def test_shell_dollar_brace_is_the_shells_variable(tmp_path: Path) -> None:
     assert logs(tmp_path, 2) == [f"{home} 3\n".encode(), f"{home} 4\n".encode()]
 
 
+@pytest.mark.slow
 def test_shell_brace_group_and_exit_status(tmp_path: Path) -> None:
     script = "test -e {line} || { echo boom {line} >&2; exit 7; }"
     (tmp_path / "in.txt").write_text("present\nabsent\n")
@@ -102,12 +106,14 @@ def test_shell_brace_group_and_exit_status(tmp_path: Path) -> None:
     assert [r["exit_code"] for r in rows] == [0, 7]
 
 
+@pytest.mark.slow
 def test_shell_mode_brace_group_through_sh(tmp_path: Path) -> None:
     n = submit_run(tmp_path, "--shell", "--array", "0-1", "--",
                    "test {index} = 1 || { echo not-one {index}; exit 3; }", expect=1)
     assert logs(tmp_path, n) == [b"not-one 0\n", b""]
 
 
+@pytest.mark.slow
 def test_typos_and_escapes(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("x\n")
     msg = refused("submit", "r", "--from-file", "in.txt", "--", "echo", "{lien}", cwd=tmp_path)
@@ -143,6 +149,7 @@ def test_inline_args_gzip(tmp_path: Path) -> None:
         assert gzip.decompress((tmp_path / f"{name}.gz").read_bytes()) == f"content of {name}\n".encode()
 
 
+@pytest.mark.slow
 def test_cross_product_in_gnu_parallel_order(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("X\n\nY\n")  # blank lines are not values
     n = submit_run(tmp_path, "--", "echo", "{1}-{2}-{3}", ":::", "a", "b", ":::", "1", "2",
@@ -152,6 +159,7 @@ def test_cross_product_in_gnu_parallel_order(tmp_path: Path) -> None:
         f"{a}-{b}-{c}".encode() for a in "ab" for b in "12" for c in "XY"]
 
 
+@pytest.mark.slow
 def test_four_colons_each_file_is_a_group(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("1\n2\n")
     (tmp_path / "y.txt").write_text("p\nq\n")
@@ -159,11 +167,13 @@ def test_four_colons_each_file_is_a_group(tmp_path: Path) -> None:
     assert b"".join(logs(tmp_path, n)).split() == [b"p1", b"q1", b"p2", b"q2"]
 
 
+@pytest.mark.slow
 def test_values_are_appended_without_placeholders(tmp_path: Path) -> None:
     n = submit_run(tmp_path, "--", "echo", "v:", ":::", "a b", "c", ":::", "1")
     assert logs(tmp_path, n) == [b"v: a b 1\n", b"v: c 1\n"]
 
 
+@pytest.mark.slow
 def test_empty_braces_for_single_column_sources(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("one two\nthree\n")
     (tmp_path / "one.csv").write_text("name\nann\nbob\n")
@@ -187,6 +197,7 @@ def test_empty_braces_for_single_column_sources(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tail", [[":::"], [":::", "a", ":::"], ["::::"], ["::::", "nofile"]])
+@pytest.mark.slow
 def test_bad_inline_groups_are_refused(tmp_path: Path, tail: list[str]) -> None:
     msg = refused("submit", "r", "--", "echo", "{}", *tail, cwd=tmp_path)
     assert ":::" in msg or "nofile" in msg
@@ -210,6 +221,7 @@ def test_help_teaches_gnu_parallel_syntax(tmp_path: Path) -> None:
 
 
 # --- 2. submit mistakes: one line, exit 2, nothing left ------------------------------------------
+@pytest.mark.slow
 def test_non_utf8_template_argument_is_refused_naming_it(tmp_path: Path) -> None:
     msg = refused("submit", "r", "--", "echo", b"caf\xff", cwd=tmp_path)
     assert "caf\\xff" in msg and "UTF-8" in msg
@@ -219,6 +231,7 @@ def test_non_utf8_template_argument_is_refused_naming_it(tmp_path: Path) -> None
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_non_utf8_inline_values_reach_the_command_byte_exact(tmp_path: Path) -> None:
     prog = "import os, sys; sys.stdout.buffer.write(os.fsencode(sys.argv[1]))"
     n = submit_run(tmp_path, "--", sys.executable, "-c", prog, "{}", ":::", b"\xff\xfe name",
@@ -226,6 +239,7 @@ def test_non_utf8_inline_values_reach_the_command_byte_exact(tmp_path: Path) -> 
     assert logs(tmp_path, n) == [b"\xff\xfe name", b"ok"]
 
 
+@pytest.mark.slow
 def test_csv_cell_over_pythons_default_limit(tmp_path: Path) -> None:
     big = "A" * 200_000  # Python's csv module refuses cells over 128 KiB by default
     (tmp_path / "s.csv").write_text(f"name,seq\nx,{big}\ny,\"{big}\"\n")
@@ -241,6 +255,7 @@ def test_run_that_is_a_file_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_refused_submission_leaves_nothing_it_did_not_find(tmp_path: Path) -> None:
     refused("submit", "new/deep/run", "--array", "1-3", "--", "echo", "{nothere}", cwd=tmp_path)
     assert not (tmp_path / "new").exists()  # the parents it made are gone too
@@ -255,6 +270,7 @@ def test_refused_submission_leaves_nothing_it_did_not_find(tmp_path: Path) -> No
     assert len(json.loads(ok("results", "r", "--format", "json", cwd=tmp_path))) == 2
 
 
+@pytest.mark.slow
 def test_large_submission_says_how_big_before_writing(tmp_path: Path) -> None:
     env = {"PIPEFARM_LARGE_SUBMISSION": "50000"}
     proc = pf("submit", "big", "--array", "0-99999", "--", "echo", "{index}", cwd=tmp_path,

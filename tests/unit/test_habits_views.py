@@ -69,6 +69,7 @@ def sweep(tmp_path: Path) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_command_results_carry_their_source_row_command_and_stdout(tmp_path: Path) -> None:
     rows = sweep(tmp_path)
     out = list(csv.DictReader(io.StringIO(ok("results", "r", "--format", "csv", cwd=tmp_path))))
@@ -88,6 +89,7 @@ def test_command_results_carry_their_source_row_command_and_stdout(tmp_path: Pat
     assert abs(time.time() - got[0]["ended_at"].timestamp()) < 300
 
 
+@pytest.mark.slow
 def test_json_is_one_array_jsonl_one_object_a_line_and_dash_is_stdout(tmp_path: Path) -> None:
     sweep(tmp_path)
     arr = json.loads(ok("results", "r", "--format", "json", "-o", "-", cwd=tmp_path))
@@ -123,6 +125,7 @@ def test_export_is_streamed_in_bounded_batches(tmp_path: Path) -> None:
     run.close()
 
 
+@pytest.mark.slow
 def test_export_peak_memory_stays_flat(tmp_path: Path) -> None:
     """150 MB of results: the export's peak RSS stays far below the results' size (before
     the change it held the whole table and its converted copy: ~5x the results)."""
@@ -180,6 +183,7 @@ def test_failures_json_lists_every_task_of_a_group(tmp_path: Path) -> None:
     assert group["count"] == 28 and sorted(group["task_ids"]) == list(range(1, 29))
 
 
+@pytest.mark.slow
 def test_status_eta_only_while_the_run_is_worked_on(tmp_path: Path) -> None:
     ok("submit", "r", "--array", "0-11", "--", "sleep", "1", cwd=tmp_path)
     proc = background_run("r", tmp_path, "-w", "2")
@@ -200,6 +204,7 @@ def test_status_eta_only_while_the_run_is_worked_on(tmp_path: Path) -> None:
     assert "eta" not in text and "not running" in text and "pipefarm run r" in text
 
 
+@pytest.mark.slow
 def test_status_exit_status_is_documented_and_0_with_failed_tasks(tmp_path: Path) -> None:
     ok("submit", "r", "--array", "0-1", "--", "false", cwd=tmp_path)
     pf_cli("run", "r", "--no-progress", cwd=tmp_path)
@@ -215,6 +220,7 @@ class _Tty(io.StringIO):
 
 
 @pytest.mark.parametrize("tty", [False, True], ids=["lines", "bar"])
+@pytest.mark.slow
 def test_progress_totals_never_go_back_and_rate_counts_from_the_start(tty: bool) -> None:
     """Four 2-second tasks on two workers: two end together at 2 s. The rate is ~1/s and
     the ETA ~2 s, never a burst ("3.4 tasks/s, eta 1 s"); a count read mid-commit that
@@ -242,6 +248,7 @@ def test_progress_totals_never_go_back_and_rate_counts_from_the_start(tty: bool)
 
 
 # === 3. list and show ===================================================================================
+@pytest.mark.slow
 def test_list_names_each_run_and_its_state(tmp_path: Path) -> None:
     (tmp_path / "runs" / "proj").mkdir(parents=True)
     ok("submit", "runs/done", "--array", "0-2", "--", "true", cwd=tmp_path)
@@ -274,6 +281,7 @@ def test_list_names_each_run_and_its_state(tmp_path: Path) -> None:
     assert "unsafe" not in listed["runs/stop"]
 
 
+@pytest.mark.slow
 def test_show_a_command_task_with_every_attempt(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("name,size\nfirst,3\nsecond,4\n")
     # fails once (exit 5), then is killed by a signal on the second attempt
@@ -315,6 +323,7 @@ def test_show_a_python_task(tmp_path: Path) -> None:
     assert a["outcome"] == "failed" and a["error"].startswith("TypeError"), a
 
 
+@pytest.mark.slow
 def test_status_of_an_array_run_follows_its_workers_heartbeats(tmp_path: Path) -> None:
     """A shared-filesystem run: live while a worker's heartbeat is fresh, no ETA once it is
     older than the lease (the worker was killed)."""

@@ -316,6 +316,7 @@ def _expected(wid: int, batches: int) -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 def test_concurrent_writers_and_a_tailing_reader(tmp_path):
     """4 processes append to 4 journals while this process tails them by cursor."""
     batches = 400

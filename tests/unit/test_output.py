@@ -71,6 +71,7 @@ def test_binary_output_byte_exact(tmp_path):
         assert read_output(tmp_path / "logs", res.output, "stderr") == blob
 
 
+@pytest.mark.slow
 def test_thousand_commands_two_files_each_read_back_exactly(tmp_path):
     logs = tmp_path / "logs"
     script = (
@@ -164,6 +165,7 @@ def test_per_task_mode_cap(tmp_path):
     assert (tmp_path / "tasks" / "1.1.w1.out").stat().st_size == 1000
 
 
+@pytest.mark.slow
 def test_output_reaches_the_log_while_the_command_runs(tmp_path):
     with OutputSink(tmp_path, "w1") as sink:
         t = threading.Thread(target=run, args=(Command(shell="echo early; sleep 1.6"), sink))

@@ -101,6 +101,7 @@ def test_readme_has_snippets_and_no_dangling_links():
 
 
 @pytest.mark.parametrize(("body", "line"), PY, ids=[f"line{line}" for _, line in PY])
+@pytest.mark.slow
 def test_python_snippet_runs(tmp_path, body, line):
     script = tmp_path / "snippet.py"
     script.write_text(body)
@@ -116,6 +117,7 @@ def _shell_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_command_line_snippets_run_in_order(tmp_path):
     cwd = _shell_dir(tmp_path)
     ran = 0
@@ -140,6 +142,7 @@ def _on_this_machine(cmd: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="no SLURM here (no sbatch)")
+@pytest.mark.slow
 def test_cluster_snippets_run_on_slurm(tmp_path):
     cwd = _shell_dir(tmp_path)
     # the cluster section follows the command line one: its inputs (params.csv) come from there

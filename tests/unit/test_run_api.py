@@ -124,6 +124,7 @@ def test_results_table_records_failures(tmp_path):
 
 
 # --- dependencies ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dependency_chain_runs_in_order(tmp_path):
     log = tmp_path / "log"
     run = pf.Run.create(tmp_path / "run")
@@ -153,6 +154,7 @@ def test_chain_of_instant_tasks_completes_in_one_execute(tmp_path):
     assert [run.result(t) for t in ids] == list(range(8))
 
 
+@pytest.mark.slow
 def test_failed_dependency_skips_then_retry_revives(tmp_path):
     log, flag = tmp_path / "log", tmp_path / "flag"
     run = pf.Run.create(tmp_path / "run")
@@ -185,6 +187,7 @@ def test_failed_dependency_skips_then_retry_revives(tmp_path):
     assert run.retry() == 0
 
 
+@pytest.mark.slow
 def test_no_task_is_dispatched_twice(tmp_path):
     # a task leased past the claim cursor must not be leased again once a dependency's commit
     # resets the cursor (regression: it ran twice, the first result recorded as stale)
@@ -311,6 +314,7 @@ def test_sequential_matches_local(tmp_path):
     "local",
     "sequential",
 ])
+@pytest.mark.slow
 def test_timeout_outcome_same_on_both_backends(tmp_path, backend):
     with pf.Run.create(tmp_path / "run") as run:
         slow = run.submit_task(T.sleep_forever, (30.0,), timeout=0.5, retries=1, backoff=0.05)

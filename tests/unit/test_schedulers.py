@@ -480,6 +480,7 @@ def test_script_starts_workers_with_the_element(fake, scheduler, array_env, elem
 
 
 @pytest.mark.parametrize("scheduler,array_env,element", CASES)
+@pytest.mark.slow
 def test_sigterm_to_the_script_reaches_every_worker(fake, scheduler, array_env, element):
     make, out = fake
     p = start(scheduler, make(workers_per_element=3), out, dict(array_env), mode="wait")
@@ -495,6 +496,7 @@ def test_sigterm_to_the_script_reaches_every_worker(fake, scheduler, array_env, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+@pytest.mark.slow
 def test_sge_warning_to_the_process_group_is_forwarded(fake, sig):
     """SGE sends s_rt's SIGUSR1 and -notify's SIGUSR2 to the job's whole process group."""
     make, out = fake
@@ -510,6 +512,7 @@ def test_sge_warning_to_the_process_group_is_forwarded(fake, sig):
 
 @pytest.mark.parametrize("scheduler,array_env", [("pbs", {"PBS_ARRAY_INDEX": "0"}),
                                                  ("htcondor", {"PROCESS": "0"})])  # fmt: skip
+@pytest.mark.slow
 def test_self_timer_warns_before_walltime(fake, scheduler, array_env):
     """PBS and HTCondor have no warning directive: the script's own timer sends it."""
     make, out = fake

@@ -188,6 +188,7 @@ def test_sources_stream_big_inputs(tmp_path: Path):
     assert len(got) == 10 and peak < 2_000_000, peak
 
 
+@pytest.mark.slow
 def test_json_source_whole_big_list_in_bounded_memory(tmp_path: Path):
     jsonf = tmp_path / "big.json"
     with open(jsonf, "w") as f:
