@@ -41,7 +41,7 @@ _opened: Path | None = None
 
 #: verbs that only read a run: on a directory others can write they warn and go on, as long
 #: as they unpickle nothing (``results`` decodes Python results, so it refuses when there are)
-_READING_VERBS = frozenset({"status", "results", "failures", "logs", "list", "show"})
+_READING_VERBS = frozenset({"status", "results", "failures", "logs", "list", "show", "report"})
 
 
 def _holds_pickles(run: Any, verb: str) -> bool:
