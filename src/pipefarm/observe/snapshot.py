@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from ..states import Outcome, State
 from ..store.sqlite.query import CatalogQuery
 from .failures import FailureGroup, group_failures
-from .status import RATE_WINDOW_S, progress_of, run_lease
+from .status import RATE_WINDOW_S, coordinator_alive, progress_of, run_lease
 
 T = TypeVar("T")
 
@@ -187,11 +187,18 @@ def _workers(run_dir: Path, q: CatalogQuery) -> list[WorkerView]:
     done = _cached(run_dir, "ended_by_worker", q.ended_by_worker)
     busy = q.running_by_worker()
     out: dict[str, WorkerView] = {}
+    beats = _heartbeat_files(run_dir)
+    # a local worker lives only as long as its coordinator: with none, its row is history
+    # (it may not be marked gone: a killed coordinator marks nothing)
+    coordinator = coordinator_alive(run_dir)
+    array_ids = {wid for wid, _ in beats}
     for wid, host, pid, _started, hb, gone in q.worker_rows():
         age = max(0.0, now - hb) if hb is not None else None
-        state = "gone" if gone else "stale" if age is None or age > lease else "alive"
+        local_orphan = not coordinator and wid not in array_ids
+        state = ("gone" if gone or local_orphan
+                 else "stale" if age is None or age > lease else "alive")
         out[wid] = WorkerView(wid, host, pid, done.get(wid, 0), busy.get(wid, 0), age, state)
-    for wid, mtime in _heartbeat_files(run_dir):
+    for wid, mtime in beats:
         age = max(0.0, now - mtime)
         host, pid = _host_pid(wid)
         state = "alive" if age < lease else "stale"
