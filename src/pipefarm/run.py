@@ -411,6 +411,7 @@ class Run:
         lock.acquire()
         display = None
         try:
+            self.store.drop_views_index()  # no commit of this run pays for a view's index
             self.reap_orphans()
             self._take_back_blocks()
             callbacks: list[Callable[[dict[str, int]], None]] = []

@@ -272,6 +272,12 @@ class Store(ABC):
         nothing); this default runs them one by one."""
         yield self
 
+    def drop_views_index(self) -> None:
+        """Drop the index a view may have built on an idle run (see
+        :func:`~pipefarm.store.sqlite.schema.build_views_index`), before the run executes, so
+        that no commit pays for it; this default has none."""
+        return None
+
     # --- user actions ---------------------------------------------------------------------------
     @abstractmethod
     def cancel(self, ids: Iterable[int] | None = None) -> int:

@@ -152,6 +152,12 @@ class SQLiteStore(CatalogQuery, Store):
         self._specs: dict[int, Spec] = {}
 
     # --- plumbing --------------------------------------------------------------------------------
+    def drop_views_index(self) -> None:
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name=?",
+                           (schema.VIEWS_INDEX,)).fetchone():
+            with self._tx() as db:
+                db.execute(f"DROP INDEX IF EXISTS {schema.VIEWS_INDEX}")
+
     @contextmanager
     def transaction(self):
         """Group several write methods into one transaction (all or nothing)."""
