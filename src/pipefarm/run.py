@@ -1,4 +1,9 @@
-"""A run: a directory that holds tasks and their state, and the API to fill and execute it."""
+"""A run: a directory that holds tasks and their state, and the API to fill and execute it.
+
+:class:`Run` is the whole Python API of a run as a user meets it (submit, execute, look, act),
+so it stays one class in one module (~670 lines, half of them docstrings): its methods are
+thin and hand the work to the store, the backends and observe/.
+"""
 
 from __future__ import annotations
 

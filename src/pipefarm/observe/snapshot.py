@@ -360,7 +360,7 @@ _memo: dict[tuple[str, str], _Memo] = {}
 _memo_lock = threading.Lock()
 
 
-def _version(run_dir: Path) -> tuple[int, ...]:
+def catalog_version(run_dir: Path) -> tuple[int, ...]:
     """Changes whenever the catalog may have (its file's and its WAL's size and mtime)."""
     out: list[int] = []
     for name in ("catalog.db", "catalog.db-wal"):
@@ -376,7 +376,7 @@ def _cached(run_dir: Path, name: str, compute: Callable[[], T]) -> T:
     """``compute()``, reused while the catalog is unchanged, or while less than
     :data:`RECOMPUTE_FACTOR` times its last cost has passed."""
     key = (str(Path(run_dir).resolve()), name)
-    version = _version(Path(run_dir))
+    version = catalog_version(Path(run_dir))
     now = time.monotonic()
     with _memo_lock:
         hit = _memo.get(key)

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from ..snapshot import catalog_version
+
 #: seconds between two reads of one run's catalog, whatever the number of clients: the
 #: issue's "about once a second". Bench W11 (W1, 100,000 no-op tasks on 2 cores, /metrics and
 #: /api/snapshot read every second): 0.98x the unwatched rate served from a child process
@@ -78,18 +80,6 @@ def encode(obj: Any) -> bytes:
     return json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
-def _signature(run_dir: Path) -> tuple:
-    """What changes when anything commits to the catalog (the database and its WAL)."""
-    out: list[Any] = []
-    for name in ("catalog.db", "catalog.db-wal"):
-        try:
-            st = os.stat(run_dir / name)
-            out += [st.st_mtime_ns, st.st_size]
-        except OSError:
-            out += [None, None]
-    return tuple(out)
-
-
 class Board:
     """One run's dashboard data, cached per refresh (thread-safe)."""
 
@@ -120,7 +110,7 @@ class Board:
         if now - read_at < REFRESH_S:
             return True
         # a run nobody works on, whose files did not change: what we read is still true
-        return not live and sig is not None and sig == _signature(self.path) \
+        return not live and sig is not None and sig == catalog_version(self.path) \
             and not (self.path / "fs").is_dir()
 
     def payload(self) -> tuple[dict[str, Any], bytes, int]:
@@ -128,7 +118,7 @@ class Board:
         with self._lock:
             p = self._payload
             if p is None or not self._fresh(self._read_at, self._sig, p["overview"]["live"]):
-                sig = _signature(self.path)
+                sig = catalog_version(self.path)
                 p = self._read()
                 self._read_at, self._sig = time.monotonic(), sig
                 # the charts' JSON is made once per read of them, not once a second
@@ -192,7 +182,7 @@ class Board:
 
         with self._hist_lock:
             now = time.monotonic()
-            sig = _signature(self.path)
+            sig = catalog_version(self.path)
             if self._hist is None or (self._hist_sig != sig and now - self._hist_at >= HIST_REFRESH_S):
                 self._hist = duration_data(self.path)
                 self._hist_sig, self._hist_at = sig, now
