@@ -19,10 +19,11 @@ test: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
-# The inner loop: unit and contract tests, few hypothesis examples, none marked slow (over ~0.5 s)
+# The inner loop: unit and contract tests, few hypothesis examples, none marked slow (over
+# ~0.5 s) or needing a real scheduler
 # (the whole suite, faults and cluster included, is `make test`).
 test-fast: $(STAMP)
-	PIPEFARM_FAST=1 $(BIN)/python -m pytest -q -m "not slow" tests/unit tests/contract
+	PIPEFARM_FAST=1 $(BIN)/python -m pytest -q -m "not slow and not scheduler" tests/unit tests/contract
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

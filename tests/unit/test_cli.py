@@ -359,6 +359,7 @@ def test_timeout_kills_the_whole_process_group(timed_out_run) -> None:
     assert "timed out" in text
 
 
+@pytest.mark.slow
 def test_timeouts_form_one_failure_group(timed_out_run) -> None:
     d, *_ = timed_out_run
     groups = json.loads(pf_ok("failures", "r", "--json", cwd=d))

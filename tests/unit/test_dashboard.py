@@ -292,6 +292,7 @@ def test_fresh_python_stays_fast_to_import() -> None:
     time.sleep(0)  # (no timing asserted: import time is bench's)
 
 
+@pytest.mark.slow
 def test_execute_dashboard_server_ends_with_its_parent(done_run: Path, tmp_path: Path) -> None:
     """The child process that serves beside a run never outlives it, even when the run's
     process dies without cleaning up (SIGKILL, os._exit)."""

@@ -138,6 +138,7 @@ def test_damaged_catalog_from_the_python_api(finished, tmp_path):
     assert (run / "catalog.db").stat().st_size == 0
 
 
+@pytest.mark.slow
 def test_the_hint_recovers_a_truncated_catalog(finished, tmp_path):
     run = _copy(finished, tmp_path / "run")
     _damage("truncated", run)

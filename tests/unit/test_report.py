@@ -157,6 +157,7 @@ def test_report_of_an_array_run_folds_its_journals_first(tmp_path: Path) -> None
     assert "exit 2: oops N" in html and "oops 17" in html
 
 
+@pytest.mark.slow
 def test_report_of_a_live_run(tmp_path: Path) -> None:
     ok("submit", "r", "--array", "0-39", "--", "sleep", "0.5", cwd=tmp_path)
     bg = subprocess.Popen([*PF, "run", "r", "--no-progress", "-w", "2"], cwd=tmp_path,
@@ -218,6 +219,7 @@ def _png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     return width, channels, rows
 
 
+@pytest.mark.slow
 def test_the_report_draws_in_headless_chromium_offline(finished: Path, tmp_path: Path) -> None:
     if not os.path.exists(CHROMIUM):
         service_absent(f"{CHROMIUM} is not installed")

@@ -101,6 +101,7 @@ def test_watch_app_follows_a_run_to_its_end(tmp_path: Path) -> None:
     assert (tmp_path / "watch.svg").stat().st_size > 1000 and "<svg" in svg
 
 
+@pytest.mark.slow
 def test_watch_app_log_of_a_running_task_and_quit(tmp_path: Path) -> None:
     path = tmp_path / "r"
     with pf.Run.create(path) as run:
