@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,4 +159,25 @@ def test_views_index_only_while_nothing_executes(tmp_path: Path) -> None:
     run.execute(workers=1, progress=False, on_progress=lambda counts: seen.append(indexed()))
     assert seen and not any(seen)  # dropped before the first task ran
     assert S.overview(run.path).counts["succeeded"] == 20 and indexed()
+    run.close()
+
+
+def test_views_cache_keeps_an_idle_runs_aggregates_by_catalog_version(tmp_path: Path) -> None:
+    """A finished run's full-scan aggregates are kept in RUN/views-cache.msgpack for the next
+    process; once the run changes, the kept value is not used."""
+    run = pf.Run.create(tmp_path / "r")
+    run.map(tasks_lib.square, range(10))
+    run.execute(workers=2, progress=False)
+    done = sum(w.done for w in S.workers(run.path))
+    assert done == 10 and (run.path / S.VIEWS_CACHE).exists()
+    code = ("import sys; from pipefarm.observe import snapshot as S; "
+            "print(S._kept(S.Path(sys.argv[1]), 'ended_by_worker', "
+            "S.catalog_version(S.Path(sys.argv[1]))))")
+    kept = subprocess.run([sys.executable, "-c", code, str(run.path)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "None" != kept.strip() and sum(eval(kept).values()) == 10  # noqa: S307 (our own repr)
+    run.map(tasks_lib.square, range(5))
+    run.execute(workers=2, progress=False)
+    S._memo.clear()
+    assert sum(w.done for w in S.workers(run.path)) == 15
     run.close()

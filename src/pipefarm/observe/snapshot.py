@@ -187,7 +187,7 @@ def workers(run_dir: str | os.PathLike[str]) -> list[WorkerView]:
 def _workers(run_dir: Path, q: CatalogQuery) -> list[WorkerView]:
     now = time.time()
     lease = run_lease(run_dir)
-    done = _cached(run_dir, "ended_by_worker", q.ended_by_worker)
+    done = cached(run_dir, "ended_by_worker", q.ended_by_worker, keep=True)
     busy = q.running_by_worker()
     out: dict[str, WorkerView] = {}
     beats = _heartbeat_files(run_dir)
@@ -252,7 +252,7 @@ def failure_groups(run_dir: str | os.PathLike[str], limit: int = 10) -> list[Fai
 
 
 def _failure_groups(run_dir: Path, q: CatalogQuery, limit: int) -> list[FailureGroup]:
-    groups = _cached(run_dir, "failure_groups", lambda: group_failures(
+    groups = cached(run_dir, "failure_groups", lambda: group_failures(
         q.failed_latest(FAILURE_SAMPLE), examples=GROUP_EXAMPLES))
     return groups[:limit]
 
@@ -372,18 +372,64 @@ def catalog_version(run_dir: Path) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _cached(run_dir: Path, name: str, compute: Callable[[], T]) -> T:
+def cached(run_dir: Path, name: str, compute: Callable[[], T], *, keep: bool = False) -> T:
     """``compute()``, reused while the catalog is unchanged, or while less than
-    :data:`RECOMPUTE_FACTOR` times its last cost has passed."""
-    key = (str(Path(run_dir).resolve()), name)
-    version = catalog_version(Path(run_dir))
+    :data:`RECOMPUTE_FACTOR` times its last cost has passed.
+
+    With ``keep`` (plain values only: dicts, lists, numbers, strings), the value of an idle run
+    is also kept in ``RUN/`` :data:`VIEWS_CACHE`, so that a fresh process (a new server, a
+    scrape after a restart) reads a finished run's full-scan aggregates without the scan.
+    """
+    run_dir = Path(run_dir)
+    key = (str(run_dir.resolve()), name)
+    version = catalog_version(run_dir)
     now = time.monotonic()
     with _memo_lock:
         hit = _memo.get(key)
     if hit is not None and (hit.version == version or now - hit.at < hit.cost * RECOMPUTE_FACTOR):
         return hit.value
+    kept = _kept(run_dir, name, version) if keep else None
     t0 = time.perf_counter()
-    value = compute()
+    value = kept if kept is not None else compute()
     with _memo_lock:
         _memo[key] = _Memo(version, now, time.perf_counter() - t0, value)
+    if keep and kept is None and not coordinator_alive(run_dir):
+        _keep(run_dir, name, version, value)
     return value
+
+
+#: file in a run directory that keeps full-scan aggregates of the idle run, by catalog version
+VIEWS_CACHE = "views-cache.msgpack"
+
+
+def _kept(run_dir: Path, name: str, version: tuple[int, ...]) -> Any:
+    import msgspec
+
+    try:
+        entry = msgspec.msgpack.decode((run_dir / VIEWS_CACHE).read_bytes()).get(name)
+    except (OSError, msgspec.DecodeError, AttributeError):
+        return None
+    if not isinstance(entry, list) or len(entry) != 2 or tuple(entry[0]) != version:
+        return None
+    return entry[1]
+
+
+def _keep(run_dir: Path, name: str, version: tuple[int, ...], value: Any) -> None:
+    """Add ``value`` to the run's :data:`VIEWS_CACHE` (entries of older versions dropped);
+    where the run cannot be written, nothing is kept."""
+    import msgspec
+
+    path = run_dir / VIEWS_CACHE
+    try:
+        old = msgspec.msgpack.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        old = {}
+    entries = {k: v for k, v in old.items() if isinstance(v, list) and tuple(v[0]) == version} \
+        if isinstance(old, dict) else {}
+    entries[name] = [list(version), value]
+    tmp = path.with_name(f".{VIEWS_CACHE}.{os.getpid()}")
+    try:
+        tmp.write_bytes(msgspec.msgpack.encode(entries))
+        os.replace(tmp, path)
+    except (OSError, TypeError):
+        tmp.unlink(missing_ok=True)

@@ -87,16 +87,24 @@ def build_views_index(run_dir: str | Path, idle: Callable[[], bool]) -> bool:
     moment either finds the index (and drops it) or is seen and the build is left. A catalog
     this user cannot write, or one busy writing, just stays without it (the views then scan).
     """
+    path = Path(run_dir) / "catalog.db"
+    find = "SELECT 1 FROM sqlite_master WHERE type='index' AND name=?"
+    try:  # looked for read-only first: a writer's connection touches the WAL (a new version)
+        ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
+        try:
+            if ro.execute(find, (VIEWS_INDEX,)).fetchone():
+                return True
+        finally:
+            ro.close()
+    except sqlite3.Error:
+        return False
+    if not idle():  # asked before the write lock too: never contend with a live run's writer
+        return False
     try:
-        db = sqlite3.connect(Path(run_dir) / "catalog.db", timeout=0.05, isolation_level=None)
+        db = sqlite3.connect(path, timeout=0.05, isolation_level=None)
     except sqlite3.Error:
         return False
     try:
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name=?",
-                      (VIEWS_INDEX,)).fetchone():
-            return True
-        if not idle():  # asked first too: never contend with a live run's writer
-            return False
         db.execute("BEGIN IMMEDIATE")
         if not idle():
             db.execute("ROLLBACK")
