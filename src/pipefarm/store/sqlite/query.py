@@ -25,6 +25,9 @@ from .schema import _S, _SUCCEEDED, VIEWS_INDEX, _chunks, _qs
 #: the columns :func:`spec_of_row` reads, in its order
 SPEC_COLS = "kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus, memory, tags, name"
 
+#: how many of the latest ended tasks the recent mean duration (the ETA's) is taken over
+RECENT_MEAN_TASKS = 1000
+
 #: attempts that ended with a duration to measure (throughput and ETA)
 _ENDED = states.sql_list({State.SUCCEEDED, State.FAILED})
 
@@ -244,11 +247,13 @@ class CatalogQuery:
     def recent_ends(self, since: float) -> tuple[int, float | None, float | None]:
         """``(count, first ended_at, mean duration)`` of the tasks that succeeded or failed at
         or after ``since``."""
-        n, first, mean = self.db.execute(
-            "SELECT count(*), min(ended_at), avg(ended_at - started_at) FROM tasks"
-            f" WHERE state IN {_ENDED} AND ended_at >= ?",
+        n, first = self.db.execute(
+            f"SELECT count(*), min(ended_at) FROM tasks WHERE state IN {_ENDED} AND ended_at >= ?",
             (since,),
         ).fetchone()
+        # the mean over the latest of them only: a count and a min are read from the views'
+        # index alone, a mean would read every row (0.26 s for a run that just ended 1M tasks)
+        mean = self.recent_mean_duration(RECENT_MEAN_TASKS) if n else None
         return n, first, mean
 
     def mean_duration(self) -> float | None:
