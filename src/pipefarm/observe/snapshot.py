@@ -322,9 +322,14 @@ def task_stream(run_dir: str | os.PathLike[str], since: float | None = None,
 
 def attempt_totals(run_dir: str | os.PathLike[str]) -> dict[str, int]:
     """Attempts by outcome label (every :class:`~pipefarm.states.Outcome`, zeros included)."""
-    with reader(run_dir) as q:
-        by = q.outcome_counts()
-    return {o.label: by.get(int(o), 0) for o in Outcome}
+    p = prepare(run_dir)
+
+    def read() -> dict[str, int]:
+        with reader(p, fold=False) as q:
+            by = q.outcome_counts()
+        return {o.label: by.get(int(o), 0) for o in Outcome}
+
+    return dict(cached(p, "attempt_totals", read, keep=True))  # a full scan of 1M: ~36 ms
 
 
 def snapshot(run_dir: str | os.PathLike[str], running_limit: int = 50,
