@@ -60,3 +60,19 @@ class _Seconds(click.ParamType):
             return checked_timeout(value)
         except SubmissionError:
             self.fail(f"{value!r} is not a number of seconds > 0 (inf: no timeout)", param, ctx)
+
+
+class _BackendName(click.ParamType):
+    """A backend's name: a built-in one or one a package registers in the ``pipefarm.backends``
+    entry-point group; an unknown name lists the installed ones."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ..backends.base import installed
+
+        names = installed()
+        if value not in names:
+            self.fail(f"unknown backend {value!r}; installed: {', '.join(names)}", param, ctx)
+        return value
+

@@ -8,7 +8,7 @@ import click
 
 from ..states import left_count
 from .app import EXIT_FAILED_TASKS, _open, main
-from .params import _ids, _known
+from .params import _BackendName, _ids, _known
 
 # --- run -------------------------------------------------------------------------------------------
 #: ``pipefarm run`` stopped by SIGTERM (scheduler cancel, ``kill``): 128 + 15, as a shell reports it
@@ -51,12 +51,17 @@ def _not_succeeded_lines(run_dir: str, counts: dict[str, int]) -> list[str]:
 @main.command("run")
 @click.argument("run_dir", metavar="RUN")
 @click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes (default: the CPU count).")
-@click.option("--backend", type=click.Choice(["local", "sequential"]), default="local", show_default=True)
+@click.option("--backend", type=_BackendName(), default="local", show_default=True,
+              help="Where the tasks run: local (worker processes on this host), sequential (one"
+                   " by one in this process), or a backend a package installed (its name as"
+                   " registered in the pipefarm.backends entry points).")
+@click.option("--address", metavar="ADDR", help="The engine to connect to, for backends that"
+              " take one (e.g. --backend dask --address tcp://host:8786).")
 @click.option("--gpus-available", metavar="LIST", help="GPU ids to hand out, e.g. 0,1,2,3 (default: detected).")
 @click.option("--halt", metavar="WHEN,fail=N", callback=_halt_spec, help="Stop early when tasks fail (as GNU parallel): soon,fail=3 hands out no new task after 3 failures, the running ones finish; now,fail=3 stops the running ones too (released, no retry spent); soon,fail=10% counts the share of ended tasks (from 10 ended on).")
 @click.option("--no-progress", is_flag=True, help="No progress display.")
-def run_cmd(run_dir: str, workers: int | None, backend: str, gpus_available: str | None,
-            halt: str | None, no_progress: bool) -> int:
+def run_cmd(run_dir: str, workers: int | None, backend: str, address: str | None,
+            gpus_available: str | None, halt: str | None, no_progress: bool) -> int:
     """Execute RUN (or resume it): every task not finished yet.
 
     \b
@@ -67,8 +72,13 @@ def run_cmd(run_dir: str, workers: int | None, backend: str, gpus_available: str
     anything runs (exit 2).
     Exit status: 0 all succeeded, 1 some did not, 3 halted by --halt, 130 Ctrl-C, 143 SIGTERM.
     """
-    run = _open(run_dir)
     options: dict[str, Any] = {}
+    if address is not None:
+        if backend in ("local", "sequential"):
+            raise click.UsageError(f"--address is for engines elsewhere; --backend {backend}"
+                                   " runs on this host")
+        options["address"] = address
+    run = _open(run_dir)
     if gpus_available is not None and backend == "local":
         from ..execute.gpus import parse_device_list
 
