@@ -417,6 +417,9 @@ class Run:
         display = None
         try:
             self.store.drop_views_index()  # no commit of this run pays for a view's index
+            # by the name asked for (a plugin's class may inherit a built-in's name)
+            self.store.note_backend(backend if isinstance(backend, str)
+                                    else getattr(be, "name", type(be).__name__))
             self.reap_orphans()
             self._take_back_blocks()
             callbacks: list[Callable[[dict[str, int]], None]] = []

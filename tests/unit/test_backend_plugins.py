@@ -55,6 +55,16 @@ def test_a_registered_backend_runs_by_name_from_the_cli(tmp_path: Path) -> None:
     status = json.loads(subprocess.run([*PF, "status", str(run), "--json"], env=env,
                                        capture_output=True, text=True, check=True).stdout)
     assert status["counts"]["succeeded"] == 3
+    subprocess.run([*PF, "retry", str(run), "--ids", "1", "--force"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    subprocess.run([*PF, "run", str(run), "--no-progress"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    status = json.loads(subprocess.run([*PF, "status", str(run), "--json"], env=env,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert status["backends"] == ["echo", "local"]  # where the run executed, in order
+    text = subprocess.run([*PF, "status", str(run)], env=env, capture_output=True, text=True,
+                          check=True).stdout
+    assert "executed on: echo, local" in text
 
 
 def test_an_unknown_backend_is_one_line_listing_the_installed_ones(tmp_path: Path) -> None:

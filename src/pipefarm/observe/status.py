@@ -177,4 +177,5 @@ def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> d
         {"task_id": t, "note": note}
         for t, note in q.last_notes(last_failures)
     ]
+    rep["backends"] = q.backends_used()  # where it has executed, first use first
     return rep

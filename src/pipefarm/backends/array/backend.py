@@ -158,6 +158,7 @@ class ArrayBackend:
         job = submit(self.scheduler, script)
         jobs = [j for j in str(run.store.meta("array_jobs", "") or "").split(",") if j]
         run.store.set_meta("array_jobs", ",".join([*jobs, f"{self.scheduler}:{job}"]))
+        run.store.note_backend(self.name)
         return job
 
     def wait(self, run: Any, job: str, on_progress: ProgressFn | None = None) -> Summary:

@@ -22,6 +22,9 @@ from ...task import PY, Resources, Spec
 from ..base import AttemptRow, TaskRow
 from .schema import _S, _SUCCEEDED, VIEWS_INDEX, _chunks, _qs
 
+#: the ``meta`` key listing the backends a run has executed on (comma-separated names)
+BACKENDS_KEY = "backends_used"
+
 #: the columns :func:`spec_of_row` reads, in its order
 SPEC_COLS = "kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus, memory, tags, name"
 
@@ -73,6 +76,15 @@ class CatalogQuery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """The run's ``meta`` value under ``key`` (``default`` when there is none)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def backends_used(self) -> list[str]:
+        """The backends this run has executed on, first use first (``pipefarm status``)."""
+        return [b for b in (self.meta(BACKENDS_KEY) or "").split(",") if b]
 
     def spec(self, spec_id: int) -> Spec:
         """The spec with this id (``KeyError`` if there is none)."""

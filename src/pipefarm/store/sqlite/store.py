@@ -34,7 +34,7 @@ from ...states import Outcome, State
 from ...task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
 from ..base import DEFAULT_LEASE_S, Store, TaskIds
 from . import schema
-from .query import SPEC_COLS, CatalogQuery, spec_of_row
+from .query import BACKENDS_KEY, SPEC_COLS, CatalogQuery, spec_of_row
 from .schema import (
     _ACTIVE,
     _READY,
@@ -233,13 +233,15 @@ class SQLiteStore(CatalogQuery, Store):
         except sqlite3.Error:
             pass
 
-    def meta(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return default if row is None else row[0]
-
     def set_meta(self, key: str, value: Any) -> None:
         with self._tx():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+    def note_backend(self, name: str) -> None:
+        """Add ``name`` to the backends this run has executed on (:meth:`backends_used`)."""
+        used = self.backends_used()
+        if name not in used:
+            self.set_meta(BACKENDS_KEY, ",".join([*used, name]))
 
     # --- submission ------------------------------------------------------------------------------
     def add_spec(self, spec: Spec) -> int:
