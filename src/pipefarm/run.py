@@ -457,13 +457,7 @@ class Run:
         bad = {sid: g for sid, g in pending if g > have}
         if not bad:
             return
-        from .states import TERMINAL, sql_list
-
-        marks = ",".join("?" * len(bad))
-        ids = [r[0] for r in self.store.db.execute(
-            f"SELECT id FROM tasks WHERE spec IN ({marks}) AND state NOT IN {sql_list(TERMINAL)}"
-            " ORDER BY id"
-            f" LIMIT {UNRUNNABLE_IDS_SHOWN + 1}", list(bad))]
+        ids = self.store.left_of_specs(list(bad), UNRUNNABLE_IDS_SHOWN + 1)
         shown = ", ".join(map(str, ids[:UNRUNNABLE_IDS_SHOWN])) + (
             ", ..." if len(ids) > UNRUNNABLE_IDS_SHOWN else "")
         need = max(bad.values())
@@ -480,11 +474,10 @@ class Run:
         if not (self.path / "fs").is_dir():
             return
         from .backends.array import recall
+        from .store.shared_fs.tables import open_blocks
 
         recall(self)
-        held = self.store.db.execute(
-            "SELECT count(*) FROM fs_blocks WHERE closed=0"
-        ).fetchone()[0]
+        held = open_blocks(self.store)
         if held:
             raise RunLocked(
                 f"{held} block(s) of this run are held by live array workers; wait for them"
@@ -493,7 +486,7 @@ class Run:
 
     def reap_orphans(self) -> int:
         """Reap the leases of coordinators that are gone (the caller holds the run lock)."""
-        live = [w for (w,) in self.store.db.execute("SELECT id FROM workers WHERE gone=0")]
+        live = self.store.workers_not_gone()
         return self.store.reap(workers=live) if live else 0
 
     def serve(self, port: int = 0, bind: str = "127.0.0.1", token: str | None = None) -> Any:

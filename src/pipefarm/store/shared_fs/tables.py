@@ -72,3 +72,10 @@ def qs(n: int) -> str:
 def ensure_schema(catalog: SQLiteStore) -> None:
     """Add the protocol's tables to a catalog (idempotent, once per store object)."""
     catalog.ensure_tables("shared_fs", SCHEMA)
+
+
+def open_blocks(catalog: SQLiteStore) -> int:
+    """How many exported blocks are not closed yet (held, or waiting to be claimed)."""
+    ensure_schema(catalog)
+    return catalog.db.execute("SELECT count(*) FROM fs_blocks WHERE closed=0").fetchone()[0]
+

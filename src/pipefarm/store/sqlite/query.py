@@ -86,6 +86,17 @@ class CatalogQuery:
         """The backends this run has executed on, first use first (``pipefarm status``)."""
         return [b for b in (self.meta(BACKENDS_KEY) or "").split(",") if b]
 
+    def workers_not_gone(self) -> list[str]:
+        """The ids of the workers the catalog does not know to be gone."""
+        return [w for (w,) in self.db.execute("SELECT id FROM workers WHERE gone=0")]
+
+    def left_of_specs(self, spec_ids: Sequence[int], limit: int) -> list[int]:
+        """Up to ``limit`` ids of the tasks left (not ended) of these specs, lowest first."""
+        return [r[0] for r in self.db.execute(
+            f"SELECT id FROM tasks WHERE spec IN ({_qs(len(spec_ids))})"
+            f" AND state IN {states.sql_list(states.LEFT)} ORDER BY id LIMIT ?",
+            [*spec_ids, limit])]
+
     def spec(self, spec_id: int) -> Spec:
         """The spec with this id (``KeyError`` if there is none)."""
         row = self.db.execute(f"SELECT {SPEC_COLS} FROM specs WHERE id=?", (spec_id,)).fetchone()
