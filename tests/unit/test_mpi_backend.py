@@ -1,0 +1,79 @@
+"""The ``mpi`` backend under a real ``mpiexec``: rank 0 coordinates, ranks 1..N-1 run tasks.
+
+No mocks: a real Open MPI (or MPICH) job runs ``pipefarm run RUN --backend mpi`` on a run of
+Python and command tasks, with a timeout and a retry among them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import tasks_lib as T
+from mpi_lib import mpi_env, mpiexec_pipefarm, require_mpi
+
+import pipefarm as pf
+
+
+def test_import_does_not_initialise_mpi() -> None:
+    """``import pipefarm`` and the mpi backend's package never import mpi4py (MPI_Init)."""
+    code = ("import sys, pipefarm, pipefarm.backends.mpi, pipefarm.backends.base as b;"
+            " b.backend_class('local');"
+            " raise SystemExit('mpi4py' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_mpi_listed_as_backend() -> None:
+    assert "mpi" in pf.backends.installed()
+
+
+@pytest.mark.slow
+def test_mpiexec_runs_python_and_command_tasks(tmp_path) -> None:
+    require_mpi()
+    d = tmp_path / "run"
+    run = pf.Run.create(d)
+    squares = run.map(T.square, range(300))
+    echoes = run.submit_cmd(["sh", "-c", "echo out {i}; echo err {i} >&2"],
+                            [{"i": str(i)} for i in range(100)])
+    [slow] = run.map(T.sleep_then, [1], [30.0], timeout=0.5)
+    [flaky] = run.map(T.fail_first_time, [str(tmp_path / "flag")], [7], retries=1)
+    run.close()
+
+    p = subprocess.run(mpiexec_pipefarm(3, "run", str(d), "--backend", "mpi", "--no-progress"),
+                       env=mpi_env(), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 1, p.stderr  # the timed-out task failed for good, nothing else
+    assert "402 tasks (401 succeeded, 1 failed)" in p.stderr, p.stderr
+
+    run = pf.Run.open(d)
+    try:
+        for t in squares:
+            assert run.result(t) == (t - squares[0]) ** 2
+            assert [a.outcome for a in run.attempts(t)] == ["succeeded"]
+        for i, t in enumerate(echoes):
+            assert run.output(t) == f"out {i}\n".encode()
+            assert run.output(t, stream="stderr") == f"err {i}\n".encode()
+            assert [a.outcome for a in run.attempts(t)] == ["succeeded"]
+        [timed_out] = run.attempts(slow)
+        assert timed_out.outcome == "timed_out" and "timed out after 0.5 s" in timed_out.error
+        assert [a.outcome for a in run.attempts(flaky)] == ["failed", "succeeded"]
+        assert run.result(flaky) == 7
+        # every worker ran on a rank, not in rank 0: two worker ranks, each a worker process
+        # (one replaced after the timeout)
+        workers = {a.worker for t in squares for a in run.attempts(t)}
+        assert 1 <= len(workers) <= 3
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
+def test_too_few_ranks_is_a_clear_error(tmp_path) -> None:
+    require_mpi()
+    d = tmp_path / "run"
+    pf.Run.create(d).close()
+    p = subprocess.run(mpiexec_pipefarm(1, "run", str(d), "--backend", "mpi", "--no-progress"),
+                       env=mpi_env(), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode != 0
+    assert "needs at least 2 MPI ranks" in p.stderr, p.stderr
