@@ -22,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from .local import LocalBackend
 
         return LocalBackend
+    if name in ("Dask", "DaskBackend"):
+        from .dask import DaskBackend
+
+        return DaskBackend
     if name in ("Sequential", "SequentialBackend"):
         from .sequential import SequentialBackend
 

@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "pipefarm.backends"
 BUILT_IN = {
     "local": "pipefarm.backends.local:LocalBackend",
     "sequential": "pipefarm.backends.sequential:SequentialBackend",
+    "dask": "pipefarm.backends.dask:DaskBackend",
     "mpi": "pipefarm.backends.mpi:MPIBackend",
 }
 
