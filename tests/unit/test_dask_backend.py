@@ -111,6 +111,8 @@ def test_retries_timeout_and_dependencies(tmp_path, client):
         assert (tmp_path / "order").read_text().split() == ["a", "b"]
         assert run.result(second) == "b"
         assert summary.counts["failed"] == 2 and summary.counts["skipped"] == 1, summary
+        T.wait_until(lambda: not T.live_procs_with_cmdline(str(tmp_path / "run")), 10,
+                     what="every pipefarm worker process to be gone")
 
 
 def _children(pid: int) -> list[int]:
@@ -171,6 +173,10 @@ def test_external_cluster_survives_a_killed_worker(tmp_path):
             _one_success_each(run, ids)
             lost = [a for t in ids for a in run.attempts(t) if a.outcome == "lost"]
             assert len(lost) <= 2  # at most the task each slot on that worker ran
+        # the killed worker's pipefarm process died with it (parent-death signal); the others
+        # exited at the end of the run
+        T.wait_until(lambda: not T.live_procs_with_cmdline(str(tmp_path / "run")), 10,
+                     what="every pipefarm worker process to be gone")
     finally:
         for p in reversed(procs):
             if p.poll() is None:

@@ -53,11 +53,12 @@ def _not_succeeded_lines(run_dir: str, counts: dict[str, int]) -> list[str]:
 @click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes (default: the CPU count).")
 @click.option("--backend", type=_BackendName(), default="local", show_default=True,
               help="Where the tasks run: local (worker processes on this host), sequential (one"
-                   " by one in this process), or a backend a package installed (its name as"
-                   " registered in the pipefarm.backends entry points).")
+                   " by one in this process), mpi (under mpiexec/srun: rank 0 coordinates, the"
+                   " other ranks run tasks), dask (a Dask cluster: --address, else a LocalCluster),"
+                   " or a backend a package installed (its entry-point name).")
 @click.option("--address", metavar="ADDR", help="The engine to connect to, for backends that"
               " take one (e.g. --backend dask --address tcp://host:8786).")
-@click.option("--gpus-available", metavar="LIST", help="GPU ids to hand out, e.g. 0,1,2,3 (default: detected).")
+@click.option("--gpus-available", metavar="LIST", help="GPU ids to hand out, e.g. 0,1,2,3 (default: detected on this host; none for mpi).")
 @click.option("--halt", metavar="WHEN,fail=N", callback=_halt_spec, help="Stop early when tasks fail (as GNU parallel): soon,fail=3 hands out no new task after 3 failures, the running ones finish; now,fail=3 stops the running ones too (released, no retry spent); soon,fail=10% counts the share of ended tasks (from 10 ended on).")
 @click.option("--no-progress", is_flag=True, help="No progress display.")
 def run_cmd(run_dir: str, workers: int | None, backend: str, address: str | None,
@@ -78,8 +79,12 @@ def run_cmd(run_dir: str, workers: int | None, backend: str, address: str | None
             raise click.UsageError(f"--address is for engines elsewhere; --backend {backend}"
                                    " runs on this host")
         options["address"] = address
+    if backend == "mpi":  # ranks 1..N-1 serve rank 0's workers and exit here: they never open RUN
+        from ..backends.mpi import serve_if_worker_rank
+
+        serve_if_worker_rank()
     run = _open(run_dir)
-    if gpus_available is not None and backend == "local":
+    if gpus_available is not None and backend in ("local", "mpi"):
         from ..execute.gpus import parse_device_list
 
         options["gpus_available"] = parse_device_list(gpus_available)
