@@ -77,3 +77,32 @@ def test_too_few_ranks_is_a_clear_error(tmp_path) -> None:
                        stdin=subprocess.DEVNULL)
     assert p.returncode != 0
     assert "needs at least 2 MPI ranks" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_array_launch_mpiexec_backend_mpi(tmp_path) -> None:
+    """``pipefarm array RUN --launch mpiexec -n 2 --backend mpi`` starts rank 0 plus 2 worker
+    ranks running ``pipefarm run RUN --backend mpi`` and returns their exit status."""
+    require_mpi()
+    d = tmp_path / "run"
+    run = pf.Run.create(d)
+    ids = run.map(T.square, range(50))
+    run.close()
+    p = subprocess.run([sys.executable, "-m", "pipefarm", "array", str(d), "--launch", "mpiexec",
+                        "-n", "2", "--backend", "mpi"], env=mpi_env(), capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    run = pf.Run.open(d)
+    try:
+        assert [run.result(t) for t in ids] == [i * i for i in range(50)]
+        assert "mpi" in run.store.backends_used()
+    finally:
+        run.close()
+
+
+def test_array_backend_mpi_needs_launch(tmp_path) -> None:
+    d = tmp_path / "run"
+    pf.Run.create(d).close()
+    p = subprocess.run([sys.executable, "-m", "pipefarm", "array", str(d), "--scheduler", "slurm",
+                        "--backend", "mpi"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--backend mpi goes with --launch" in p.stderr, p.stderr

@@ -103,6 +103,7 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 @click.option("--elements", type=click.IntRange(min=1), default=1, show_default=True, help="Array elements (jobs).")
 @click.option("--workers-per-element", "-w", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("-n", "--workers", "n_workers", type=click.IntRange(min=1), help="With --launch: number of worker processes.")
+@click.option("--backend", "launch_backend", type=click.Choice(["array", "mpi"]), default="array", show_default=True, help="With --launch: array starts -n `pipefarm worker`s that share the run directory; mpi starts one MPI job of -n worker ranks plus rank 0, the coordinator (pipefarm run RUN --backend mpi under the launcher; needs pipefarm[mpi]).")
 @click.option("--time", "walltime", help="Walltime per element: minutes (--time 90), HH:MM:SS or D-HH:MM:SS. Two fields follow the scheduler: --time 2:00 is 2 minutes for SLURM and PBS (MM:SS), 2 hours for LSF (HH:MM); SGE and HTCondor want HH:MM:SS.")
 @click.option("--partition", "--queue", "partition", help="Partition (SLURM) or queue.")
 @click.option("--account", help="Account / project to charge.")
@@ -123,7 +124,8 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
 @click.option("--poll", type=click.FloatRange(min=1), default=30.0, show_default=True, help="Seconds between scheduler queries while waiting.")
 @click.option("--lease", type=click.FloatRange(min=1), default=None, help="Seconds without a heartbeat before a worker's blocks are taken over (default 60; fixed at the first export).")
 def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: int,
-          workers_per_element: int, n_workers: int | None, walltime: str | None,
+          workers_per_element: int, n_workers: int | None, launch_backend: str,
+          walltime: str | None,
           partition: str | None, account: str | None, cpus_per_worker: int,
           gpus_per_worker: int, throttle: int | None, extra: tuple[str, ...], mem: str | None,
           mem_per_worker: str | None, parallel_env: str, setup: tuple[str, ...],
@@ -135,6 +137,7 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
       pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --dry-run
       pipefarm array runs/sweep --scheduler slurm --elements 16 -w 4 --time 2:00:00 --submit --wait
       pipefarm array runs/sweep --launch srun -n 64      # inside an salloc/sbatch allocation
+      pipefarm array runs/sweep --launch mpiexec -n 64 --backend mpi   # rank 0 coordinates
       pipefarm array runs/sweep --scheduler sge --elements 4 --mem 8G --pe mpi \\
           --setup 'module load python/3.11' --setup 'source ~/venv/bin/activate' --python python3
 
@@ -147,6 +150,15 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
 
     if (scheduler is None) == (launcher is None):
         raise click.UsageError("choose one of --scheduler and --launch")
+    if launch_backend == "mpi":
+        if launcher is None:
+            raise click.UsageError("--backend mpi goes with --launch (a job array of MPI jobs"
+                                   " is not supported); use --backend array with --scheduler")
+        from ..backends.mpi.launch import launch as launch_mpi
+
+        _open(run_dir)  # a clear error for a directory that is not a run, before any rank starts
+        return launch_mpi(launcher, n_workers or elements * workers_per_element, run_dir,
+                          python=python)
     run = _open(run_dir)
     if lease is not None:
         run.use_lease(lease)

@@ -89,8 +89,9 @@ def run_cmd(run_dir: str, workers: int | None, backend: str, address: str | None
 
         options["gpus_available"] = parse_device_list(gpus_available)
     if halt is not None:
-        if backend != "local":
-            raise click.UsageError("--halt works with --backend local")
+        if backend == "sequential":
+            raise click.UsageError("--halt needs a backend with a coordinator (local, mpi, dask,"
+                                   " ...), not --backend sequential")
         options["halt"] = halt
     try:
         summary = run.execute(workers=workers, backend=backend, progress=not no_progress, **options)
