@@ -1,5 +1,6 @@
 """Backends run a store's tasks: ``local`` (a coordinator and worker processes on this host),
-``sequential`` (in the calling process), ``array`` (batch jobs on a cluster), and any a site
+``sequential`` (in the calling process), ``array`` (batch jobs on a cluster), ``mpi`` (the ranks
+of an MPI job), ``dask`` (a Dask cluster), and any a site
 registers in the ``pipefarm.backends`` entry-point group. :mod:`.base` holds the contract.
 
 Nothing here imports a backend until it is asked for (``import pipefarm`` stays fast).
@@ -26,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from .dask import DaskBackend
 
         return DaskBackend
+    if name in ("MPI", "MPIBackend"):
+        from .mpi import MPIBackend
+
+        return MPIBackend
     if name in ("Sequential", "SequentialBackend"):
         from .sequential import SequentialBackend
 
