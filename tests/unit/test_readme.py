@@ -12,12 +12,18 @@
   becomes ``--elements 1 -w 1`` and ``--poll 2`` is added, because this machine has 2 cores
   (16 elements of 4 workers would never be scheduled) and a test should not wait 30 s per poll.
   Without ``sbatch`` it is skipped, saying so.
+- A block preceded by ``<!-- snippet: engines ... -->`` needs an engine (mpiexec and mpi4py,
+  dask.distributed); it runs in its place in README order, with the engine missing it is absent
+  service (skipped, or failed under ``PIPEFARM_REQUIRE_SERVICES=1``). Its commands get the two
+  settings Open MPI needs on a CI machine and a reader does not: running as root, and more
+  ranks than cores.
 
 Untagged blocks (``make demo``, the source layout) are not commands of pipefarm and are not run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -26,10 +32,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import service_absent
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
-CLUSTER = re.compile(r"<!--\s*snippet:\s*cluster\b[^>]*-->\s*$")
+TAG = re.compile(r"<!--\s*snippet:\s*(\w+)\b[^>]*-->\s*$")
 
 #: seconds one README command may take (a run of a few tasks; an array on a queued SLURM)
 COMMAND_TIMEOUT_S = 120
@@ -41,14 +48,16 @@ echo "simulate $*"
 """
 
 
-def blocks() -> list[tuple[str, str, bool, int]]:
-    """``(language, body, cluster, line)`` of every fenced block, in README order."""
+def blocks() -> list[tuple[str, str, str, int]]:
+    """``(language, body, tag, line)`` of every fenced block, in README order; the tag is the
+    ``<!-- snippet: TAG -->`` comment's word just before it, or ``""``."""
     text = README.read_text()
     out = []
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         line = text.count("\n", 0, m.start()) + 1
-        out.append((m.group(1).lower(), m.group(2), bool(CLUSTER.search(before)), line))
+        tag = TAG.search(before)
+        out.append((m.group(1).lower(), m.group(2), tag.group(1) if tag else "", line))
     return out
 
 
@@ -73,22 +82,34 @@ def commands(lang: str, body: str) -> list[str]:
     return out
 
 
-def env() -> dict[str, str]:
+def env(tag: str = "") -> dict[str, str]:
     e = dict(os.environ)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     e["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
+    if tag == "engines":  # see the module docstring
+        e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                 OMPI_MCA_rmaps_base_oversubscribe="1")
     return e
 
 
-def run_line(line: str, cwd: Path, timeout: float = COMMAND_TIMEOUT_S) -> None:
-    p = subprocess.run(["sh", "-c", line], cwd=cwd, env=env(), capture_output=True, text=True,
+def run_line(line: str, cwd: Path, timeout: float = COMMAND_TIMEOUT_S, tag: str = "") -> None:
+    p = subprocess.run(["sh", "-c", line], cwd=cwd, env=env(tag), capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"README command failed ({p.returncode}): {line}\n{p.stderr[-2000:]}"
     assert "Traceback" not in p.stderr, f"{line}\n{p.stderr[-2000:]}"
 
 
-PY = [(body, line) for lang, body, _, line in blocks() if lang == "python"]
-SHELL = [(lang, body, cluster, line) for lang, body, cluster, line in blocks()
+def require_engines() -> None:
+    """The engines the ``engines`` snippets use: mpiexec with mpi4py, and dask.distributed."""
+    from mpi_lib import require_mpi
+
+    require_mpi()
+    if importlib.util.find_spec("distributed") is None:
+        service_absent("dask.distributed is not installed (pip install 'pipefarm[dask]')")
+
+
+PY = [(body, tag, line) for lang, body, tag, line in blocks() if lang == "python"]
+SHELL = [(lang, body, tag, line) for lang, body, tag, line in blocks()
          if lang in ("console", "sh", "bash", "shell")]
 
 
@@ -100,12 +121,14 @@ def test_readme_has_snippets_and_no_dangling_links():
         assert (README.parent / target.split("#")[0]).exists(), target
 
 
-@pytest.mark.parametrize(("body", "line"), PY, ids=[f"line{line}" for _, line in PY])
+@pytest.mark.parametrize(("body", "tag", "line"), PY, ids=[f"line{line}" for _, _, line in PY])
 @pytest.mark.slow
-def test_python_snippet_runs(tmp_path, body, line):
+def test_python_snippet_runs(tmp_path, body, tag, line):
+    if tag == "engines":
+        require_engines()
     script = tmp_path / "snippet.py"
     script.write_text(body)
-    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env(),
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env(tag),
                        capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     assert p.returncode == 0, f"README.md line {line}:\n{p.stderr[-3000:]}"
 
@@ -120,12 +143,14 @@ def _shell_dir(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_command_line_snippets_run_in_order(tmp_path):
     cwd = _shell_dir(tmp_path)
+    if any(tag == "engines" for _, _, tag, _ in SHELL):
+        require_engines()
     ran = 0
-    for lang, body, cluster, _line in SHELL:
-        if cluster:
+    for lang, body, tag, _line in SHELL:
+        if tag == "cluster":
             continue  # test_cluster_snippets_run_on_slurm
         for cmd in commands(lang, body):
-            run_line(cmd, cwd)
+            run_line(cmd, cwd, tag=tag)
             ran += 1
     assert ran >= 5
 
@@ -146,12 +171,12 @@ def _on_this_machine(cmd: str) -> str:
 def test_cluster_snippets_run_on_slurm(tmp_path):
     cwd = _shell_dir(tmp_path)
     # the cluster section follows the command line one: its inputs (params.csv) come from there
-    for lang, body, cluster, _line in SHELL:
-        if not cluster:
+    for lang, body, tag, _line in SHELL:
+        if not tag:
             for cmd in commands(lang, body):
                 if not cmd.startswith("pipefarm"):
                     run_line(cmd, cwd)  # inputs only
-    clusters = [(lang, body) for lang, body, cluster, _ in SHELL if cluster]
+    clusters = [(lang, body) for lang, body, tag, _ in SHELL if tag == "cluster"]
     assert clusters, "mark scheduler snippets with <!-- snippet: cluster -->"
     for lang, body in clusters:
         for cmd in commands(lang, body):
