@@ -31,6 +31,10 @@ def __getattr__(name: str) -> Any:
         from .mpi import MPIBackend
 
         return MPIBackend
+    if name in ("Ray", "RayBackend"):
+        from .ray import RayBackend
+
+        return RayBackend
     if name in ("Sequential", "SequentialBackend"):
         from .sequential import SequentialBackend
 

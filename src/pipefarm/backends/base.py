@@ -38,6 +38,7 @@ BUILT_IN = {
     "sequential": "pipefarm.backends.sequential:SequentialBackend",
     "dask": "pipefarm.backends.dask:DaskBackend",
     "mpi": "pipefarm.backends.mpi:MPIBackend",
+    "ray": "pipefarm.backends.ray:RayBackend",
 }
 
 ProgressFn = Callable[[dict[str, int]], None]
