@@ -94,3 +94,16 @@ def test_without_an_address_the_run_starts_and_stops_its_own_ray(tmp_path):
     # its Ray's processes live in a session directory named after the driver's pid: all gone
     T.wait_until(lambda: not T.live_procs_with_cmdline(f"_{proc.pid}/logs"), 10,
                  what="the Ray started for the run to be shut down")
+
+
+@pytest.mark.slow
+def test_gpu_tasks_and_slots_too_big_are_refused_not_left_hanging(tmp_path, ray_address):
+    with pf.Run.create(tmp_path / "run") as run:
+        g = run.submit_task(T.square, (3,), gpus=1)
+        with pytest.raises(RuntimeError, match="needs 1 GPU"):
+            run.execute(workers=1, backend="ray", address=ray_address, progress=False)
+        run.cancel([g])
+        big = run.submit_task(T.square, (4,), cpus=64)
+        with pytest.raises(RuntimeError, match="needs 64 CPU"):
+            run.execute(workers=1, backend="ray", address=ray_address, progress=False)
+        assert run.attempts(g) == [] and run.attempts(big) == []

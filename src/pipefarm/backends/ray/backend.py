@@ -34,14 +34,31 @@ def _needs(store: Store) -> tuple[int, int]:
     return cpus, gpus
 
 
+def _check_fits(ray: Any, cpus: float, gpus: float, task_gpus: int) -> None:
+    """Refuse, before anything is started, what cannot run: slots the cluster cannot place
+    (their actors would wait for resources forever, and so would the run), tasks that need GPUs."""
+    if task_gpus > 0:
+        # the coordinator hands each task its GPU ids; on Ray they are the actor's, known only
+        # there: until the slot maps one onto the other, GPU tasks are refused, never left hanging
+        raise RuntimeError(f"a task needs {task_gpus} GPU(s): the ray backend does not run GPU tasks"
+                           " yet (use --backend local, mpi or array for them)")
+    have = ray.cluster_resources()
+    for what, need in (("CPU", cpus), ("GPU", gpus)):
+        if need > have.get(what, 0):
+            raise RuntimeError(f"each worker slot needs {need:g} {what}(s); the Ray cluster has"
+                               f" {have.get(what, 0):g}")
+
+
 class RayBackend:
     """Run tasks on Ray: one actor per worker slot, each starting a pipefarm worker process.
 
-    ``address``: the cluster (see the module docstring); without it, the cluster this process is
-    connected to, else a Ray of ``workers`` CPUs started for the call and shut down after it.
+    ``address``: the cluster (see the module docstring; default ``$RAY_ADDRESS``, as Ray's);
+    without one, the cluster this process is connected to, else a Ray of ``workers`` CPUs
+    started for the call and shut down after it.
     ``workers``: worker slots at once (default: as many as the cluster's CPUs hold).
     ``num_cpus``/``num_gpus``: the Ray resources each slot's actor holds (default: the most any
-    unfinished task asks for, at least one CPU). ``listen``: the address of this host the actors
+    unfinished task asks for, at least one CPU; an actor's GPUs are visible to its tasks).
+    Tasks that declare ``gpus`` are refused for now (the coordinator cannot name the actor's). ``listen``: the address of this host the actors
     connect back to (default: loopback for a Ray on this host, else the interface that routes to
     its head). ``init``: more keyword arguments for ``ray.init``. The other options are the local
     backend's (see :class:`~pipefarm.backends.coordinator.Options`).
@@ -66,7 +83,7 @@ class RayBackend:
         halt: str | HaltPolicy | None = None,
     ) -> None:
         self.workers = None if workers is None else max(1, int(workers))
-        self.address = address
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.listen = listen
@@ -111,9 +128,10 @@ class RayBackend:
         ray = _ray()
         started = self._connect(ray)
         try:
-            cpus, gpus = _needs(store)
+            cpus, task_gpus = _needs(store)
             cpus = self.num_cpus if self.num_cpus is not None else cpus
-            gpus = self.num_gpus if self.num_gpus is not None else gpus
+            gpus = self.num_gpus if self.num_gpus is not None else task_gpus
+            _check_fits(ray, cpus, gpus, task_gpus)
             n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
             # GPUs are those Ray gives each actor (its CUDA_VISIBLE_DEVICES): none handed out here
             opts = Options(n, self.batch_target_s, self.max_batch, self.heartbeat_s,
