@@ -292,7 +292,7 @@ def child(engine: str, side: str, n1: int, n3: int) -> dict:
     return _ENGINES[engine](side, n1, n3)
 
 
-@workload(WL, "engines: pipefarm on MPI, Dask, Ray vs their own APIs", quick_s=60, full_s=240)
+@workload(WL, "engines: pipefarm on MPI, Dask, Ray vs their own APIs", quick_s=50, full_s=150)
 def run(ctx: Context) -> list[Row]:
     n1 = ctx.size(20_000, 5_000)
     n3 = ctx.size(400, 200)
