@@ -24,6 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 # the mark is dropped with it; /tmp/briefs/F-requests.md has the diagnosis)
 SEQUENTIAL_NO_PY_OUTPUT = ("sequential runs a Python task in the calling process without"
                            " redirecting its stdout: print() is not captured (run.output == b'')")
+MPI_REFUSAL_HANGS = ("under mpiexec, rank 0 refusing the run before it serves (RunLocked here; also"
+                     " 'blocks held by live array workers') exits, but the worker ranks wait for"
+                     " it forever: the job hangs instead of ending with the error")
 CTRL_C_SHORT = {
     "sequential": "sequential lets Ctrl-C's KeyboardInterrupt escape from the running task"
                   " without releasing its lease: the task stays 'running' in the catalog"
@@ -242,3 +245,36 @@ def test_ctrl_c_exits_130_charges_nothing_and_resumes(tmp_path, engine, request)
     with pf.Run.open(d) as run:
         E.assert_once_each(run, ids, allowed=("released",))
         assert sorted(run.result(t)[1] for t in ids) == list(range(4))
+
+
+# --- a run that cannot start: a clear error, no hang -----------------------------------------------
+def test_a_run_refused_at_start_is_a_clear_error_not_a_hang(tmp_path, engine, request):
+    """Another ``pipefarm run`` executes RUN: every engine refuses at once, naming it."""
+    name, address = engine
+    if name == "mpi":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=MPI_REFUSAL_HANGS))
+    d = tmp_path / "run"
+    with pf.Run.create(d) as run:
+        ids = run.map(T.sleep_then, range(2), [30.0] * 2)
+    holder = E.start("local", d, 2)
+    try:
+        T.wait_until(lambda: (d / "run.lock").exists() or _running(d), 30,
+                     what="the first run to hold RUN")
+        p = E.execute_on(name, d, 2, address, timeout=15)
+        assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+        assert "is being executed by pid" in p.stderr, p.stderr[-3000:]
+    finally:
+        E.kill_group(holder)
+        holder.wait()
+    with pf.Run.open(d) as run:
+        assert all(o in ("running",) for t in ids for o in E.outcomes(run, t))
+
+
+def _running(d: Path) -> bool:
+    from pipefarm.store.sqlite.query import CatalogQuery
+
+    q = CatalogQuery.open(d)
+    try:
+        return q.counts().get("running", 0) > 0
+    finally:
+        q.close()
