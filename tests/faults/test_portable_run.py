@@ -122,7 +122,16 @@ def test_local_dask_array_mpi_local(tmp_path):
             T.wait_until(lambda: not any(T.is_alive(r) for r in ranks.values()), 10,
                          what="every rank gone")
 
-    assert step(E.start("mpi", d, 2), kill_rank0) != 0
+    mpi = E.start("mpi", d, 2)
+    try:
+        assert step(mpi, kill_rank0) != 0
+    finally:  # a failed step leaves no MPI job behind
+        for pid in [*E.mpi_rank_pids(mpi.pid).values(), mpi.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        mpi.wait()
 
     # local again, to the end
     p = E.execute_on("local", d, 2)
