@@ -186,3 +186,17 @@ def test_external_cluster_survives_a_killed_worker(tmp_path):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_a_tasks_exception_keeps_its_attributes_after_distributed_is_imported() -> None:
+    """distributed installs tblib's reducers for every exception class on import; a worker
+    forked from such a process still records ``SystemExit('msg')`` with its code."""
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        service_absent("dask.distributed is not installed")
+    code = ("import pickle, distributed; from pipefarm.execute.py import dump_exception;"
+            " e = pickle.loads(dump_exception(SystemExit('msg')));"
+            " raise SystemExit(0 if e.code == 'msg' else 1)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copyreg
+import io
 import pickle
 import time
 import traceback
@@ -33,6 +35,25 @@ def dump_value(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=5)
 
 
+def dump_exception(exc: BaseException) -> bytes:
+    """Serialise a task's exception by its own ``__reduce__``.
+
+    Reducers registered in ``copyreg`` for exception classes are left out: tblib's (which
+    ``distributed`` installs for every exception class on import, in the worker forked from a
+    process that imported it) rebuild ``SystemExit('msg')`` with ``code`` None.
+    """
+    table = {cls: reducer for cls, reducer in copyreg.dispatch_table.items()
+             if not (isinstance(cls, type) and issubclass(cls, BaseException))}
+    buf = io.BytesIO()
+    try:
+        pickler = pickle.Pickler(buf, protocol=5)
+        pickler.dispatch_table = table
+        pickler.dump(exc)
+    except Exception:
+        return dump_value(exc)
+    return buf.getvalue()
+
+
 def run_python(fn: Callable[..., Any], lease: Lease) -> Finished:
     """Call ``fn`` with the lease's arguments; the result or the exception, pickled."""
     started = time.time()
@@ -46,7 +67,7 @@ def run_python(fn: Callable[..., Any], lease: Lease) -> Finished:
         # ProcessPoolExecutor does, the caller gets the SystemExit back)
         ended = time.time()
         try:
-            blob: bytes | None = dump_value(exc)
+            blob: bytes | None = dump_exception(exc)
         except Exception:
             blob = None  # an exception that cannot travel: its traceback text still does
         return Finished(
