@@ -403,19 +403,21 @@ class Run:
                                     **backend_options)
         if halt is not None:
             policy = HaltPolicy.parse(halt)
-            if isinstance(backend, LocalBackend):
-                backend.halt = policy  # a backend object given: it applies to this call too
-            elif backend == "local":
+            if backend == "sequential" or not (isinstance(backend, str)
+                                               or hasattr(backend, "halt")):
+                raise ValueError("halt= needs a backend with a coordinator (local, mpi, dask,"
+                                 " ray), not sequential")
+            if isinstance(backend, str):
                 backend_options["halt"] = policy
             else:
-                raise ValueError("halt= works with the local backend")
+                backend.halt = policy  # a backend object given: it applies to this call too
         be = make_backend(backend, workers=workers, **backend_options)
-        if isinstance(be, LocalBackend):
-            self._check_gpus(be.gpus_available)
-        lock = _RunLock(self.path)
-        lock.acquire()
         display = None
+        lock = _RunLock(self.path)
         try:
+            if isinstance(be, LocalBackend):
+                self._check_gpus(be.gpus_available)
+            lock.acquire()
             self.store.drop_views_index()  # no commit of this run pays for a view's index
             # by the name asked for (a plugin's class may inherit a built-in's name)
             self.store.note_backend(backend if isinstance(backend, str)
@@ -442,6 +444,11 @@ class Run:
             if display is not None:
                 display.close()
             lock.release()
+            # a backend may hold engine resources from its making on, e.g. the mpi one's
+            # worker ranks waiting for rank 0: refused before it ran, it lets them go
+            close = getattr(be, "close", None)
+            if close is not None:
+                close()
 
     def _check_gpus(self, available: list[str] | None) -> None:
         """Refuse (:class:`Unrunnable`) when unfinished tasks need more GPUs than ``available``

@@ -24,9 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 # the mark is dropped with it; /tmp/briefs/F-requests.md has the diagnosis)
 SEQUENTIAL_NO_PY_OUTPUT = ("sequential runs a Python task in the calling process without"
                            " redirecting its stdout: print() is not captured (run.output == b'')")
-MPI_REFUSAL_HANGS = ("under mpiexec, rank 0 refusing the run before it serves (RunLocked here; also"
-                     " 'blocks held by live array workers') exits, but the worker ranks wait for"
-                     " it forever: the job hangs instead of ending with the error")
 CTRL_C_SHORT = {
     "sequential": "sequential lets Ctrl-C's KeyboardInterrupt escape from the running task"
                   " without releasing its lease: the task stays 'running' in the catalog"
@@ -251,8 +248,6 @@ def test_ctrl_c_exits_130_charges_nothing_and_resumes(tmp_path, engine, request)
 def test_a_run_refused_at_start_is_a_clear_error_not_a_hang(tmp_path, engine, request):
     """Another ``pipefarm run`` executes RUN: every engine refuses at once, naming it."""
     name, address = engine
-    if name == "mpi":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MPI_REFUSAL_HANGS))
     d = tmp_path / "run"
     with pf.Run.create(d) as run:
         ids = run.map(T.sleep_then, range(2), [30.0] * 2)

@@ -142,13 +142,10 @@ def test_local_dask_array_mpi_local(tmp_path):
     with pf.Run.open(d) as run:
         E.assert_once_each(run, ids, allowed=("lost", "released"))
     used = json.loads(ok("status", d, "--json", cwd=tmp_path))["backends"]
-    # "array" too once `pipefarm array --launch` records itself (the xfail below)
-    assert {"local", "dask", "mpi"} <= set(used), used
+    assert {"local", "dask", "array", "mpi"} <= set(used), used
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="`pipefarm array --launch` does not record 'array' among"
-                   " the run's backends (ArrayBackend.submit does; launch does not)")
 def test_array_launch_is_listed_among_the_backends(tmp_path):
     require_mpi()
     d = tmp_path / "run"

@@ -83,7 +83,15 @@ def run_cmd(run_dir: str, workers: int | None, backend: str, address: str | None
         from ..backends.mpi import serve_if_worker_rank
 
         serve_if_worker_rank()
-    run = _open(run_dir)
+        try:
+            run = _open(run_dir)
+        except BaseException:  # not a run: the worker ranks would wait for rank 0 forever
+            from ..backends.mpi import release_worker_ranks
+
+            release_worker_ranks()
+            raise
+    else:
+        run = _open(run_dir)
     if gpus_available is not None and backend in ("local", "mpi"):
         from ..execute.gpus import parse_device_list
 

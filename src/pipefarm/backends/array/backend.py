@@ -202,6 +202,7 @@ def launch(run: Any, launcher: str, n: int, *, signal: str = "TERM", fold_s: flo
            on_progress: ProgressFn | None = None) -> Summary:
     """Start ``n`` workers with ``srun`` or ``mpiexec`` inside this allocation; wait for them."""
     t0 = time.time()
+    run.store.note_backend("array")
     export(run, n)
     argv = launch_command(launcher, n, str(run.path), signal=signal)
     proc = subprocess.Popen(argv)

@@ -7,6 +7,6 @@ the backend does, when it is made.
 
 from __future__ import annotations
 
-from .backend import MPIBackend, is_worker_rank, serve_if_worker_rank
+from .backend import MPIBackend, is_worker_rank, release_worker_ranks, serve_if_worker_rank
 
-__all__ = ["MPIBackend", "is_worker_rank", "serve_if_worker_rank"]
+__all__ = ["MPIBackend", "is_worker_rank", "release_worker_ranks", "serve_if_worker_rank"]

@@ -60,6 +60,19 @@ def serve_if_worker_rank() -> None:
     raise SystemExit(0)
 
 
+def release_worker_ranks(comm: Any = None) -> None:
+    """On rank 0 of a job whose run never started (refused: locked, held by array workers, not
+    a run): tell every worker rank to exit, so the job ends with rank 0's error, not a hang."""
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    from .transport import TAG
+
+    for rank in range(1, comm.Get_size()):
+        comm.send(("exit",), dest=rank, tag=TAG)
+
+
 class MPIBackend:
     """Run tasks on the ranks of an MPI job: rank 0 coordinates, each other rank is one worker
     slot (``workers`` caps how many are used; default: all of them).
@@ -112,6 +125,12 @@ class MPIBackend:
         self.capture_output = capture_output
         self.gpus_available = [] if gpus_available is None else list(gpus_available)
         self.used = False
+
+    def close(self) -> None:
+        """Let the worker ranks go when :meth:`execute` never ran (it tells them itself)."""
+        if not self.used:
+            self.used = True
+            release_worker_ranks(self.comm)
 
     def execute(self, store: Store, hooks: Hooks | None = None) -> Summary:
         """Run every claimable task of ``store`` on the worker ranks; they are told to exit
