@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# extras installed with the package; CI adds the engines: make test EXTRAS=test,mpi,dask,ray
+# extras installed with the package; CI adds the engines: make test EXTRAS=test,mpi,dask,jobqueue,ray
 EXTRAS ?= test
 
 .PHONY: demo test test-fast bench bench-quick lint clean

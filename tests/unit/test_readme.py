@@ -13,7 +13,7 @@
   (16 elements of 4 workers would never be scheduled) and a test should not wait 30 s per poll.
   Without ``sbatch`` it is skipped, saying so.
 - A block preceded by ``<!-- snippet: engines ... -->`` needs an engine (mpiexec and mpi4py,
-  dask.distributed); it runs in its place in README order, with the engine missing it is absent
+  dask.distributed, ray); it runs in its place in README order, with the engine missing it is absent
   service (skipped, or failed under ``PIPEFARM_REQUIRE_SERVICES=1``). Its commands get the two
   settings Open MPI needs on a CI machine and a reader does not: running as root, and more
   ranks than cores.
@@ -100,12 +100,14 @@ def run_line(line: str, cwd: Path, timeout: float = COMMAND_TIMEOUT_S, tag: str 
 
 
 def require_engines() -> None:
-    """The engines the ``engines`` snippets use: mpiexec with mpi4py, and dask.distributed."""
+    """The engines the ``engines`` snippets use: mpiexec with mpi4py, dask.distributed, ray."""
     from mpi_lib import require_mpi
 
     require_mpi()
     if importlib.util.find_spec("distributed") is None:
         service_absent("dask.distributed is not installed (pip install 'pipefarm[dask]')")
+    if importlib.util.find_spec("ray") is None:
+        service_absent("ray is not installed (pip install 'pipefarm[ray]')")
 
 
 PY = [(body, tag, line) for lang, body, tag, line in blocks() if lang == "python"]
