@@ -75,7 +75,12 @@ class SequentialBackend:
             store.start([(lease.task, lease.token)])
             if hooks.on_dispatch is not None:
                 hooks.on_dispatch(leases)
-            finished = self._run_one(runner, lease, spec.timeout if main and spec.kind == "py" else None)
+            try:
+                finished = self._run_one(runner, lease,
+                                         spec.timeout if main and spec.kind == "py" else None)
+            except KeyboardInterrupt:  # Ctrl-C: the task was stopped, not its doing: no retry spent
+                store.release(wid, [(lease.task, lease.token)])
+                raise
             store.finish(wid, [finished])
             attempts += 1
             if hooks.on_finished is not None:
