@@ -271,3 +271,38 @@ def _running(d: Path) -> bool:
         return q.counts().get("running", 0) > 0
     finally:
         q.close()
+
+
+# --- workers that cannot start: a clear error naming the cause, no hang ----------------------------
+#: Put first on the coordinator's path (which the workers get): every process that is one of
+#: pipefarm's workers dies as it starts, as in an environment whose library is missing on the
+#: nodes. The coordinator itself starts fine.
+BROKEN_SITE = '''
+import os, sys
+argv = " ".join(getattr(sys, "orig_argv", sys.argv))
+rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))
+if "pipefarm.worker" in argv or rank not in (None, "0"):
+    sys.stderr.write("broken environment: libfoo.so.1: cannot open shared object file\\n")
+    raise SystemExit(3)
+'''
+
+
+def test_workers_that_cannot_start_are_a_clear_error_not_a_hang(tmp_path, engine):
+    name, address = engine
+    if name in ("local", "sequential"):
+        pytest.skip("local: forked workers, tested in test_local_edges.py"
+                    " (test_run_workers_dying_at_start_name_the_cause); sequential: no workers")
+    site = _dir(tmp_path, "site")
+    (site / "sitecustomize.py").write_text(BROKEN_SITE)
+    d = tmp_path / "run"
+    with pf.Run.create(d) as run:
+        ids = run.map(T.square, range(4))
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    p = _run(engine, d, env={"PYTHONPATH": path}, ok=False)
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert "libfoo.so.1" in p.stderr, p.stderr[-3000:]  # the cause, quoted
+    with pf.Run.open(d) as run:  # nothing recorded is lost, nothing charged
+        charged = [(t, a.outcome) for t in ids for a in run.attempts(t)
+                   if a.outcome != "released"]
+        assert charged == [], charged
+        assert run.status()["ready"] == len(ids)
