@@ -6,8 +6,10 @@ Python and command tasks, with a timeout and a retry among them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tasks_lib as T
@@ -106,3 +108,28 @@ def test_array_backend_mpi_needs_launch(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-m", "pipefarm", "array", str(d), "--scheduler", "slurm",
                         "--backend", "mpi"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--backend mpi goes with --launch" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_python_script_under_mpiexec_runs_execute_backend_mpi(tmp_path) -> None:
+    """``mpiexec -n 3 python sweep.py`` with ``run.execute(backend="mpi")``: rank 0 runs the
+    run, ranks 1..2 serve tasks inside that call and end there; only rank 0 goes past it."""
+    require_mpi()
+    d = tmp_path / "run"
+    with pf.Run.create(d) as run:
+        ids = run.map(T.square, range(100))
+    script = tmp_path / "sweep.py"
+    script.write_text(
+        "import pipefarm as pf\n"
+        f"run = pf.Run.open({str(d)!r})\n"
+        "summary = run.execute(backend='mpi', progress=False)\n"
+        "print('past execute:', summary.counts['succeeded'], flush=True)\n")
+    env = mpi_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(T.__file__).parent),
+                                         env.get("PYTHONPATH", "")])
+    p = subprocess.run([require_mpi(), "-n", "3", sys.executable, str(script)], env=env,
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("past execute: 100") == 1, p.stdout  # rank 0 only
+    with pf.Run.open(d) as run:
+        assert [run.result(t) for t in ids] == [i * i for i in range(100)]
