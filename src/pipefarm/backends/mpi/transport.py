@@ -29,6 +29,7 @@ mpi4py is imported only here and by the backend, never by ``import pipefarm``.
 from __future__ import annotations
 
 import collections
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,10 @@ def serve_rank(comm: Any) -> None:
     # (a rank imports less of pipefarm than a local coordinator does, whose forks inherit it)
     from ...execute import output, py  # noqa: F401
 
+    # Ctrl-C and SIGTERM reach every rank (mpiexec forwards them to the whole job): a worker
+    # rank leaves stopping to rank 0, which releases the running tasks and then says "exit"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = _Sender(comm)
     pt: ProcessTransport | None = None
     link: Any = None
