@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import tasks_lib as T
 from conftest import service_absent
 
 #: The backends of the failure matrix (``array`` has its own tests: no coordinator).
@@ -147,6 +148,7 @@ class DaskCluster:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, start_new_session=True)
         self.procs.append(sched)
+        T.SHARED_ENGINES.add(sched.pid)
         try:
             self.address = self._address(sched)
             # keep reading its log, or it blocks writing to a full pipe
@@ -156,6 +158,7 @@ class DaskCluster:
                  "--nworkers", str(nworkers), "--nthreads", "1", "--no-dashboard"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
+            T.SHARED_ENGINES.add(self.procs[-1].pid)
             self._wait_workers(nworkers)
         except BaseException:
             self.stop()

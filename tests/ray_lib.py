@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import pytest
+import tasks_lib
 
 sys.modules.setdefault("ray_lib", sys.modules[__name__])
 sys.modules.setdefault("tests.ray_lib", sys.modules[__name__])
@@ -93,6 +94,7 @@ class RayHead:
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )
+        tasks_lib.SHARED_ENGINES.add(self.proc.pid)
         try:
             self._wait_up()
         except BaseException:

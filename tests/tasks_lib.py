@@ -184,6 +184,20 @@ def descendants(pid):
     return [p for p in out if is_alive(p)]
 
 
+#: Root pids of the engines tests share for the whole session (a Ray head, a Dask scheduler and
+#: its workers): ray_lib and engines_lib register them, so that tests which kill or count "the
+#: workers below this process" leave them alone.
+SHARED_ENGINES: set[int] = set()
+
+
+def own_descendants(pid):
+    """:func:`descendants` of ``pid`` outside the shared engines' process trees."""
+    engines = set(SHARED_ENGINES)
+    for root in SHARED_ENGINES:
+        engines.update(descendants(root))
+    return [p for p in descendants(pid) if p not in engines]
+
+
 def live_procs_with_cmdline(fragment):
     """Live processes whose command line contains ``fragment`` (forked workers inherit it)."""
     me = os.getpid()

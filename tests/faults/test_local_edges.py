@@ -131,7 +131,7 @@ def test_random_worker_kills_every_task_succeeds_exactly_once(tmp_path):
         now = time.monotonic()
         if counts.get("succeeded", 0) == 0 or now - last[0] < rng.uniform(0.02, 0.08):
             return
-        workers = T.descendants(me)
+        workers = T.own_descendants(me)  # not the engines other tests share
         if not workers:
             return
         victim = rng.choice(workers)
@@ -312,7 +312,7 @@ def test_sigterm_during_a_big_start_stops_within_seconds(tmp_path):
 def test_executor_starts_workers_lazily():
     """ProcessPoolExecutor-like: a process per call in flight, up to max_workers."""
     def worker_procs():
-        return [p for p in T.descendants(os.getpid())
+        return [p for p in T.own_descendants(os.getpid())
                 if "pipefarm.worker" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
     before = set(worker_procs())

@@ -150,10 +150,10 @@ def test_run_after_shutdown(executor_type):
 
 
 def test_context_manager_shutdown(executor_type):
-    before = set(T.descendants(os.getpid()))
+    before = set(T.own_descendants(os.getpid()))
     with executor_type(max_workers=3) as e:
         assert list(e.map(abs, range(-5, 5))) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
-        workers = [p for p in T.descendants(os.getpid()) if p not in before]
+        workers = [p for p in T.own_descendants(os.getpid()) if p not in before]
         assert workers
     # leaving the block shut the executor down and its processes ended
     T.wait_until(lambda: not [p for p in workers if T.is_alive(p)], 10,
