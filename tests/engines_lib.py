@@ -29,6 +29,7 @@ from pathlib import Path
 
 import tasks_lib as T
 from conftest import service_absent
+from mpi_lib import rank_pids as mpi_rank_pids  # noqa: F401 - the matrix's name for it
 
 #: The backends of the failure matrix (``array`` has its own tests: no coordinator).
 ENGINES = ["local", "sequential", "mpi", "dask", "ray"]
@@ -254,25 +255,3 @@ def record_pid(record_dir: str, i: int, seconds: float = 0.0) -> int:
     finally:
         os.close(fd)
     return 3 * i
-
-
-def mpi_rank_pids(mpiexec_pid: int) -> dict[int, int]:
-    """The ranks an ``mpiexec`` started (rank -> pid), from their environment (Open MPI's
-    ``OMPI_COMM_WORLD_RANK``, MPICH's ``PMI_RANK``)."""
-    ranks = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != mpiexec_pid:
-                continue
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        for kv in env:
-            if kv.startswith((b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK=")):
-                ranks[int(kv.split(b"=", 1)[1])] = int(name)
-    return ranks

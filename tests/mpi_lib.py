@@ -34,3 +34,25 @@ def mpi_env() -> dict[str, str]:
 def mpiexec_pipefarm(n: int, *args: str) -> list[str]:
     """``mpiexec -n N python -m pipefarm ARGS...`` with this interpreter."""
     return [require_mpi(), "-n", str(n), sys.executable, "-m", "pipefarm", *args]
+
+
+def rank_pids(mpiexec_pid: int) -> dict[int, int]:
+    """The ranks an ``mpiexec`` started (rank -> pid), from their environment (Open MPI's
+    ``OMPI_COMM_WORLD_RANK``, MPICH's ``PMI_RANK``)."""
+    ranks = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != mpiexec_pid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        for kv in env:
+            if kv.startswith((b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK=")):
+                ranks[int(kv.split(b"=", 1)[1])] = int(name)
+    return ranks

@@ -15,31 +15,10 @@ import time
 
 import pytest
 import tasks_lib as T
-from mpi_lib import mpi_env, mpiexec_pipefarm, require_mpi
+from mpi_lib import mpi_env, mpiexec_pipefarm, rank_pids, require_mpi
 
 import pipefarm as pf
 from pipefarm.store.sqlite.query import CatalogQuery
-
-
-def _rank_pids(parent: int) -> dict[int, int]:
-    """The MPI ranks started by ``parent`` (mpiexec): rank -> pid."""
-    ranks = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        for kv in env:
-            if kv.startswith(b"OMPI_COMM_WORLD_RANK=") or kv.startswith(b"PMI_RANK="):
-                ranks[int(kv.split(b"=", 1)[1])] = int(name)
-    return ranks
 
 
 @pytest.mark.slow
@@ -62,7 +41,7 @@ def test_worker_rank_killed_leaves_a_resumable_run(tmp_path) -> None:
                 q.close()
 
         T.wait_until(progressed, 20, interval=0.05, what="40 tasks succeeded under mpiexec")
-        ranks = _rank_pids(mpi.pid)
+        ranks = rank_pids(mpi.pid)
         if 1 not in ranks:
             pytest.skip(f"cannot tell the ranks of this MPI library apart: {ranks}")
         procs = set(ranks.values())
