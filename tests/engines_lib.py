@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -137,23 +136,30 @@ def kill_group(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
 
 
 # --- one Dask cluster for the session ----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class DaskCluster:
     """``dask scheduler`` on loopback plus one ``dask worker`` process of ``nworkers``
     single-threaded workers, each its own process group."""
 
     def __init__(self, nworkers: int = 2) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        port = _free_port()
+        # no pipe to read: a thread reading it would stay in this process for the session, and
+        # a process with a second thread starts local workers fresh instead of forking them
         sched = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-             "--port", "0", "--no-dashboard"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, start_new_session=True)
+             "--port", str(port), "--no-dashboard"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         self.procs.append(sched)
         T.SHARED_ENGINES.add(sched.pid)
         try:
-            self.address = self._address(sched)
-            # keep reading its log, or it blocks writing to a full pipe
-            threading.Thread(target=sched.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+            self.address = f"tcp://127.0.0.1:{port}"
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "distributed.cli.dask_worker", self.address,
                  "--nworkers", str(nworkers), "--nthreads", "1", "--no-dashboard"],
@@ -164,18 +170,6 @@ class DaskCluster:
         except BaseException:
             self.stop()
             raise
-
-    @staticmethod
-    def _address(sched: subprocess.Popen[str]) -> str:
-        end = time.monotonic() + DASK_START_TIMEOUT_S
-        while time.monotonic() < end:
-            line = sched.stderr.readline()  # type: ignore[union-attr]
-            if not line and sched.poll() is not None:
-                break
-            m = re.search(r"Scheduler at:\s+(tcp://\S+)", line)
-            if m:
-                return m.group(1)
-        raise RuntimeError("the dask scheduler did not start")
 
     def _wait_workers(self, n: int) -> None:
         # in a child: a Client in this process would leave threads behind (see module doc)

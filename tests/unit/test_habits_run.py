@@ -121,7 +121,7 @@ def test_halt_from_python(tmp_path: Path) -> None:
         assert summary.counts["ready"] == 30 - summary.counts["failed"]
         with pytest.raises(ValueError, match="soon,fail=N"):
             run.execute(progress=False, halt="sometime")
-        with pytest.raises(ValueError, match="local backend"):
+        with pytest.raises(ValueError, match="not sequential"):
             run.execute(backend="sequential", progress=False, halt="soon,fail=1")
         # a backend object given: the policy applies to it too
         from pipefarm.backends.local import LocalBackend
