@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import tasks_lib as T
 from conftest import service_absent
 
 
@@ -40,19 +41,15 @@ def rank_pids(mpiexec_pid: int) -> dict[int, int]:
     """The ranks an ``mpiexec`` started (rank -> pid), from their environment (Open MPI's
     ``OMPI_COMM_WORLD_RANK``, MPICH's ``PMI_RANK``)."""
     ranks = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    for pid in T._pids():
+        if T._ppid(pid) != mpiexec_pid:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != mpiexec_pid:
-                continue
-            with open(f"/proc/{name}/environ", "rb") as fh:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
                 env = fh.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
         for kv in env:
             if kv.startswith((b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK=")):
-                ranks[int(kv.split(b"=", 1)[1])] = int(name)
+                ranks[int(kv.split(b"=", 1)[1])] = pid
     return ranks
