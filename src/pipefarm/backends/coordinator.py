@@ -182,6 +182,26 @@ class Options:
     gpus_available: list[str] | None = None  # None: the GPUs detected on this host
 
 
+class Tuned:
+    """What every backend under the coordinator keeps of its options (local, mpi, dask, ray):
+    the coordinator's tuning and halt policy, and the :class:`Options` built from them."""
+
+    halt: HaltPolicy | None
+
+    def _keep_tuning(self, batch_target_s: float, max_batch: int, heartbeat_s: float,
+                     commit_every_s: float, halt: str | HaltPolicy | None) -> None:
+        self.halt = None if halt is None else HaltPolicy.parse(halt)
+        self.batch_target_s = batch_target_s
+        self.max_batch = max_batch
+        self.heartbeat_s = heartbeat_s
+        self.commit_every_s = commit_every_s
+
+    def _options(self, n: int, gpus_available: list[str] | None) -> Options:
+        """The coordinator's settings for ``n`` workers handing out ``gpus_available``."""
+        return Options(n, self.batch_target_s, self.max_batch, self.heartbeat_s,
+                       self.commit_every_s, self.halt, gpus_available)
+
+
 @dataclass
 class _Slot:
     """The coordinator's view of one worker (the transport knows it by ``link``)."""

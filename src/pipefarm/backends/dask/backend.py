@@ -13,14 +13,14 @@ from typing import Any
 
 from ...store.base import Store
 from ..base import Hooks, Summary
-from ..coordinator import Coordinator, HaltPolicy, Options
+from ..coordinator import Coordinator, HaltPolicy, Tuned
 
 #: How long connecting to a cluster at ``address`` may take before the run fails with the
 #: client's error (a scheduler on the same network answers in milliseconds).
 CONNECT_TIMEOUT_S = 30.0
 
 
-class DaskBackend:
+class DaskBackend(Tuned):
     """Run tasks on a Dask cluster: ``address`` or ``client`` (else a ``LocalCluster`` of
     ``workers`` single-threaded worker processes, started and stopped for the call).
 
@@ -54,11 +54,7 @@ class DaskBackend:
         self.address = address
         self.client = client
         self.listen = listen
-        self.halt = None if halt is None else HaltPolicy.parse(halt)
-        self.batch_target_s = batch_target_s
-        self.max_batch = max_batch
-        self.heartbeat_s = heartbeat_s
-        self.commit_every_s = commit_every_s
+        self._keep_tuning(batch_target_s, max_batch, heartbeat_s, commit_every_s, halt)
         self.capture_output = capture_output
 
     def _connect(self) -> tuple[Any, list[Any]]:
@@ -89,8 +85,7 @@ class DaskBackend:
         try:
             n = self.workers or max(1, sum(client.nthreads().values()))
             # GPUs are those of the Dask workers' hosts, not this one's: none are handed out
-            opts = Options(n, self.batch_target_s, self.max_batch, self.heartbeat_s,
-                           self.commit_every_s, self.halt, gpus_available=[])
+            opts = self._options(n, [])
             transport = DaskTransport(client, self.capture_output, self.listen)
             return Coordinator(opts, transport, store, hooks or Hooks()).run()
         finally:

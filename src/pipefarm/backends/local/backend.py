@@ -14,7 +14,7 @@ import warnings
 
 from ...store.base import Store
 from ..base import Hooks, Summary
-from ..coordinator import Coordinator, HaltPolicy, Options
+from ..coordinator import Coordinator, HaltPolicy, Tuned
 from .transport import ProcessTransport
 
 #: ``workers`` above this many per CPU gets a warning (it is not a limit: tasks that mostly
@@ -25,7 +25,7 @@ from .transport import ProcessTransport
 MANY_WORKERS_PER_CPU = 8
 
 
-class LocalBackend:
+class LocalBackend(Tuned):
     """Run tasks with ``workers`` processes on this host (default: the CPU count).
 
     ``batch_target_s``, ``max_batch``, ``heartbeat_s``, ``commit_every_s``: see
@@ -49,11 +49,7 @@ class LocalBackend:
         halt: str | HaltPolicy | None = None,
     ) -> None:
         self.n = max(1, int(workers or os.cpu_count() or 1))
-        self.halt = None if halt is None else HaltPolicy.parse(halt)
-        self.batch_target_s = batch_target_s
-        self.max_batch = max_batch
-        self.heartbeat_s = heartbeat_s
-        self.commit_every_s = commit_every_s
+        self._keep_tuning(batch_target_s, max_batch, heartbeat_s, commit_every_s, halt)
         self.capture_output = capture_output
         self.gpus_available = gpus_available
         cpus = os.cpu_count() or 1
@@ -68,7 +64,6 @@ class LocalBackend:
         """Run every claimable task of ``store`` until none is left (see :class:`Hooks` for
         feeding, following and stopping it)."""
         # read at each call: run.execute(halt=...) sets ``halt`` on a backend object it is given
-        opts = Options(self.n, self.batch_target_s, self.max_batch, self.heartbeat_s,
-                       self.commit_every_s, self.halt, self.gpus_available)
+        opts = self._options(self.n, self.gpus_available)
         return Coordinator(opts, ProcessTransport(self.capture_output), store,
                            hooks or Hooks()).run()

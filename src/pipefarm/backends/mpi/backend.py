@@ -19,7 +19,7 @@ from typing import Any
 
 from ...store.base import Store
 from ..base import Hooks, Summary
-from ..coordinator import Coordinator, HaltPolicy, Options
+from ..coordinator import Coordinator, HaltPolicy, Tuned
 
 #: Environment variables through which launchers tell a process its rank (Open MPI, PMIx,
 #: MPICH/Hydra and Intel MPI, SLURM's srun with PMI): read before mpi4py is imported, so that
@@ -73,7 +73,7 @@ def release_worker_ranks(comm: Any = None) -> None:
         comm.send(("exit",), dest=rank, tag=TAG)
 
 
-class MPIBackend:
+class MPIBackend(Tuned):
     """Run tasks on the ranks of an MPI job: rank 0 coordinates, each other rank is one worker
     slot (``workers`` caps how many are used; default: all of them).
 
@@ -117,11 +117,7 @@ class MPIBackend:
                              " the others run tasks): mpiexec -n 3 pipefarm run RUN --backend mpi")
         self.comm = comm
         self.n = min(int(workers), size - 1) if workers else size - 1
-        self.halt = None if halt is None else HaltPolicy.parse(halt)
-        self.batch_target_s = batch_target_s
-        self.max_batch = max_batch
-        self.heartbeat_s = heartbeat_s
-        self.commit_every_s = commit_every_s
+        self._keep_tuning(batch_target_s, max_batch, heartbeat_s, commit_every_s, halt)
         self.capture_output = capture_output
         self.gpus_available = [] if gpus_available is None else list(gpus_available)
         self.used = False
@@ -140,7 +136,6 @@ class MPIBackend:
         self.used = True
         from .transport import MPITransport
 
-        opts = Options(self.n, self.batch_target_s, self.max_batch, self.heartbeat_s,
-                       self.commit_every_s, self.halt, self.gpus_available)
+        opts = self._options(self.n, self.gpus_available)
         return Coordinator(opts, MPITransport(self.comm, self.capture_output), store,
                            hooks or Hooks()).run()

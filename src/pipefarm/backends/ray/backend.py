@@ -14,7 +14,7 @@ from typing import Any
 
 from ...store.base import Store
 from ..base import Hooks, Summary
-from ..coordinator import Coordinator, HaltPolicy, Options
+from ..coordinator import Coordinator, HaltPolicy, Tuned
 from ..remote.transport import advertised_host
 
 
@@ -49,7 +49,7 @@ def _check_fits(ray: Any, cpus: float, gpus: float, task_gpus: int) -> None:
                                f" {have.get(what, 0):g}")
 
 
-class RayBackend:
+class RayBackend(Tuned):
     """Run tasks on Ray: one actor per worker slot, each starting a pipefarm worker process.
 
     ``address``: the cluster (see the module docstring; default ``$RAY_ADDRESS``, as Ray's);
@@ -88,11 +88,7 @@ class RayBackend:
         self.num_gpus = num_gpus
         self.listen = listen
         self.init = dict(init or {})
-        self.halt = None if halt is None else HaltPolicy.parse(halt)
-        self.batch_target_s = batch_target_s
-        self.max_batch = max_batch
-        self.heartbeat_s = heartbeat_s
-        self.commit_every_s = commit_every_s
+        self._keep_tuning(batch_target_s, max_batch, heartbeat_s, commit_every_s, halt)
         self.capture_output = capture_output
 
     def _connect(self, ray: Any) -> bool:
@@ -134,8 +130,7 @@ class RayBackend:
             _check_fits(ray, cpus, gpus, task_gpus)
             n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
             # GPUs are those Ray gives each actor (its CUDA_VISIBLE_DEVICES): none handed out here
-            opts = Options(n, self.batch_target_s, self.max_batch, self.heartbeat_s,
-                           self.commit_every_s, self.halt, gpus_available=[])
+            opts = self._options(n, [])
             transport = RayTransport(ray, self._listen(ray), self.capture_output, cpus, gpus)
             return Coordinator(opts, transport, store, hooks or Hooks()).run()
         finally:
