@@ -37,11 +37,18 @@ class Outcome(IntEnum):
     LOST = 3  # the worker vanished (killed, host lost, lease expired)
     RELEASED = 4  # handed back unstarted, or stopped by a known cause (drain, walltime)
     STALE = 5  # a result from a lease that had been taken over; never the task's result
+    CACHED = 6  # a success taken from the result cache: the task did not run again
+    OOM = 7  # stopped for going past its memory limit: a failure, retried by policy
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
+
+#: outcomes that end a task successfully (its result is the attempt's result)
+SUCCESSFUL = frozenset({Outcome.SUCCEEDED, Outcome.CACHED})
+#: outcomes that are the task's own failure: they spend its retry budget
+SPENDS_RETRY = frozenset({Outcome.FAILED, Outcome.TIMED_OUT, Outcome.OOM})
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.SKIPPED, State.CANCELLED})
 ACTIVE = frozenset({State.CLAIMED, State.RUNNING})
@@ -110,13 +117,13 @@ def after_attempt(
     """The state a task takes when an attempt ends with ``outcome``.
 
     ``failures`` and ``lost`` already include this attempt. Failed and timed-out attempts spend
-    the task's attempt budget; lost attempts (a worker that vanished) spend a separate budget,
+    the task's attempt budget (so do attempts stopped for memory, ``oom``); lost attempts (a worker that vanished) spend a separate budget,
     so a node crash does not eat a task's retries while a task that kills its worker every time
     still ends; released attempts spend nothing.
     """
-    if outcome == Outcome.SUCCEEDED:
+    if outcome in SUCCESSFUL:
         return State.SUCCEEDED
-    if outcome in (Outcome.FAILED, Outcome.TIMED_OUT):
+    if outcome in SPENDS_RETRY:
         return State.READY if failures < max_attempts else State.FAILED
     if outcome == Outcome.LOST:
         return State.READY if lost < max_lost else State.FAILED

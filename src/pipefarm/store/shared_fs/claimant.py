@@ -64,7 +64,8 @@ from .primitives import (
 
 #: outcomes that settle a task in its block (the next claimant skips it)
 FINAL_OUTCOMES = frozenset(
-    {int(Outcome.SUCCEEDED), int(Outcome.FAILED), int(Outcome.TIMED_OUT), int(Outcome.LOST)}
+    {int(Outcome.SUCCEEDED), int(Outcome.FAILED), int(Outcome.TIMED_OUT), int(Outcome.LOST),
+     int(Outcome.CACHED), int(Outcome.OOM)}
 )
 
 # ------------------------------------------------------------------------------------ tunables

@@ -751,7 +751,7 @@ class SQLiteStore(CatalogQuery, Store):
         if outcome == Outcome.RELEASED:
             self._release_one(db, f.task, st, now, f)
             return 1
-        if outcome in (Outcome.FAILED, Outcome.TIMED_OUT):
+        if outcome in states.SPENDS_RETRY:
             failures += 1
         elif outcome == Outcome.LOST:
             lost += 1
