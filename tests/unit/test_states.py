@@ -61,7 +61,7 @@ def test_stored_values_never_renumbered():
         "skipped",
         "cancelled",
     ]
-    assert [int(o) for o in Outcome] == list(range(6))
+    assert [int(o) for o in Outcome] == list(range(8))
     assert [o.label for o in Outcome] == [
         "succeeded",
         "failed",
