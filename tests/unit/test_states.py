@@ -69,6 +69,8 @@ def test_stored_values_never_renumbered():
         "lost",
         "released",
         "stale",
+        "cached",
+        "oom",
     ]
 
 
