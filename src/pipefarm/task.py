@@ -83,6 +83,37 @@ class Spec(msgspec.Struct):
     resources: Resources = Resources()
     tags: tuple[str, ...] = ()
     name: str = ""
+    # Fields below are newer than the catalog's spec columns: stores keep them together
+    # (SQLite: the ``specs.options`` column, see :func:`spec_options_blob`). Add new ones
+    # here, with a default that means "as before".
+
+
+#: the Spec fields that have a column of their own in the catalog's ``specs`` table
+_SPEC_COLUMN_FIELDS = frozenset(
+    {"kind", "payload", "max_attempts", "timeout", "backoff", "max_lost", "resources", "tags",
+     "name"})
+
+
+def spec_options_blob(spec: Spec) -> bytes | None:
+    """The spec's newer fields that differ from their defaults, msgpack-encoded (None: none)."""
+    extra = {}
+    for field in msgspec.structs.fields(spec):
+        if field.name in _SPEC_COLUMN_FIELDS:
+            continue
+        value = getattr(spec, field.name)
+        if value != field.default:
+            extra[field.name] = value
+    return msgspec.msgpack.encode(extra) if extra else None
+
+
+def spec_options_of(blob: bytes | None) -> dict[str, Any]:
+    """Inverse of :func:`spec_options_blob`: keyword arguments for :class:`Spec` (fields this
+    pipefarm does not know, written by a newer one, are left out)."""
+    if not blob:
+        return {}
+    types = {f.name: f.type for f in msgspec.structs.fields(Spec)}
+    decoded = msgspec.msgpack.decode(blob)
+    return {k: msgspec.convert(v, types[k]) for k, v in decoded.items() if k in types}
 
 
 class Lease(msgspec.Struct, array_like=True):

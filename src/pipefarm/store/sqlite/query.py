@@ -18,7 +18,7 @@ from typing import Any
 
 from ... import states
 from ...states import Outcome, State
-from ...task import PY, Resources, Spec
+from ...task import PY, Resources, Spec, spec_options_of
 from ..base import AttemptRow, TaskRow
 from .schema import _S, _SUCCEEDED, VIEWS_INDEX, _chunks, _qs
 
@@ -26,7 +26,8 @@ from .schema import _S, _SUCCEEDED, VIEWS_INDEX, _chunks, _qs
 BACKENDS_KEY = "backends_used"
 
 #: the columns :func:`spec_of_row` reads, in its order
-SPEC_COLS = "kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus, memory, tags, name"
+SPEC_COLS = ("kind, payload, max_attempts, timeout, backoff, max_lost, cpus, gpus, memory, tags,"
+             " name, options")
 
 #: how many of the latest ended tasks the recent mean duration (the ETA's) is taken over
 RECENT_MEAN_TASKS = 1000
@@ -42,7 +43,19 @@ def spec_of_row(row: Sequence[Any]) -> Spec:
         backoff=row[4], max_lost=row[5],
         resources=Resources(cpus=row[6], gpus=row[7], memory=row[8]),
         tags=tuple(t for t in (row[9] or "").split(",") if t), name=row[10] or "",
+        **spec_options_of(row[11] if len(row) > 11 else None),
     )
+
+
+def select_spec(db: sqlite3.Connection, spec_id: int) -> Spec | None:
+    """The spec with this id, or None; reads a catalog older than ``specs.options`` too (a
+    reader cannot add the column)."""
+    try:
+        row = db.execute(f"SELECT {SPEC_COLS} FROM specs WHERE id=?", (spec_id,)).fetchone()
+    except sqlite3.OperationalError:
+        row = db.execute(f"SELECT {SPEC_COLS.rsplit(',', 1)[0]} FROM specs WHERE id=?",
+                         (spec_id,)).fetchone()
+    return None if row is None else spec_of_row(row)
 
 
 class CatalogQuery:
@@ -99,10 +112,10 @@ class CatalogQuery:
 
     def spec(self, spec_id: int) -> Spec:
         """The spec with this id (``KeyError`` if there is none)."""
-        row = self.db.execute(f"SELECT {SPEC_COLS} FROM specs WHERE id=?", (spec_id,)).fetchone()
-        if row is None:
+        spec = select_spec(self.db, spec_id)
+        if spec is None:
             raise KeyError(f"no spec {spec_id}")
-        return spec_of_row(row)
+        return spec
 
     # --- the contract's query side (Store.counts, tasks, attempts, result, results) -----------------
     def counts(self) -> dict[str, int]:

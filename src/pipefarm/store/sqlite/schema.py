@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS specs(
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL,
   max_attempts INTEGER NOT NULL, timeout REAL, backoff REAL NOT NULL, max_lost INTEGER NOT NULL,
-  cpus INTEGER NOT NULL, gpus INTEGER NOT NULL, memory INTEGER, tags TEXT, name TEXT);
+  cpus INTEGER NOT NULL, gpus INTEGER NOT NULL, memory INTEGER, tags TEXT, name TEXT,
+  options BLOB);
 CREATE TABLE IF NOT EXISTS tasks(
   id INTEGER PRIMARY KEY,
   spec INTEGER NOT NULL,
@@ -42,14 +43,15 @@ CREATE TABLE IF NOT EXISTS tasks(
   token INTEGER, worker TEXT, claimed_at REAL, started_at REAL, ended_at REAL,
   outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
   exit_code INTEGER, error TEXT, note TEXT, output TEXT,
-  result BLOB, result_file TEXT);
+  result BLOB, result_file TEXT,
+  peak_memory INTEGER);                  -- of the current attempt, bytes
 CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = {READY};
 CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
   PRIMARY KEY(dep, task)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts(
   task INTEGER NOT NULL, attempt INTEGER NOT NULL, worker TEXT, token INTEGER,
   outcome INTEGER NOT NULL, started_at REAL, ended_at REAL, exit_code INTEGER,
-  error TEXT, note TEXT, output TEXT);
+  error TEXT, note TEXT, output TEXT, peak_memory INTEGER);
 CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
 CREATE TABLE IF NOT EXISTS workers(
   id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
@@ -144,11 +146,32 @@ def set_write_pragmas(db: sqlite3.Connection, synchronous: str) -> None:
     db.execute("PRAGMA wal_autocheckpoint=8192")  # fewer, larger checkpoints
 
 
+#: Columns added after schema 1, as ``(table, column, type)``: a catalog written before them
+#: gets them (NULL in old rows) when it is first opened for writing, so a newer pipefarm
+#: resumes an older run. Append here; never reorder or remove.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("specs", "options", "BLOB"),  # msgpack of the Spec fields newer than the columns above
+    ("tasks", "peak_memory", "INTEGER"),
+    ("attempts", "peak_memory", "INTEGER"),
+)
+
+
+def columns(db: sqlite3.Connection, table: str) -> set[str]:
+    """The names of ``table``'s columns in this catalog."""
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 def create(db: sqlite3.Connection) -> None:
-    """Create what is missing (inside the caller's write transaction)."""
+    """Create what is missing (inside the caller's write transaction), added columns too."""
     for stmt in _SCHEMA.split(";"):
         if stmt.strip():
             db.execute(stmt)
+    have: dict[str, set[str]] = {}
+    for table, column, kind in ADDED_COLUMNS:
+        if table not in have:
+            have[table] = columns(db, table)
+        if column not in have[table]:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     db.execute("INSERT OR IGNORE INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
     db.execute("INSERT OR IGNORE INTO meta VALUES('created_at', ?)", (time.time(),))
 

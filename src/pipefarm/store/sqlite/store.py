@@ -31,10 +31,10 @@ from typing import Any
 from ... import states
 from ...errors import CatalogDamaged
 from ...states import Outcome, State
-from ...task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec
+from ...task import INLINE_RESULT_MAX, Finished, Lease, Resources, Spec, spec_options_blob
 from ..base import DEFAULT_LEASE_S, Store, TaskIds
 from . import schema
-from .query import BACKENDS_KEY, SPEC_COLS, CatalogQuery, spec_of_row
+from .query import BACKENDS_KEY, CatalogQuery, select_spec
 from .schema import (
     _ACTIVE,
     _READY,
@@ -248,11 +248,12 @@ class SQLiteStore(CatalogQuery, Store):
         with self._tx():
             cur = self.db.execute(
                 "INSERT INTO specs(kind, payload, max_attempts, timeout, backoff, max_lost, cpus,"
-                " gpus, memory, tags, name) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " gpus, memory, tags, name, options) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.kind, spec.payload, spec.max_attempts, spec.timeout, spec.backoff,
                     spec.max_lost, spec.resources.cpus, spec.resources.gpus,
                     spec.resources.memory, ",".join(spec.tags), spec.name,
+                    spec_options_blob(spec),
                 ),
             )
             sid = int(cur.lastrowid)
@@ -262,10 +263,9 @@ class SQLiteStore(CatalogQuery, Store):
     def spec(self, spec_id: int) -> Spec:
         spec = self._specs.get(spec_id)
         if spec is None:
-            row = self.db.execute(f"SELECT {SPEC_COLS} FROM specs WHERE id=?", (spec_id,)).fetchone()
-            if row is None:
+            spec = select_spec(self.db, spec_id)
+            if spec is None:
                 raise KeyError(f"no spec {spec_id}")
-            spec = spec_of_row(row)
             self._specs[spec_id] = spec
         return spec
 
