@@ -107,3 +107,33 @@ def test_gpu_tasks_and_slots_too_big_are_refused_not_left_hanging(tmp_path, ray_
         with pytest.raises(RuntimeError, match="needs 64 CPU"):
             run.execute(workers=1, backend="ray", address=ray_address, progress=False)
         assert run.attempts(g) == [] and run.attempts(big) == []
+
+
+GPU_RUN = """
+import json, os, sys, time
+import pipefarm as pf
+
+def visible(i):
+    time.sleep(0.1)
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+with pf.Run.create(sys.argv[1]) as run:
+    ids = run.map(visible, range(6), gpus=1)
+    # a Ray of its own that declares two GPUs (Ray assigns their ids to actors whether or
+    # not the devices exist: what is tested is pipefarm's mapping, not CUDA)
+    run.execute(workers=2, backend=pf.backends.Ray(workers=2, init={"num_gpus": 2}),
+                progress=False)
+    print(json.dumps([run.result(t) for t in ids]))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_tasks_see_the_gpus_ray_gave_their_slot(tmp_path):
+    """Each slot's actor holds one of two GPUs Ray declares; a task needing one runs in the
+    device Ray made visible to its slot (without the mapping it would not be claimed at all,
+    or would see none)."""
+    out = subprocess.run([sys.executable, "-c", GPU_RUN, str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert len(seen) == 6 and set(seen) <= {"0", "1"}, seen

@@ -180,6 +180,10 @@ class Options:
     commit_every_s: float = 0.05  # outcomes are committed at least this often
     halt: HaltPolicy | None = None
     gpus_available: list[str] | None = None  # None: the GPUs detected on this host
+    # GPUs each slot holds of its own, assigned and made visible by the engine (Ray gives each
+    # actor its CUDA_VISIBLE_DEVICES): a task needing up to this many runs on any idle slot and
+    # sees the slot's devices; the coordinator hands none out itself
+    slot_gpus: int = 0
 
 
 class Tuned:
@@ -196,10 +200,11 @@ class Tuned:
         self.heartbeat_s = heartbeat_s
         self.commit_every_s = commit_every_s
 
-    def _options(self, n: int, gpus_available: list[str] | None) -> Options:
-        """The coordinator's settings for ``n`` workers handing out ``gpus_available``."""
+    def _options(self, n: int, gpus_available: list[str] | None, slot_gpus: int = 0) -> Options:
+        """The coordinator's settings for ``n`` workers handing out ``gpus_available`` (or,
+        with ``slot_gpus``, each slot holding that many GPUs the engine assigned it)."""
         return Options(n, self.batch_target_s, self.max_batch, self.heartbeat_s,
-                       self.commit_every_s, self.halt, gpus_available)
+                       self.commit_every_s, self.halt, gpus_available, slot_gpus)
 
 
 @dataclass
@@ -473,7 +478,7 @@ class Coordinator:
         now = time.monotonic()
         if now < self.dry_until or not w.alive or w.outstanding or self.cpus_free < 1:
             return False
-        gpus_free = self.gpu_pool.free_count() if self.gpu_pool else 0
+        gpus_free = self.gpu_pool.free_count() if self.gpu_pool else self.opts.slot_gpus
         leases, _ = self.store.lease_ready(
             1, self.inflight, None, Resources(cpus=self.cpus_free, gpus=gpus_free))
         if not leases:

@@ -36,12 +36,11 @@ def _needs(store: Store) -> tuple[int, int]:
 
 def _check_fits(ray: Any, cpus: float, gpus: float, task_gpus: int) -> None:
     """Refuse, before anything is started, what cannot run: slots the cluster cannot place
-    (their actors would wait for resources forever, and so would the run), tasks that need GPUs."""
-    if task_gpus > 0:
-        # the coordinator hands each task its GPU ids; on Ray they are the actor's, known only
-        # there: until the slot maps one onto the other, GPU tasks are refused, never left hanging
-        raise RuntimeError(f"a task needs {task_gpus} GPU(s): the ray backend does not run GPU tasks"
-                           " yet (use --backend local, mpi or array for them)")
+    (their actors would wait for resources forever, and so would the run), tasks that need more
+    GPUs than a slot holds."""
+    if task_gpus > gpus:
+        raise RuntimeError(f"a task needs {task_gpus} GPU(s) and each worker slot holds {gpus:g}:"
+                           f" give num_gpus={task_gpus} (--num-gpus) or leave it out")
     have = ray.cluster_resources()
     for what, need in (("CPU", cpus), ("GPU", gpus)):
         if need > have.get(what, 0):
@@ -57,8 +56,9 @@ class RayBackend(Tuned):
     started for the call and shut down after it.
     ``workers``: worker slots at once (default: as many as the cluster's CPUs hold).
     ``num_cpus``/``num_gpus``: the Ray resources each slot's actor holds (default: the most any
-    unfinished task asks for, at least one CPU; an actor's GPUs are visible to its tasks).
-    Tasks that declare ``gpus`` are refused for now (the coordinator cannot name the actor's). ``listen``: the address of this host the actors
+    unfinished task asks for, at least one CPU). A task that declares ``gpus`` runs on a slot
+    holding at least that many and sees all of the slot's GPUs (the ``CUDA_VISIBLE_DEVICES``
+    Ray sets for the actor). ``listen``: the address of this host the actors
     connect back to (default: loopback for a Ray on this host, else the interface that routes to
     its head). ``init``: more keyword arguments for ``ray.init``. The other options are the local
     backend's (see :class:`~pipefarm.backends.coordinator.Options`).
@@ -129,8 +129,9 @@ class RayBackend(Tuned):
             gpus = self.num_gpus if self.num_gpus is not None else task_gpus
             _check_fits(ray, cpus, gpus, task_gpus)
             n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1)))
-            # GPUs are those Ray gives each actor (its CUDA_VISIBLE_DEVICES): none handed out here
-            opts = self._options(n, [])
+            # GPUs are those Ray gives each actor (its CUDA_VISIBLE_DEVICES): none handed out
+            # here, a slot of `gpus` GPUs runs any task that needs up to that many
+            opts = self._options(n, [], slot_gpus=int(gpus))
             transport = RayTransport(ray, self._listen(ray), self.capture_output, cpus, gpus)
             return Coordinator(opts, transport, store, hooks or Hooks()).run()
         finally:
