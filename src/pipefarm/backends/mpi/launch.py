@@ -13,9 +13,6 @@ import sys
 from ..array.launchers import LAUNCHERS
 from ..array.spec import abs_path
 
-#: The status of a job interrupted by Ctrl-C, as ``pipefarm run`` returns it.
-EXIT_SIGINT = 130
-
 
 def launch_command(launcher: str, n: int, run_dir: str, *, python: str | None = None) -> list[str]:
     """argv that runs RUN on the mpi backend with ``n`` worker ranks (``n + 1`` in all)."""
@@ -28,10 +25,14 @@ def launch_command(launcher: str, n: int, run_dir: str, *, python: str | None = 
 
 
 def launch(launcher: str, n: int, run_dir: str, *, python: str | None = None) -> int:
-    """Run RUN under ``launcher`` with ``n`` worker ranks; its exit status once it ends."""
+    """Run RUN under ``launcher`` with ``n`` worker ranks; its exit status once it ends.
+
+    Ctrl-C reaches the whole job from the terminal: rank 0 releases the running tasks, and once
+    the job has ended the :class:`KeyboardInterrupt` goes on to the caller (the CLI exits 130).
+    """
     proc = subprocess.Popen(launch_command(launcher, n, run_dir, python=python))
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the whole job too: let rank 0 stop
+    except KeyboardInterrupt:
         proc.wait()
-        return EXIT_SIGINT
+        raise
