@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from .. import __version__
+
 EXIT_FAILED_TASKS = 1
 EXIT_USAGE = 2
 
@@ -141,7 +143,9 @@ class _Main(click.Group):
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="pipefarm")
+# the package's own __version__ (its one source), not the installed metadata, which an editable
+# install leaves stale after a version bump
+@click.version_option(version=__version__, prog_name="pipefarm")
 def main() -> None:
     """Run large numbers of tasks in parallel, durably.
 
