@@ -16,6 +16,7 @@ import pytest
 import tasks_lib as T
 from cli_lib import ok
 from conftest import service_absent
+from engines_lib import assert_once_each
 
 import pipefarm as pf
 
@@ -59,12 +60,6 @@ def client():
     cluster.close()
 
 
-def _one_success_each(run, ids):
-    for t in ids:
-        outcomes = [a.outcome for a in run.attempts(t)]
-        assert outcomes.count("succeeded") == 1 and outcomes[-1] == "succeeded", (t, outcomes)
-
-
 @pytest.mark.slow
 def test_local_cluster_runs_python_and_command_tasks(tmp_path):
     d = tmp_path / "run"
@@ -78,7 +73,7 @@ def test_local_cluster_runs_python_and_command_tasks(tmp_path):
         assert summary.ok and summary.total == 3044, summary
         assert summary.attempts == 3044
         assert [run.result(t) for t in squares] == [i * i for i in range(3000)]
-        _one_success_each(run, [*squares, *cmds, said])
+        assert_once_each(run, [*squares, *cmds, said])
         assert all(run.result(t) == T.big_bytes(i, 4 << 20) for i, t in enumerate(big))
         assert run.output(cmds[7]) == b"line-7\n"
         workers = {t.worker for t in run.tasks(ids=list(squares))}
@@ -170,7 +165,7 @@ def test_external_cluster_survives_a_killed_worker(tmp_path):
             assert victim.poll() is not None, "the worker was not killed mid-run"
             assert summary.ok, summary
             assert [run.result(t) for t in ids] == [2 * i for i in range(40)]
-            _one_success_each(run, ids)
+            assert_once_each(run, ids, allowed=("lost", "released"))
             lost = [a for t in ids for a in run.attempts(t) if a.outcome == "lost"]
             assert len(lost) <= 2  # at most the task each slot on that worker ran
         # the killed worker's pipefarm process died with it (parent-death signal); the others

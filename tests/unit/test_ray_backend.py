@@ -11,6 +11,7 @@ import pytest
 import ray_lib
 import tasks_lib as T
 from cli_lib import ok
+from engines_lib import assert_once_each
 
 import pipefarm as pf
 
@@ -20,12 +21,6 @@ ray_address = ray_lib.ray_address  # the session's shared head (a fixture)
 @pytest.fixture(autouse=True)
 def _need_ray():
     ray_lib.require_ray()
-
-
-def one_success_each(run, ids):
-    for t in ids:
-        outcomes = [a.outcome for a in run.attempts(t)]
-        assert outcomes.count("succeeded") == 1 and outcomes[-1] == "succeeded", (t, outcomes)
 
 
 @pytest.mark.slow
@@ -40,7 +35,7 @@ def test_python_and_command_tasks_with_output(tmp_path, ray_address):
                               progress=False)
         assert summary.ok and summary.total == 2023 and summary.attempts == 2023, summary
         assert [run.result(t) for t in squares] == [i * i for i in range(2000)]
-        one_success_each(run, [*squares, *cmds, said])
+        assert_once_each(run, [*squares, *cmds, said])
         assert all(run.result(t) == T.big_bytes(i, 4 << 20) for i, t in enumerate(big))
         assert run.output(cmds[7]) == b"line-7\n"
         workers = {t.worker for t in run.tasks(ids=list(squares))}
