@@ -93,6 +93,9 @@ class Wave(msgspec.Struct):
     final: bool = False  # the exporter has nothing more to offer right now
     seq: int = 0
     classes: list[tuple[int, int, int, int]] = []  # (first, last, cpus, gpus), non-default only
+    #: (first, last, seconds): blocks whose tasks asked for that much time (``time_request``);
+    #: a worker with less walltime left does not claim them
+    times: list[tuple[int, int, float]] = []
 
 
 class Config(msgspec.Struct):
