@@ -30,6 +30,7 @@ _LAZY = {
     "Outcome": ("pipefarm.states", "Outcome"),
     "TaskOptions": ("pipefarm.task", "TaskOptions"),
     "backends": ("pipefarm.backends", None),
+    "checkpoint": ("pipefarm.execute.checkpoint", None),
 }
 
 __all__ = sorted(_LAZY)
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TaskNotFinished,
         UnsafeRun,
     )
+    from .execute import checkpoint  # noqa: F401
     from .executor import BrokenExecutor, Executor  # noqa: F401
     from .run import Run  # noqa: F401
     from .states import Outcome, State  # noqa: F401

@@ -60,15 +60,21 @@ def _array_spec(scheduler: str, run_dir: str, *, walltime: str | None, python: s
 @click.option("--signal", "sig", default="TERM", show_default=True, help="The walltime warning signal: stop claiming, finish the running task, hand the rest back.")
 @click.option("--idle-exit", type=click.FloatRange(min=0), default=None, help="Exit after this many seconds with nothing to claim.")
 @click.option("--id", "worker_id", default=None, help="Worker id (default: host-pid-random).")
+@click.option("--time", "walltime", help="This worker's walltime from now: minutes (--time 90), HH:MM:SS or D-HH:MM:SS. It starts no task that asked for more time (submit --time-request) than it has left. Default: from the scheduler (SLURM_JOB_END_TIME, PIPEFARM_WALLTIME_END that `pipefarm array --time` scripts set, or squeue in a SLURM job); none: no limit.")
+@click.option("--warn-seconds", type=click.FloatRange(min=0), default=None, help="How long before the walltime its warning signal comes: tasks must fit before it (default: PIPEFARM_WARN_SECONDS, else 0).")
 def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
-           worker_id: str | None) -> None:
+           worker_id: str | None, walltime: str | None = None,
+           warn_seconds: float | None = None) -> None:
     """The worker loop that array elements and srun/mpiexec-launched processes run.
 
     \b
       pipefarm worker runs/sweep                # usually written into a script by `pipefarm array`
+      pipefarm worker runs/sweep --time 4:00:00 --warn-seconds 300   # started by hand
     It claims blocks of tasks through the run directory alone (exclusive-create claim files,
     its own journal and heartbeat file), runs them, and exits when nothing is left. On the
     warning signal it stops claiming, finishes its running task and hands the rest back at once.
+    Tasks submitted with --time-request longer than its walltime left (less the warning) are
+    left for a worker with more time; it exits once only such tasks are left.
     """
     import signal as signals
 
@@ -90,9 +96,22 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
         drain = {getattr(signals, f"SIG{name}"), signals.SIGTERM, signals.SIGINT, signals.SIGHUP}
     except AttributeError:
         raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from None
+    from ..backends.array.spec import walltime_seconds
+    from ..backends.array.walltime import find_walltime
+
+    try:
+        secs = walltime_seconds(walltime)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--time") from None
+    limit = find_walltime(secs, warn_seconds)
+    click.echo(f"pipefarm worker: {limit.describe()}", err=True)
     prefix = f"e{element}-" if element is not None else ""
     stats = work_loop(run_dir, worker_id or new_worker_id(prefix), drain_signals=drain,
-                      idle_exit=idle_exit)
+                      idle_exit=idle_exit, time_left=limit.left if limit.end is not None else None)
+    if stats.exit == "no time":
+        click.echo(f"pipefarm worker: what is left asked for more time than the {limit.left():.0f} s"
+                   " this worker has left; it is left for a worker with more"
+                   " (pipefarm status counts it)", err=True)
     click.echo(f"worker done: {stats}", err=True)
 
 

@@ -56,24 +56,48 @@ def coordinator_alive(run_dir: str | os.PathLike[str]) -> bool:
     return False
 
 
-def live_workers(run_dir: str | os.PathLike[str], lease_s: float) -> int:
-    """Array workers of a shared-filesystem run whose heartbeat is younger than the lease."""
+def _live_heartbeats(run_dir: str | os.PathLike[str], lease_s: float) -> list[os.DirEntry]:
+    """The heartbeat files of array workers younger than the lease."""
     hb = Path(run_dir) / "fs" / "hb"
     try:
         entries = list(os.scandir(hb))
     except OSError:
-        return 0
+        return []
     now = time.time()
-    n = 0
+    live = []
     for e in entries:
         if e.name == "catalog" or e.name.startswith("fold-"):
             continue  # the catalog's own stamp and fold lock holders are no workers
         try:
             if now - e.stat().st_mtime < lease_s:
-                n += 1
+                live.append(e)
         except OSError:
             continue
-    return n
+    return live
+
+
+def live_workers(run_dir: str | os.PathLike[str], lease_s: float) -> int:
+    """Array workers of a shared-filesystem run whose heartbeat is younger than the lease."""
+    return len(_live_heartbeats(run_dir, lease_s))
+
+
+def longest_time_left(run_dir: str | os.PathLike[str], lease_s: float) -> float | None:
+    """The most walltime (seconds, before its warning) any live array worker has left to
+    start tasks; None when no worker is live or one has no known limit (it takes any task)."""
+    from ..store.shared_fs.claimant import HB_UNTIL
+
+    now, longest = time.time(), None
+    for e in _live_heartbeats(run_dir, lease_s):
+        try:
+            with open(e.path) as fh:
+                word, _, value = fh.read(100).partition(" ")
+            until = float(value) if word == HB_UNTIL else None
+        except (OSError, ValueError):
+            until = None
+        if until is None:
+            return None
+        longest = max(longest if longest is not None else until - now, until - now)
+    return longest
 
 
 def being_worked_on(run: Any) -> bool:
@@ -178,4 +202,18 @@ def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> d
         for t, note in q.last_notes(last_failures)
     ]
     rep["backends"] = q.backends_used()  # where it has executed, first use first
+    rep["waiting_for_time"], rep["longest_time_left_s"] = _waiting_for_time(run.path, q)
     return rep
+
+
+def _waiting_for_time(run_dir: str | os.PathLike[str], q: CatalogQuery) -> tuple[int, float | None]:
+    """Ready tasks that asked for more time (``time_request``) than any live array worker
+    has left, and that longest time left (0 and None while no such worker is live)."""
+    if not (Path(run_dir) / "fs").is_dir():
+        return 0, None
+    longest = longest_time_left(run_dir, run_lease(run_dir))
+    if longest is None:
+        return 0, None
+    from ..store.shared_fs.tables import waiting_for_time
+
+    return waiting_for_time(q.db, longest), round(longest, 1)

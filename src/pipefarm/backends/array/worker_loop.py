@@ -39,6 +39,7 @@ def work_loop(
     fsync_interval: float = 0.5,
     on_block: Callable[[HeldBlock], None] | None = None,
     steal: bool = True,
+    time_left: Callable[[], float | None] | None = None,
 ) -> WorkStats:
     """Claim blocks of ``run_dir`` and run them until nothing is left; return what was done.
 
@@ -52,10 +53,14 @@ def work_loop(
     if their holders die, and meanwhile asks them for the tails of their blocks. A heartbeat
     thread touches the heartbeat file every ``lease_s / 4`` and answers steal requests on the
     held block every :data:`~pipefarm.store.shared_fs.STEAL_CHECK_S`. ``steal=False``: never ask (still answers).
+    ``time_left`` gives the seconds left before this worker's walltime warning (see
+    :mod:`.walltime`): blocks of tasks that asked for more time (``time_request``) are left
+    for workers with more, and the loop returns (exit ``"no time"``) once all that is left
+    needs more than it has.
     """
     stop = stop if stop is not None else threading.Event()
     w = FsWorker(run_dir, worker_id, lease_s=lease_s, resources=resources,
-                 fsync_interval=fsync_interval, steal=steal)
+                 fsync_interval=fsync_interval, steal=steal, time_left=time_left)
     w.register()
     if runner is None:
         # a command killed by the signal that is stopping this worker (scheduler cancel,
@@ -104,6 +109,9 @@ def work_loop(
                 continue
             if w.finished():
                 w.stats.exit = "finished"
+                break
+            if w.out_of_time():  # it will only have less: waiting would hold the allocation
+                w.stats.exit = "no time"
                 break
             mono = time.monotonic()
             idle_since = mono if idle_since is None else idle_since

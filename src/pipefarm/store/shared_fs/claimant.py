@@ -68,6 +68,9 @@ FINAL_OUTCOMES = frozenset(
      int(Outcome.CACHED), int(Outcome.OOM)}
 )
 
+#: the word before the time in a heartbeat file's content (see :meth:`FsWorker.register`)
+HB_UNTIL = "until"
+
 # ------------------------------------------------------------------------------------ tunables
 #: How often a worker that holds a block looks for a steal request: one ``open`` of a name that
 #: usually does not exist. Once a second is what the metadata budget allows (W7, 8 workers on
@@ -130,6 +133,7 @@ class WorkStats:
     given: int = 0  # splits agreed to ...
     given_tasks: int = 0  # ... and the tasks they gave away
     steal_checks: int = 0  # looks for a steal request (one open each)
+    no_time: int = 0  # blocks handed back (or passed over) for want of walltime
     exit: str = ""
 
 
@@ -152,8 +156,12 @@ class FsWorker:
         fsync: bool = True,
         fsync_interval: float = 0.5,
         steal: bool = True,
+        time_left: Callable[[], float | None] | None = None,
     ) -> None:
         self.layout = Layout(run_dir)
+        #: seconds this worker has left before its walltime warning (None: no limit known);
+        #: it claims no block whose tasks asked for more (``time_request``)
+        self.time_left = time_left
         self.steal = steal  # ask busy holders for the tails of their blocks when idle
         self.id = worker_id or new_worker_id()
         check_worker_id(self.id)
@@ -203,6 +211,12 @@ class FsWorker:
         check_private(self.layout.run)
         for d in (self.layout.hb, self.layout.journal):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        left = self.time_left() if self.time_left is not None else None
+        if left is not None:
+            # until when (epoch seconds) this worker starts tasks: `pipefarm status` compares
+            # the time tasks asked for with it (beats change the file's mtime, not this)
+            with open(self._hb, "w") as fh:
+                fh.write(f"{HB_UNTIL} {time.time() + left:.3f}\n")
         self.beat()
         self.journal = JournalWriter(
             self.layout.journal_of(self.id), fsync=self.fsync, fsync_interval=self.fsync_interval
@@ -240,6 +254,42 @@ class FsWorker:
         return self._wave
 
     def _fits(self, block: int, wave: Wave) -> bool:
+        """Whether this worker has the resources and the time for ``block``'s tasks."""
+        return self._has_resources(block, wave) and self._has_time(self.need_of(block, wave))
+
+    def need_of(self, block: int, wave: Wave | None = None) -> float:
+        """The seconds each task of ``block`` asked for (0: none asked), by its family's time
+        class in the wave (read again when the block is newer than the wave we hold)."""
+        root = root_of(block)
+        wave = wave or self._wave
+        if root > wave.blocks:
+            wave = self._read_wave()
+        for first, last, need in wave.times:
+            if first <= root <= last:
+                return need
+        return 0.0
+
+    def _has_time(self, need: float) -> bool:
+        if not need or self.time_left is None:
+            return True
+        left = self.time_left()
+        return left is None or left >= need
+
+    def out_of_time(self) -> bool:
+        """Whether everything left needs more time than this worker has: the last wave is
+        final and every block not done asked for more than its time left (which only
+        shrinks). Uses the listing of the last :meth:`claim_block`."""
+        if self.time_left is None:
+            return False
+        wave = self._read_wave(0.0)
+        if not wave.final or not wave.times:
+            return False
+        listing = self._listing
+        left = [b for b in range(1, wave.blocks + 1) if not (b in listing and listing[b].done)]
+        left += [b for b, st in listing.items() if b > wave.blocks and not st.done]
+        return bool(left) and not any(self._has_time(self.need_of(b, wave)) for b in left)
+
+    def _has_resources(self, block: int, wave: Wave) -> bool:
         if self.resources is None:
             return True
         block = root_of(block)  # a child has its family's resource class
@@ -273,7 +323,7 @@ class FsWorker:
             return self._poll_ask(listing)
         for b in sorted(listing):
             st = listing[b]
-            if st.released and not st.done:
+            if st.released and not st.done and self._fits(b, self._wave):
                 blk = self._take_over(b, st.epoch)
                 if blk is not None:
                     return blk
@@ -306,6 +356,8 @@ class FsWorker:
             st = listing[b]
             if st.done or st.released or (b, st.epoch) in self._taken:
                 continue
+            if not self._fits(b, self._wave):
+                continue  # left for a worker that has what its tasks need
             holder = self._holder(b, st.epoch)
             if holder.startswith("!"):
                 continue  # fenced by the catalog holder
@@ -632,6 +684,7 @@ class FsWorker:
         remaining: list[Entry] = []
         outcome = "done"
         i = 0
+        need = self.need_of(blk.block)
         with self._lock:
             self._held, self._next, self._running_since = blk, 0, None
         try:
@@ -642,6 +695,13 @@ class FsWorker:
                     if stop is not None and stop.is_set():
                         remaining = blk.entries[i:]
                         outcome = "released"
+                        break
+                    if need and not self._has_time(need):
+                        # too close to the walltime for the next task: handed back whole for
+                        # a worker with more time, spending nothing
+                        remaining = blk.entries[i:]
+                        outcome = "released"
+                        self.stats.no_time += 1
                         break
                     ent = blk.entries[i]
                     i = self._next = i + 1  # from here on no split gives it away

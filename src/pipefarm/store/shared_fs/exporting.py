@@ -75,10 +75,22 @@ def _block_rows(db, ids: Sequence[int]) -> list[tuple]:
     return [rows[t] for t in ids if t in rows]
 
 
+def _time_requests(catalog: SQLiteStore, sids: Iterable[int]) -> dict[int, float]:
+    """The ``time_request`` of each spec among ``sids`` that has one."""
+    out = {}
+    for sid in set(sids):
+        need = catalog.spec(sid).time_request
+        if need:
+            out[sid] = float(need)
+    return out
+
+
 def _new_blocks(layout: Layout, catalog: SQLiteStore, groups: list[list[tuple]], now: float,
                 wave: int | None) -> list[tuple[int, BlockFile]]:
-    """Insert catalog rows for blocks of ``groups`` (rows of :func:`_block_rows`)."""
+    """Insert catalog rows for blocks of ``groups`` (rows of :func:`_block_rows`, each group
+    of one resource and time class)."""
     db = catalog.db
+    needs = _time_requests(catalog, {rows[0][1] for rows in groups})
     first = (db.execute("SELECT max(id) FROM fs_blocks WHERE id < ?",
                         (CHILD_BASE,)).fetchone()[0] or 0) + 1
     out = []
@@ -90,6 +102,10 @@ def _new_blocks(layout: Layout, catalog: SQLiteStore, groups: list[list[tuple]],
     db.executemany(
         "INSERT INTO fs_blocks(id, n, cpus, gpus, wave, created) VALUES (?,?,?,?,?,?)",
         [(b, len(bf.entries), bf.cpus, bf.gpus, wave, now) for b, bf in out],
+    )
+    db.executemany(
+        "INSERT OR REPLACE INTO fs_block_time(id, need_s) VALUES (?, ?)",
+        [(b, needs[bf.entries[0][1]]) for b, bf in out if bf.entries[0][1] in needs],
     )
     db.executemany(
         "INSERT INTO fs_export(task, block) VALUES (?, ?)",
@@ -204,9 +220,12 @@ def export(
         made: list[tuple[int, BlockFile]] = []
         if ids:
             rows = _block_rows(db, ids)
-            by_class: dict[tuple[int, int], list[tuple]] = {}
+            # one class per resources and time asked for: a block is claimed whole, by a
+            # worker that has the resources and the time for every task in it
+            needs = _time_requests(catalog, {r[1] for r in rows})
+            by_class: dict[tuple[int, int, float], list[tuple]] = {}
             for r in rows:
-                by_class.setdefault((r[5], r[6]), []).append(r)
+                by_class.setdefault((r[5], r[6], needs.get(r[1], 0.0)), []).append(r)
             costs = dict(_cost_rows(db, ids))
             known = [c for c in costs.values() if c > 0]
             mean_cost = sum(known) / len(known) if known else None
@@ -263,8 +282,15 @@ def _write_wave(layout: Layout, catalog: SQLiteStore, seq: int) -> bool:
             classes[-1] = (classes[-1][0], b, cpus, gpus)
         else:
             classes.append((b, b, cpus, gpus))
+    times: list[tuple[int, int, float]] = []
+    for b, need in db.execute("SELECT id, need_s FROM fs_block_time WHERE id < ? ORDER BY id",
+                              (CHILD_BASE,)):
+        if times and times[-1][1] == b - 1 and times[-1][2] == need:
+            times[-1] = (times[-1][0], b, need)
+        else:
+            times.append((b, b, need))
     final = pending is None
-    write_atomic(layout.wave, msgspec.msgpack.encode(Wave(top, final, seq, classes)))
+    write_atomic(layout.wave, msgspec.msgpack.encode(Wave(top, final, seq, classes, times)))
     return final
 
 

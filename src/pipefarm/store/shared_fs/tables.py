@@ -21,6 +21,9 @@ The tables:
     covers, so a fold is idempotent and a folder killed mid-way loses nothing.
 ``fs_specs(id)``
     specs written to ``fs/specs``.
+``fs_block_time(id, need_s)``
+    the time (seconds) each task of an exported block asked for (its spec's ``time_request``),
+    for blocks that asked: written with the block, offered to workers in ``fs/wave``.
 ``fs_children(id, parent, parent_epoch, cut)``
     child blocks made by workers' splits (see :mod:`.claimant`), once the catalog learns of
     them: from a worker's ``Claimed`` of the child, or from the cut slots a fence seals. The
@@ -32,9 +35,11 @@ The tables:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ... import states
 from ..sqlite import SQLiteStore
+from .layout import CHILD_BASE, CHILD_BITS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fs_export(task INTEGER PRIMARY KEY, block INTEGER NOT NULL);
@@ -47,6 +52,7 @@ CREATE TABLE IF NOT EXISTS fs_blocks(
 CREATE INDEX IF NOT EXISTS ix_fs_blocks_open ON fs_blocks(id) WHERE closed = 0;
 CREATE TABLE IF NOT EXISTS fs_cursors(journal TEXT PRIMARY KEY, offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS fs_specs(id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS fs_block_time(id INTEGER PRIMARY KEY, need_s REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS fs_children(
   id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, parent_epoch INTEGER NOT NULL,
   cut INTEGER NOT NULL);
@@ -79,3 +85,17 @@ def open_blocks(catalog: SQLiteStore) -> int:
     ensure_schema(catalog)
     return catalog.db.execute("SELECT count(*) FROM fs_blocks WHERE closed=0").fetchone()[0]
 
+
+def waiting_for_time(db: Any, longest_s: float) -> int:
+    """Ready tasks offered in blocks whose tasks asked for more than ``longest_s`` seconds
+    (``time_request``): what waits for a worker with more walltime left. ``db`` is a
+    connection to the catalog (a reader's will do); 0 for a run that never exported."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name='fs_block_time'").fetchone():
+        return 0
+    return db.execute(
+        "SELECT count(*) FROM tasks t JOIN fs_export e ON e.task = t.id"
+        " JOIN fs_block_time b ON b.id = (CASE WHEN e.block >= ? THEN (e.block - ?) >> ?"
+        " ELSE e.block END)"  # a split's child block has its family's time class
+        f" WHERE t.state={int(states.State.READY)} AND b.need_s > ?",
+        (CHILD_BASE, CHILD_BASE, CHILD_BITS, longest_s),
+    ).fetchone()[0]
