@@ -164,3 +164,25 @@ def test_slurm_element_with_a_short_walltime_leaves_the_long_task_to_the_next_ar
     assert r.returncode == 0, (r.stdout, r.stderr)
     rep = json.loads(pf_cli("status", "run", "--json", cwd=tmp_path).stdout)
     assert rep["counts"]["succeeded"] == 5, rep
+
+
+@pytest.mark.slow
+@pytest.mark.scheduler
+def test_a_worker_in_a_slurm_job_asks_squeue_for_its_time_left(tmp_path: Path) -> None:
+    """Inside a real SLURM job with no variable giving the end (a worker started by hand or
+    by srun in an allocation), the worker asks squeue once."""
+    if not slurm_up():
+        service_absent("no SLURM here (see ../shared/ci/slurm-up.sh)")
+    out = tmp_path / "out"
+    code = ("from pipefarm.backends.array.walltime import find_walltime; "
+            "w = find_walltime(); print(w.source, round(w.left()))")
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--time=7", "-o", str(out), "--wrap",
+         f"env -u SLURM_JOB_END_TIME -u PIPEFARM_WALLTIME_END {sys.executable} -c '{code}'"],
+        capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_text().strip()):
+        assert time.monotonic() < deadline, f"job {job} wrote nothing"
+        time.sleep(0.5)
+    source, left = out.read_text().split()
+    assert source == "squeue" and 7 * 60 - 30 < int(left) <= 7 * 60, out.read_text()

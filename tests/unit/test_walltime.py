@@ -1,0 +1,44 @@
+"""Where an array worker learns its walltime (backends/array/walltime.py): --time, the
+scheduler's and pipefarm's environment variables, squeue's durations."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipefarm.backends.array.walltime import END_ENV, WARN_ENV, find_walltime, slurm_duration
+
+
+@pytest.mark.parametrize("text,secs", [
+    ("59", 59), ("4:59", 299), ("1:00:00", 3600), ("2-03:04:05", 2 * 86400 + 11045),
+    ("1-02", 86400 + 7200), ("UNLIMITED", None), ("NOT_SET", None), ("INVALID", None), ("", None),
+])
+def test_squeue_durations(text: str, secs: float | None) -> None:
+    assert slurm_duration(text) == secs
+
+
+def test_time_option_first_then_slurm_then_pipefarm_variables() -> None:
+    now = time.time()
+    env = {"SLURM_JOB_END_TIME": str(now + 500), END_ENV: str(now + 900), WARN_ENV: "100"}
+    w = find_walltime(60.0, None, env, query=False)
+    assert w.source == "--time" and 59 < w.left() + 100 <= 60 and w.margin == 100
+    w = find_walltime(None, 30.0, env, query=False)
+    assert w.source == "SLURM_JOB_END_TIME" and 469 < w.left() <= 470
+    del env["SLURM_JOB_END_TIME"]
+    w = find_walltime(None, None, env, query=False)
+    assert w.source == END_ENV and 799 < w.left() <= 800
+    assert "from PIPEFARM_WALLTIME_END" in w.describe()
+
+
+def test_no_limit_known_and_bad_values_are_ignored() -> None:
+    w = find_walltime(None, None, {END_ENV: "soon", WARN_ENV: "-3"}, query=False)
+    assert w.end is None and w.left() is None and w.margin == 0
+    assert "no walltime known" in w.describe()
+
+
+def test_an_unknown_slurm_job_gives_no_limit() -> None:
+    """A job id squeue does not know gives no limit (the worker places everything) rather
+    than an error (a real job's time left: tests/cluster/test_walltime_placement.py)."""
+    w = find_walltime(None, None, {"SLURM_JOB_ID": "999999999"})
+    assert w.end is None
