@@ -136,3 +136,20 @@ def test_a_torn_checkpoint_is_skipped_by_the_next_attempt_and_noted(tmp_path: Pa
     assert C.attempts_in(log) == [(3, [4, 5, 6, 7, 8])]
     (a,) = run.attempts(t)
     assert "000000000004.ckpt skipped" in (a.note or "")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_command_gets_its_directory_absolute_from_any_cwd(tmp_path: Path, monkeypatch,
+                                                             keep: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    run = pf.Run.create("run")  # a relative run directory
+    script = ('case "$PIPEFARM_CHECKPOINT_DIR" in /*) ;; *) exit 9 ;; esac; '
+              'test -d "$PIPEFARM_CHECKPOINT_DIR" && echo 1 > "$PIPEFARM_CHECKPOINT_DIR/state"')
+    from pipefarm.execute.template import Command
+
+    (t,) = run.submit_cmd(Command(argv=["sh", "-c", script], cwd=str(tmp_path / "elsewhere")),
+                          keep_checkpoints=keep)
+    assert run.execute(backend="sequential", progress=False).ok
+    d = tmp_path / "run" / "checkpoints" / str(t)
+    assert (d / "state").exists() == keep

@@ -76,8 +76,12 @@ _current: _Context | None = None
 
 
 def task_directory(run_dir: str | os.PathLike[str], task: int) -> str:
-    """``RUN/checkpoints/<task>``: the checkpoint directory of one task."""
-    return os.path.join(os.fspath(run_dir), "checkpoints", str(int(task)))
+    """``RUN/checkpoints/<task>``, absolute: the checkpoint directory of one task (a command
+    with a working directory of its own finds it too)."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.isabs(run_dir):
+        run_dir = os.path.abspath(run_dir)
+    return os.path.join(run_dir, "checkpoints", str(int(task)))
 
 
 def begin(run_dir: str | None, task: int, attempt: int) -> None:
@@ -106,6 +110,13 @@ def end(succeeded: bool, keep: bool) -> str | None:
 
 def remove(directory: str) -> None:
     """Delete a task's checkpoint directory and everything in it (gone already: nothing)."""
+    try:
+        os.rmdir(directory)  # the common case for commands that saved nothing: one call
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
     import shutil
 
     shutil.rmtree(directory, ignore_errors=True)
