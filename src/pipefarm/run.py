@@ -31,6 +31,7 @@ from .errors import (
     TaskFailed,
     TaskNotFinished,
 )
+from .execute.memory import parse_memory
 from .progress import ProgressDisplay
 from .states import State
 from .store.base import check_private
@@ -48,7 +49,7 @@ class Unrunnable(PipefarmError):
 #: columns of :meth:`Run.results`
 RESULT_COLUMNS = (
     "task_id", "key", "state", "attempts", "exit_code", "result", "error", "started_at",
-    "ended_at", "duration_s", "worker",
+    "ended_at", "duration_s", "worker", "peak_memory",
 )
 
 
@@ -187,7 +188,7 @@ class Run:
         keys: Iterable[str] | None = None,
         cpus: int = 1,
         gpus: int = 0,
-        memory: int | None = None,
+        memory: int | str | None = None,
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
@@ -208,7 +209,7 @@ class Run:
         nothing is written and :class:`SubmissionError` says which.
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
-                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
                            backoff=backoff, max_lost=max_lost, tags=tuple(tags))
         if not iterables:
             raise SubmissionError("map needs at least one iterable")
@@ -242,7 +243,7 @@ class Run:
         after: Sequence[int] | None = None,
         cpus: int = 1,
         gpus: int = 0,
-        memory: int | None = None,
+        memory: int | str | None = None,
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
@@ -253,7 +254,7 @@ class Run:
         is returned (see :meth:`map`).
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
-                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
                            backoff=backoff, max_lost=max_lost, tags=tuple(tags))
         sid = self._py_spec(fn, opts)
         try:
@@ -279,7 +280,7 @@ class Run:
         after: Sequence[int] | None = None,
         cpus: int = 1,
         gpus: int = 0,
-        memory: int | None = None,
+        memory: int | str | None = None,
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
@@ -291,7 +292,7 @@ class Run:
         ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
-                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=memory,
+                           after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
                            backoff=backoff, max_lost=max_lost, tags=tuple(tags))
         return self.add_commands(command, rows, opts, keys=keys)
 
@@ -651,6 +652,20 @@ def _spec(kind: str, payload: bytes, name: str, opts: TaskOptions) -> Spec:
     return Spec(kind=kind, payload=payload, max_attempts=opts.retries + 1, timeout=timeout,
                 backoff=opts.backoff, max_lost=opts.max_lost, resources=opts.resources,
                 tags=opts.tags, name=name)
+
+
+def checked_memory(memory: int | str | None) -> int | None:
+    """A task's memory limit as stored: bytes (an int), or a size such as ``"4G"`` (see
+    :func:`~pipefarm.execute.memory.parse_memory`); None for none.
+
+    Raises :class:`SubmissionError` with the reason for anything else.
+    """
+    if memory is None:
+        return None
+    try:
+        return parse_memory(memory)
+    except ValueError as exc:
+        raise SubmissionError(f"memory: {exc}") from None
 
 
 def checked_timeout(timeout: float | None) -> float | None:

@@ -18,8 +18,9 @@ CMD = "cmd"
 INLINE_RESULT_MAX = 64 * 1024
 
 #: A success with a small result and nothing else to record, in the order stores bind it:
-#: ``(task, token, attempt, started_at, ended_at, result, worker)``.
-SuccessRow = tuple[int, int, int, float, float, "bytes | None", str]
+#: ``(task, token, attempt, started_at, ended_at, result, worker, peak_memory)``; stores also
+#: take rows without the last value (peak not measured).
+SuccessRow = tuple[int, int, int, float, float, "bytes | None", str, "int | None"]
 
 
 class Resources(msgspec.Struct, frozen=True):
@@ -140,6 +141,7 @@ class Finished(msgspec.Struct, array_like=True):
     note: str | None = None
     output: str | None = None  # where the attempt's stdout/stderr landed (command tasks)
     attempt: int = 0
+    peak_memory: int | None = None  # resident bytes at the attempt's peak (None: not measured)
 
 
 def dumps_args(args: tuple, kwargs: dict) -> bytes:

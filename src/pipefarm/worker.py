@@ -202,9 +202,10 @@ class LeaseRunner:
                         error=f"cannot load the task's function here: {type(exc).__name__}: {exc}",
                         attempt=lease.attempt,
                     )
+            memory = spec.resources.memory  # a limit: MemoryError past it, outcome oom
             if not self.capture_py:
-                return run_python(fn, lease)
-            return self._run_py_captured(run_python, fn, lease)
+                return run_python(fn, lease, memory)
+            return self._run_py_captured(run_python, fn, lease, memory)
         if spec.kind == CMD:
             self._py_ends = None  # its output moves the ends of the shared files
             return self._run_cmd(spec, lease, extra_env)
@@ -212,8 +213,8 @@ class LeaseRunner:
         return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
                         error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
 
-    def _run_py_captured(self, run_python: Callable[[Callable[..., Any], Lease], Finished],
-                         fn: Callable[..., Any], lease: Lease) -> Finished:
+    def _run_py_captured(self, run_python: Callable[..., Finished], fn: Callable[..., Any],
+                         lease: Lease, memory: int | None) -> Finished:
         """Run a Python task and attribute what it wrote on fds 1 and 2 to its attempt (an
         output reference :func:`~pipefarm.execute.output.read_output` reads, like a command's).
 
@@ -225,7 +226,7 @@ class LeaseRunner:
         start = self._py_ends if self._py_ends is not None else _std_ends()
         if start is not None:
             self.live = (lease.task, lease.attempt, "s", start[0], start[1])
-        f = run_python(fn, lease)
+        f = run_python(fn, lease, memory)
         if start is None:
             return f
         end = _std_ends()
@@ -283,10 +284,13 @@ class LeaseRunner:
         self.live = self._cmd_starts(lease, cmd.output_per_task)
         res = run_command(
             cmd, values, timeout=spec.timeout, sink=self._sink, task=lease.task,
-            attempt=lease.attempt, extra_env=extra_env,
+            attempt=lease.attempt, extra_env=extra_env, memory=spec.resources.memory,
         )
         stop_sig = stop_signal_of(res.exit_code) if not res.timed_out else None
-        if res.timed_out:
+        if res.oom:
+            outcome = Outcome.OOM
+            error = res.stderr_tail  # what went past the limit, then the command's stderr
+        elif res.timed_out:
             outcome = Outcome.TIMED_OUT
             error = f"timed out after {spec.timeout:g} s; its process group was killed"
         elif res.exit_code == 0:
@@ -301,7 +305,7 @@ class LeaseRunner:
         return Finished(
             lease.task, lease.token, int(outcome), res.started_at, res.ended_at, None,
             error=error, exit_code=res.exit_code, note=res.note, output=res.output,
-            attempt=lease.attempt,
+            attempt=lease.attempt, peak_memory=res.peak_memory,
         )
 
 
@@ -354,7 +358,7 @@ class Done(msgspec.Struct, array_like=True, tag=1):
     """
 
     id: int
-    ok: list[tuple[int, int, int, float, float, bytes | None, str]]
+    ok: list[tuple[int, int, int, float, float, bytes | None, str, int | None]]
     others: list[Finished]
     busy: float
     final: bool = True
@@ -524,9 +528,8 @@ class _Reporter:
                 f.outcome == Outcome.SUCCEEDED and f.error is None and f.note is None and f.output is None
                 and f.exit_code is None and (f.result is None or len(f.result) <= INLINE_RESULT_MAX)
             ):
-                self.ok.append(
-                    (f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result, self.worker_id)
-                )
+                self.ok.append((f.task, f.token, f.attempt, f.started_at, f.ended_at, f.result,
+                                self.worker_id, f.peak_memory))
             else:
                 self.others.append(f)
 

@@ -91,8 +91,9 @@ def results(run_dir: str, fmt: str | None, output: str | None) -> None:
       pipefarm results runs/sweep --format jsonl -o - | jq .param_alpha
     \b
     Columns: task_id, key, state, attempts, exit_code, result, error, started_at, ended_at
-    (UTC timestamps), duration_s, worker, command (as run, rendered), stdout_tail (the last
-    1 KiB of stdout; all of it: pipefarm logs RUN ID), then param_NAME for each placeholder
+    (UTC timestamps), duration_s, worker, peak_memory (resident bytes at the last attempt's
+    peak), command (as run, rendered), stdout_tail (the last 1 KiB of stdout; all of it:
+    pipefarm logs RUN ID), then param_NAME for each placeholder
     value of the source row (--from-csv: one per CSV column, as text).
     Results that are not one plain type (mixed, or objects) are JSON text, and a value JSON
     cannot encode shows as <not JSON-encodable: TYPE>: read it with Run.open(RUN).result(ID).

@@ -16,6 +16,22 @@ from .app import _die, _shown, main
 from .params import _ids, _Seconds
 
 
+class _Memory(click.ParamType):
+    """A memory size such as ``4G`` or ``500M`` (binary units; a bare number is MiB), in bytes."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if value is None or isinstance(value, int):
+            return value
+        from ..execute.memory import parse_memory
+
+        try:
+            return parse_memory(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 # --- submit ----------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("run_dir", metavar="RUN")
@@ -31,6 +47,7 @@ from .params import _ids, _Seconds
 @click.option("--cost", type=float, help="Expected cost; higher runs first among equal priority.")
 @click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True, help="Worker slots each task takes.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs of its own each task gets (CUDA_VISIBLE_DEVICES).")
+@click.option("--mem", "memory", type=_Memory(), help="Memory limit per task, e.g. --mem 4G (K, M, G, T; a bare number is MiB): past it the task's process group is killed and its attempt ends oom (retried like a failure).")
 @click.option("--after", metavar="ID,...", help="Task ids (or ranges 1-100) that must succeed first.")
 @click.option("--tag", "tags", multiple=True, help="A label (repeatable).")
 @click.option("--cwd", help="Working directory (may hold placeholders).")
@@ -41,6 +58,7 @@ from .params import _ids, _Seconds
 def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_file: str | None,
            from_csv: str | None, from_json: str | None, shell: bool, retries: int,
            timeout: float | None, priority: int, cost: float | None, cpus: int, gpus: int,
+           memory: int | None,
            after: str | None, tags: tuple[str, ...], cwd: str | None, env: tuple[str, ...],
            key_template: str | None, output_cap: int, output_per_task: bool) -> None:
     """Add command tasks to RUN (created if needed).
@@ -51,6 +69,7 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/b --from-file inputs.txt -- gzip -k {line}
       pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
       pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
+      pipefarm submit runs/m --array 1-50 --mem 4G --retries 1 -- ./sim --seed {index}
     \b
     As GNU parallel: values after ::: (or one per line of the files after ::::); several
     groups make every combination, named {1} {2} ...; {} is the value of a single source:
@@ -113,7 +132,8 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
         cmd = name_default(cmd, source.only)
         key_cmd = name_default(key_cmd, source.only) if key_cmd is not None else None
     options = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
-                          after=tuple(_ids(after) or ()), cpus=cpus, gpus=gpus, tags=tags)
+                          after=tuple(_ids(after) or ()), cpus=cpus, gpus=gpus, memory=memory,
+                          tags=tags)
     run = Run.create(run_dir, exist_ok=True)
     try:
         if source.size is not None:  # after create: a Ctrl-C once it is said is undone in full

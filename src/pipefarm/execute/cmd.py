@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .guard import KILL_GRACE, child_preexec, forget_group, start_guardian, watch_group
+from .memory import GroupWatch, format_memory, group_members
 from .template import Command, TemplateError, render, render_cwd
 
 if TYPE_CHECKING:
@@ -46,7 +47,9 @@ class CmdResult(msgspec.Struct):
     ``exit_code`` is the process's status (negative: killed by that signal; 127/126: it could
     not be started; None: it was never started). ``output`` is a reference for
     :func:`pipefarm.execute.output.read_output` (None when the attempt printed nothing).
-    ``stderr_tail`` is filled only when the attempt did not succeed.
+    ``stderr_tail`` is filled only when the attempt did not succeed. ``oom``: its process
+    group went past its memory limit and was killed; ``peak_memory``: resident bytes at its
+    peak (None when it could not be measured).
     """
 
     exit_code: int | None
@@ -56,11 +59,13 @@ class CmdResult(msgspec.Struct):
     stderr_tail: str
     note: str | None
     output: str | None
+    oom: bool = False
+    peak_memory: int | None = None
 
     @property
     def ok(self) -> bool:
-        """Whether the attempt succeeded (exit status 0 within its time)."""
-        return self.exit_code == 0 and not self.timed_out
+        """Whether the attempt succeeded (exit status 0 within its time and memory)."""
+        return self.exit_code == 0 and not self.timed_out and not self.oom
 
 
 class Phase(enum.Enum):
@@ -144,22 +149,31 @@ def _group_alive(pgid: int) -> bool:
 
     killpg(pgid, 0) cannot tell: zombies count as members, and some init processes (this
     one included: a VM's process_api) reap orphans only about once a second. It runs only
-    after a SIGTERM or SIGKILL, so psutil is imported here, not with the module. getpgid()
-    is one syscall per process where reading each ``/proc/N/stat`` is an open and a read:
-    ~0.07 ms per call with ~100 processes against ~1 ms for the old hand scan of /proc.
+    after a SIGTERM or SIGKILL, so psutil is imported here, not with the module.
     """
     import psutil
 
-    for pid in psutil.pids():
+    for pid in group_members(pgid):
         try:
-            if os.getpgid(pid) != pgid:
-                continue
             # a zombie still has its group: only a member's status says whether it runs
             if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
                 return True
         except (OSError, psutil.Error):
             continue  # gone meanwhile, or not ours to look at
     return False
+
+
+def _reap(proc: Any) -> tuple[int, int | None]:
+    """Reap an exited child with ``wait4``: its exit code and its ``ru_maxrss`` in bytes
+    (the largest of it and the descendants it reaped; None when Popen reaped it already)."""
+    if proc.returncode is not None:
+        return proc.returncode, None
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere meanwhile
+        return proc.wait(), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024  # KiB on Linux
 
 
 def _start_failure(
@@ -189,14 +203,17 @@ def run_command(
     extra_env: dict[str, str] | None = None,
     kill_grace: float = KILL_GRACE,
     abort: threading.Event | None = None,
+    memory: int | None = None,
 ) -> CmdResult:
     """Run one attempt of a command task and report how it ended; never raises for the command.
 
     The child runs in its own session (process group) with stdin from /dev/null, the worker's
     environment plus ``cmd.env``, ``extra_env`` (e.g. GPU variables) and ``PIPEFARM_TASK_ID`` /
     ``PIPEFARM_ATTEMPT``. On timeout (or when ``abort`` is set) the whole group gets SIGTERM,
-    then SIGKILL after ``kill_grace`` seconds. When the main process exits, anything it left
-    running in its group is killed too: a task's processes end with the task.
+    then SIGKILL after ``kill_grace`` seconds. With ``memory`` (bytes), a group whose summed
+    resident memory passes it is killed at once (SIGKILL: no grace while memory is short) and
+    the result says ``oom``. When the main process exits, anything it left running in its
+    group is killed too: a task's processes end with the task.
     PDEATHSIG note: in ``pdeathsig`` mode the child dies when the *thread* that started it
     exits, so call this from long-lived threads.
     """
@@ -257,6 +274,8 @@ def run_command(
     phase = Phase.RUNNING
     t0 = time.monotonic()
     deadline = None if timeout is None else t0 + timeout
+    watch = None if memory is None else GroupWatch(pgid, memory, t0)
+    oom = ""  # why the group was killed for its memory (empty: it was not)
     kill_at = give_up_at = 0.0
     last_flush = t0
 
@@ -298,6 +317,12 @@ def run_command(
                 if deadline is not None and now >= deadline:
                     timed_out = True
                     stop(f"timed out after {timeout:g} s; process group stopped")
+                elif watch is not None and watch.over(now):
+                    _killpg(pgid, signal.SIGKILL)
+                    phase = Phase.KILL_SENT
+                    give_up_at = now + 1.0
+                    oom = (f"went past its memory limit of {format_memory(watch.limit)}"
+                           f" ({format_memory(watch.peak)} resident); its process group was killed")
                 elif abort is not None and abort.is_set():
                     stop("aborted by the worker; process group stopped")
                 elif exited and fds:
@@ -322,6 +347,9 @@ def run_command(
                     wait = deadline - now
                 if abort is not None:
                     wait = 0.1 if wait is None else min(wait, 0.1)
+                if watch is not None:
+                    w = watch.next_at - now
+                    wait = w if wait is None else min(wait, w)
             elif phase is Phase.TERM_SENT:
                 wait = kill_at - now
             else:
@@ -365,13 +393,19 @@ def run_command(
         os.close(fd)
     if pidfd >= 0:
         os.close(pidfd)
+    peak: int | None = None
     try:
         # exited: reaps at once. Otherwise we gave up after SIGKILL: a process stuck in
         # uninterruptible I/O (a hung NFS mount) ignores even SIGKILL; do not hang the worker.
-        code: int | None = proc.wait(None if exited else 1.0)
+        if exited:
+            code, peak = _reap(proc)
+        else:
+            code = proc.wait(1.0)
     except subprocess.TimeoutExpired:
         code = None
         notes.append("the process did not end even after SIGKILL (stuck in the kernel?)")
+    if watch is not None and watch.peak > (peak or 0):
+        peak = watch.peak
     # Whatever is left in the group now (background jobs that did not hold the pipes) ends
     # with the task. After a normal exit no grace: the task is over. After SIGTERM, the rest
     # of the grace. killpg(0) is one syscall and fails (ESRCH) in the common case.
@@ -391,10 +425,12 @@ def run_command(
     ref, out_note = out.finish()
     if out_note:
         notes.append(out_note)
-    ok = code == 0 and not timed_out
+    ok = code == 0 and not timed_out and not oom
     tail = ""
     if not ok:  # successes do not need it, and it would cost catalog space per task
         tail = _tail(bytes(err_tail[-TAIL_BYTES:]), tail_cut or len(err_tail) > TAIL_BYTES)
+    if oom:  # the reason first: the command's own last words follow it
+        tail = f"{oom}\n{tail}" if tail else oom
     return CmdResult(
         exit_code=code,
         timed_out=timed_out,
@@ -403,6 +439,8 @@ def run_command(
         stderr_tail=tail,
         note="; ".join(notes) or None,
         output=ref,
+        oom=bool(oom),
+        peak_memory=peak,
     )
 
 

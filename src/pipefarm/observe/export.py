@@ -235,7 +235,7 @@ def result_batches(run: Any) -> Iterable[Any]:
     for chunk in _chunks(run):
         cols: dict[str, list[Any]] = {f.name: [] for f in fields}
         for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, sid, args,
-             out) in chunk:
+             out, peak) in chunk:
             spec = specs.get(sid)
             values = _values(spec, args)
             try:
@@ -255,6 +255,7 @@ def result_batches(run: Any) -> Iterable[Any]:
             cols["ended_at"].append(None if t1 is None else round(t1 * 1e6))
             cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
             cols["worker"].append(worker)
+            cols["peak_memory"].append(peak)
             cmd = spec.cmd if spec is not None else None
             cols["command"].append(command_text(cmd, values) if cmd is not None else None)
             cols["stdout_tail"].append(stdout_tail(base, out) if cmd is not None else None)

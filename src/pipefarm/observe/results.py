@@ -36,7 +36,8 @@ JSON = b"json"
 #: Arrow types of the columns whose type must not follow their values (an all-None column would
 #: come out null-typed); the others are inferred
 COLUMN_TYPES = {"started_at": "float64", "ended_at": "float64", "duration_s": "float64",
-                "exit_code": "int64", "key": "string", "error": "string", "worker": "string"}
+                "exit_code": "int64", "key": "string", "error": "string", "worker": "string",
+                "peak_memory": "int64"}
 
 
 def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
@@ -46,7 +47,7 @@ def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
     succeeded = int(State.SUCCEEDED)
     labels = {int(s): s.label for s in State}
     with CatalogQuery.open(run.path) as q:
-        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker) in q.results():
+        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, peak) in q.results():
             cols["task_id"].append(tid)
             cols["key"].append(key)
             cols["state"].append(labels[st])
@@ -64,6 +65,7 @@ def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
             cols["ended_at"].append(t1)
             cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
             cols["worker"].append(worker)
+            cols["peak_memory"].append(peak)
     return cols, blobs
 
 

@@ -100,6 +100,7 @@ class AttemptRow(msgspec.Struct):
     exit_code: int | None
     error: str | None
     note: str | None
+    peak_memory: int | None = None  # resident bytes at the attempt's peak (None: not measured)
 
 
 class Store(ABC):
@@ -246,7 +247,8 @@ class Store(ABC):
         by_worker: dict[str, list[Finished]] = {}
         for r in succeeded:
             by_worker.setdefault(r[6] or worker, []).append(
-                Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2]))
+                Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5], attempt=r[2],
+                         peak_memory=r[7] if len(r) > 7 else None))
         if others:
             by_worker.setdefault(worker, []).extend(others)
         if not by_worker:

@@ -370,6 +370,7 @@ class Ended(msgspec.Struct, array_like=True, tag=2):
     exit_code: int | None = None
     note: str | None = None
     output: str | None = None
+    peak_memory: int | None = None  # resident bytes at the attempt's peak
 
 
 class Released(msgspec.Struct, array_like=True, tag=3):

@@ -8,13 +8,14 @@ knows no scheduler's syntax: the scheduler modules write these values in their o
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal as _signal
 import sys
 
 import msgspec
+
+from ...execute.memory import MIB, parse_memory
 
 _JOB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 
@@ -195,26 +196,15 @@ def walltime_seconds(t: str | int | None, scheduler: str | None = None,
     return secs
 
 
-_MEM = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_MEM_SHIFT = {"k": -10, "": 0, "m": 0, "g": 10, "t": 20}  # powers of two relative to MiB
-
-
 def mem_mib(size: str | int) -> int:
     """A memory size in MiB, rounded up: ``"4G"``, ``"4GB"``, ``"4GiB"``, ``"500M"``,
-    ``"1.5T"``, ``"512K"``; a bare number is MiB (SLURM's ``--mem`` default unit). Units are
-    binary (1G = 1024M), as SLURM, SGE (upper case) and HTCondor read them. ValueError for
-    anything else, and for sizes under 1 MiB."""
+    ``"1.5T"``, ``"512K"``; a bare number (an int too) is MiB (SLURM's ``--mem`` default
+    unit). Units are binary (1G = 1024M), as SLURM, SGE (upper case) and HTCondor read them.
+    ValueError for anything else, and for sizes under 1 MiB. The parser is the one task
+    limits use (:func:`pipefarm.execute.memory.parse_memory`)."""
     if isinstance(size, bool):
         raise ValueError(f"bad memory size {size!r}")
-    m = _MEM.fullmatch(str(size).strip())
-    if not m:
-        raise ValueError(
-            f"bad memory size {size!r}: give a number and a unit, e.g. 4G, 500M or 1.5T"
-        )
-    mib = float(m.group(1)) * 2.0 ** _MEM_SHIFT[m.group(2).lower()]
-    if mib < 1:
-        raise ValueError(f"memory size {size!r} is under 1 MiB")
-    return math.ceil(mib)
+    return -(-parse_memory(str(size)) // MIB)
 
 
 #: Directories that are usually local to one node (a python there is missing on the others).

@@ -350,7 +350,8 @@ def _apply_ended(catalog: SQLiteStore, worker: str, recs: list[Ended], now: floa
     catalog.finish(
         worker,
         [Finished(r.task, r.token, r.outcome, r.started_at, r.ended_at, r.result, error=r.error,
-                  exit_code=r.exit_code, note=r.note, output=r.output, attempt=r.attempt)
+                  exit_code=r.exit_code, note=r.note, output=r.output, attempt=r.attempt,
+                  peak_memory=r.peak_memory)
          for r in send],
         now=now,
     )

@@ -191,4 +191,5 @@ def ended_record(layout: Layout, f: Finished) -> Ended:
         task=f.task, token=f.token, attempt=f.attempt, outcome=int(f.outcome),
         started_at=f.started_at, ended_at=f.ended_at, result=result, result_file=rfile,
         error=f.error, exit_code=f.exit_code, note=f.note, output=f.output,
+        peak_memory=f.peak_memory,
     )

@@ -161,21 +161,32 @@ class CatalogQuery:
             for r in self.db.execute(f"SELECT {self._TASK_COLS} FROM tasks{w} ORDER BY id{lim}", params)
         ]
 
+    def _peak_column(self) -> str:
+        """``peak_memory``, or ``NULL`` on a catalog older than that column (a read-only
+        reader cannot add it)."""
+        col = getattr(self, "_peak_col", None)
+        if col is None:
+            names = {r[1] for r in self.db.execute("PRAGMA table_info(attempts)")}
+            col = self._peak_col = "peak_memory" if "peak_memory" in names else "NULL"
+        return col
+
     def attempts(self, task: int) -> list[AttemptRow]:
+        peak = self._peak_column()
         rows = [
             AttemptRow(
                 task=r[0], attempt=r[1], worker=r[2], token=r[3], outcome=Outcome(r[4]).label,
                 started_at=r[5], ended_at=r[6], exit_code=r[7], error=r[8], note=r[9],
+                peak_memory=r[10],
             )
             for r in self.db.execute(
                 "SELECT task, attempt, worker, token, outcome, started_at, ended_at, exit_code,"
-                " error, note FROM attempts WHERE task=? ORDER BY attempt, rowid",
+                f" error, note, {peak} FROM attempts WHERE task=? ORDER BY attempt, rowid",
                 (task,),
             )
         ]
         cur = self.db.execute(
             "SELECT id, attempt, worker, token, outcome, started_at, ended_at, exit_code, error,"
-            " note, state FROM tasks WHERE id=?",
+            f" note, state, {peak} FROM tasks WHERE id=?",
             (task,),
         ).fetchone()
         if cur is not None and (cur[4] is not None or cur[10] in (_S.CLAIMED, _S.RUNNING)):
@@ -184,6 +195,7 @@ class CatalogQuery:
                 AttemptRow(
                     task=cur[0], attempt=cur[1], worker=cur[2], token=cur[3], outcome=label,
                     started_at=cur[5], ended_at=cur[6], exit_code=cur[7], error=cur[8], note=cur[9],
+                    peak_memory=cur[11],
                 )
             )
         return rows
@@ -217,10 +229,10 @@ class CatalogQuery:
 
     def results(self) -> Iterable[tuple[Any, ...]]:
         """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker)`` per task, in id order, streamed."""
+        ended_at, worker, peak_memory)`` per task, in id order, streamed."""
         cur = self.db.execute(
             "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            " ended_at, worker FROM tasks ORDER BY id"
+            f" ended_at, worker, {self._peak_column()} FROM tasks ORDER BY id"
         )
         while True:
             rows = cur.fetchmany(4096)
@@ -230,11 +242,11 @@ class CatalogQuery:
 
     def export_rows(self) -> Iterable[tuple[Any, ...]]:
         """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker, spec, args, output)`` per task, in id order, one row at a time (an
-        export of any size holds one row of the cursor in memory, not the run)."""
+        ended_at, worker, spec, args, output, peak_memory)`` per task, in id order, one row at a
+        time (an export of any size holds one row of the cursor in memory, not the run)."""
         cur = self.db.execute(
             "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            " ended_at, worker, spec, args, output FROM tasks ORDER BY id"
+            f" ended_at, worker, spec, args, output, {self._peak_column()} FROM tasks ORDER BY id"
         )
         yield from cur
 

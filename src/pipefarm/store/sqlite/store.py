@@ -558,15 +558,18 @@ class SQLiteStore(CatalogQuery, Store):
                 def eligible(tok: int | None, st: int, f_token: int) -> bool:
                     return (st == _S.READY and tok is None) or (st == _S.RUNNING and tok == f_token)
 
+                # rows carry the attempt's peak memory as an 8th value, or leave it out
+                peak = ", peak_memory=?8" if len(succeeded[0]) > 7 else ""
                 done = self._apply_or_stale(
                     db, worker,
                     f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
-                    " token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7"
+                    f" token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7{peak}"
                     f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
                     f" OR (state={int(_S.RUNNING)} AND token=?2))",
                     succeeded, 0, 1, eligible,
                     lambda: [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5],
-                                      attempt=r[2]) for r in succeeded],
+                                      attempt=r[2], peak_memory=r[7] if len(r) > 7 else None)
+                             for r in succeeded],
                 )
                 applied += len(done)
                 if self._has_deps:
@@ -657,16 +660,16 @@ class SQLiteStore(CatalogQuery, Store):
             if f.exit_code is None and f.note is None and f.output is None and (
                 f.result is None or len(f.result) <= INLINE_RESULT_MAX
             ):
-                plain.append((f.result, f.started_at, f.ended_at, f.task, f.token))
+                plain.append((f.result, f.started_at, f.ended_at, f.peak_memory, f.task, f.token))
             else:
                 blob, rfile = self._result_columns(f)
                 full.append((blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output,
-                             f.task, f.token))
+                             f.peak_memory, f.task, f.token))
         head = f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
         where = f" WHERE id=? AND token=? AND state IN {src}"
-        plain_sql = head + " result=?, started_at=?, ended_at=?" + where
+        plain_sql = head + " result=?, started_at=?, ended_at=?, peak_memory=?" + where
         full_sql = (head + " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?,"
-                    " note=?, output=?" + where)
+                    " note=?, output=?, peak_memory=?" + where)
 
         def eligible(tok: int | None, st: int, f_token: int) -> bool:
             return tok == f_token and st in (_S.CLAIMED, _S.RUNNING)
@@ -715,13 +718,13 @@ class SQLiteStore(CatalogQuery, Store):
     def _insert_stale(self, db: sqlite3.Connection, worker: str, f: Finished) -> None:
         db.execute(
             "INSERT INTO attempts(task, attempt, worker, token, outcome, started_at, ended_at,"
-            " exit_code, error, note, output) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " exit_code, error, note, output, peak_memory) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 f.task, f.attempt, worker, f.token, int(Outcome.STALE), f.started_at, f.ended_at,
                 f.exit_code, f.error,
                 f"stale: lease superseded ({Outcome(f.outcome).label} ignored)"
                 + (f"; {f.note}" if f.note else ""),
-                f.output,
+                f.output, f.peak_memory,
             ),
         )
 
@@ -729,8 +732,8 @@ class SQLiteStore(CatalogQuery, Store):
         """Copy the attempt held in the task row into ``attempts``."""
         db.execute(
             "INSERT INTO attempts(task, attempt, worker, token, outcome, started_at, ended_at,"
-            " exit_code, error, note, output) SELECT id, attempt, worker, token, outcome,"
-            " started_at, ended_at, exit_code, error, note, output FROM tasks"
+            " exit_code, error, note, output, peak_memory) SELECT id, attempt, worker, token,"
+            " outcome, started_at, ended_at, exit_code, error, note, output, peak_memory FROM tasks"
             " WHERE id=? AND outcome IS NOT NULL",
             (task,),
         )
@@ -762,10 +765,11 @@ class SQLiteStore(CatalogQuery, Store):
         blob = f.result if f.result is None or len(f.result) <= INLINE_RESULT_MAX else None
         db.execute(
             "UPDATE tasks SET outcome=?, started_at=coalesce(?, started_at), ended_at=?,"
-            " exit_code=?, error=?, note=?, output=?, failures=?, lost=?, result=? WHERE id=?",
+            " exit_code=?, error=?, note=?, output=?, failures=?, lost=?, result=?, peak_memory=?"
+            " WHERE id=?",
             (
                 int(outcome), f.started_at, f.ended_at, f.exit_code, f.error, f.note, f.output,
-                failures, lost, blob, f.task,
+                failures, lost, blob, f.peak_memory, f.task,
             ),
         )
         self._end_attempt(db, f.task, nxt, ready_at)
@@ -780,7 +784,7 @@ class SQLiteStore(CatalogQuery, Store):
             db.execute(
                 f"UPDATE tasks SET state={int(_S.READY)}, ready_at=?, token=NULL, worker=NULL,"
                 " outcome=NULL, started_at=NULL, ended_at=NULL, exit_code=NULL, error=NULL,"
-                " note=NULL, output=NULL, result=NULL WHERE id=?",
+                " note=NULL, output=NULL, result=NULL, peak_memory=NULL WHERE id=?",
                 (ready_at, task),
             )
         else:  # the attempt stays in the row, token included (attempts() reports it)
@@ -799,11 +803,11 @@ class SQLiteStore(CatalogQuery, Store):
             )
             return
         db.execute(
-            "UPDATE tasks SET outcome=?, ended_at=?, note=? WHERE id=?",
+            "UPDATE tasks SET outcome=?, ended_at=?, note=?, peak_memory=? WHERE id=?",
             (
                 int(Outcome.RELEASED), now,
                 (f.note if f is not None and f.note else "released: stopped by a known cause"),
-                task,
+                f.peak_memory if f is not None else None, task,
             ),
         )
         self._end_attempt(db, task, State.READY, None)
@@ -944,7 +948,7 @@ class SQLiteStore(CatalogQuery, Store):
                 db.execute(
                     "UPDATE tasks SET failures=0, lost=0, outcome=NULL, token=NULL, worker=NULL,"
                     " ready_at=NULL, result=NULL, result_file=NULL, error=NULL, note=NULL,"
-                    " exit_code=NULL, output=NULL, started_at=NULL, ended_at=NULL,"
+                    " exit_code=NULL, output=NULL, started_at=NULL, ended_at=NULL, peak_memory=NULL,"
                     f" state={int(_S.BLOCKED)} WHERE id IN ({_qs(len(chunk))})",
                     chunk,
                 )

@@ -1,0 +1,177 @@
+"""Memory limit per task (issue 12, part 4): a task past its limit is stopped, its attempt
+ends ``oom`` with its peak memory, it is retried by policy, and its worker goes on; every
+attempt records its peak memory.
+
+Everything here allocates for real (bytearrays, lists of objects, C ``malloc`` through ctypes,
+child processes). A Python task's peak is the resident peak of the process it ran in, so it
+includes the worker's own memory (tens of MiB): limits are 100 MiB and allocations 200-400
+MiB, far from that baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import cloudpickle
+import pytest
+
+import pipefarm as pf
+from pipefarm.backends.array.worker_loop import work_loop
+from pipefarm.execute.memory import MIB
+from pipefarm.store.shared_fs import FsJournalStore
+from pipefarm.task import Resources, Spec, dumps_args
+
+# workers started afresh (not forked) must get these functions too: send them by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+LIMIT = 100 * MIB
+CHUNK = 8 * MIB
+
+
+def grow(mb: int) -> int:
+    """Allocate ``mb`` MiB in 8 MiB bytearrays, every page touched; the worker's pid."""
+    keep = []
+    for _ in range(mb * MIB // CHUNK):
+        b = bytearray(CHUNK)
+        b[::4096] = b"\1" * (CHUNK // 4096)
+        keep.append(b)
+    return os.getpid()
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def one_bytearray(mb: int) -> int:
+    return len(bytearray(mb * MIB))
+
+
+def many_objects(mb: int) -> int:
+    """Small objects from Python's own allocator: ~32 bytes per int and 8 per list slot."""
+    return len([i * 3 for i in range(mb * MIB // 40)])
+
+
+def c_malloc(mb: int) -> int:
+    """A C library's allocation, as numpy makes for an array's data: ``malloc``, and a
+    MemoryError when it returns NULL."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    p = libc.malloc(mb * MIB)
+    if not p:
+        raise MemoryError(f"malloc({mb} MiB) returned NULL")
+    try:
+        ctypes.memset(p, 1, mb * MIB)
+    finally:
+        libc.free(ctypes.c_void_p(p))
+    return mb
+
+
+def _run(tmp_path, name="run"):
+    return pf.Run.create(tmp_path / name)
+
+
+def test_python_task_past_its_limit_ends_oom_twice_and_its_worker_goes_on(tmp_path):
+    """retries=1: two ``oom`` attempts, each with its peak; the worker that ran them (same pid)
+    runs the tasks after it."""
+    run = _run(tmp_path)
+    before = run.submit_task(pid, priority=3)
+    big = run.submit_task(grow, (400,), memory="100M", retries=1, backoff=0.01, priority=2)
+    after = [run.submit_task(pid, priority=1) for _ in range(3)]
+    summary = run.execute(workers=1, progress=False)
+    assert summary.counts["succeeded"] == 4 and summary.counts["failed"] == 1, summary.counts
+
+    attempts = run.attempts(big)
+    assert [a.outcome for a in attempts] == ["oom", "oom"]
+    for a in attempts:
+        assert "memory limit of 100.0 MiB" in a.error and "MemoryError" in a.error
+        # the task touched ~all of its 100 MiB before the allocation past it was refused, on
+        # top of the worker's own memory: its peak is at least 90 MiB and at most the limit
+        # plus the worker and one chunk (200 MiB)
+        assert 90 * MIB <= a.peak_memory <= 200 * MIB, a.peak_memory
+    pids = {run.result(t) for t in (before, *after)}
+    assert len(pids) == 1, f"the worker was replaced after the oom: {pids}"
+    workers = {a.worker for t in (before, big, *after) for a in run.attempts(t)}
+    assert len(workers) == 1, workers
+    run.close()
+
+
+@pytest.mark.parametrize("fn", [one_bytearray, many_objects, c_malloc])
+def test_each_kind_of_allocation_is_stopped_in_the_sequential_backend(tmp_path, fn):
+    """One 300 MiB bytearray, 300 MiB of small Python objects, 300 MiB from C ``malloc``:
+    each ends ``oom`` under a 100 MiB limit, in the calling process (sequential backend),
+    which then runs the next task; without a limit each succeeds."""
+    run = _run(tmp_path)
+    limited = run.submit_task(fn, (300,), memory=LIMIT, priority=2)
+    free = run.submit_task(fn, (300,), priority=1)
+    nxt = run.submit_task(pid)
+    run.execute(backend="sequential", progress=False)
+    assert [a.outcome for a in run.attempts(limited)] == ["oom"]
+    assert run.attempts(free)[0].outcome == "succeeded"
+    assert run.result(nxt) == os.getpid()
+    run.close()
+
+
+def test_command_past_its_limit_is_killed_and_ends_oom(tmp_path):
+    """A shell whose child allocates 300 MiB and sleeps: the group's resident memory passes
+    100 MiB, the whole group is killed at once (not after the 60 s sleep or the timeout), and
+    the attempt ends ``oom`` with a peak above the limit (the sum that triggered the kill)."""
+    run = _run(tmp_path)
+    code = "b = bytearray(300 << 20); import time; time.sleep(60)"
+    (t,) = run.submit_cmd(f"{sys.executable} -c '{code}' & wait", memory="100M", timeout=120)
+    (ok,) = run.submit_cmd([sys.executable, "-c", "print('fine')"], memory="100M")
+    summary = run.execute(workers=1, progress=False)
+    assert summary.elapsed_s < 30, summary.elapsed_s
+    (a,) = run.attempts(t)
+    assert a.outcome == "oom", (a.outcome, a.error)
+    assert "went past its memory limit of 100.0 MiB" in a.error
+    assert a.peak_memory > LIMIT
+    assert run.attempts(ok)[0].outcome == "succeeded"
+    run.close()
+
+
+def test_peak_memory_is_recorded_for_ordinary_tasks(tmp_path):
+    """No limit: a Python task and a command that each hold 200 MiB show a peak of at least
+    200 MiB; a small task after the Python one shows its own (smaller) peak, not the one
+    before it; ``results`` carries the column."""
+    run = _run(tmp_path)
+    py = run.submit_task(grow, (200,), priority=3)
+    small = run.submit_task(grow, (8,), priority=2)
+    (cmd,) = run.submit_cmd(
+        [sys.executable, "-c", "b = bytearray(200 << 20); b[::4096] = b'1' * (len(b) // 4096)"],
+        priority=1)
+    assert run.execute(workers=1, progress=False).ok
+    peaks = {t: run.attempts(t)[-1].peak_memory for t in (py, small, cmd)}
+    assert peaks[py] >= 200 * MIB, peaks
+    assert peaks[cmd] >= 200 * MIB, peaks
+    assert peaks[small] < peaks[py] - 100 * MIB, peaks
+    table = run.results()
+    assert dict(zip(table.column("task_id").to_pylist(), table.column("peak_memory").to_pylist(),
+                    strict=True)) == peaks
+    run.close()
+
+
+def test_array_worker_records_oom_and_peaks_through_its_journal(tmp_path):
+    """The shared-filesystem path: an array worker's journal carries the outcome and the
+    peak; the fold puts both in the catalog."""
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    store = FsJournalStore(d, lease_s=5.0, workers=1)
+    limited = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(grow),
+                                  resources=Resources(memory=LIMIT)))
+    store.add_tasks(limited, [dumps_args((400,), {})])
+    free = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(grow)))
+    store.add_tasks(free, [dumps_args((200,), {})])
+    store.export()
+    work_loop(store.layout.run, "w", steal=False)
+    store.fold()
+    rows = {r.spec: r for r in store.tasks()}
+    (oom,) = store.attempts(rows[limited].id)
+    assert oom.outcome == "oom" and 90 * MIB <= oom.peak_memory <= 200 * MIB, oom
+    (ok,) = store.attempts(rows[free].id)
+    assert ok.outcome == "succeeded" and ok.peak_memory >= 200 * MIB, ok
+    store.close()

@@ -1,0 +1,144 @@
+"""Memory sizes and the pieces of a task's memory limit (pipefarm.execute.memory): parsing
+``4G``-style sizes (one parser for task limits and ``pipefarm array --mem``), the data limit
+a Python task runs under, the per-attempt peak, a process group's resident memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pipefarm as pf
+from pipefarm.backends.array.spec import mem_mib
+from pipefarm.errors import SubmissionError
+from pipefarm.execute.memory import (
+    MIB,
+    PEAK_MIN_S,
+    DataLimit,
+    PeakMeter,
+    format_memory,
+    group_rss,
+    parse_memory,
+)
+
+PF = [sys.executable, "-m", "pipefarm"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4G", 4 << 30), ("4GB", 4 << 30), ("4GiB", 4 << 30), ("4g", 4 << 30), (" 500M ", 500 * MIB),
+    ("1.5T", 3 << 39), ("512K", None), ("2048K", 2 * MIB), ("100", 100 * MIB),
+    (2 * MIB, 2 * MIB), ("0.5G", 512 * MIB),
+])
+def test_parse_memory(text, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="under 1 MiB"):
+            parse_memory(text)
+    else:
+        assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    ("4Q", "give a number and a unit"), ("lots", "give a number and a unit"),
+    ("-4G", "give a number and a unit"), ("", "give a number and a unit"),
+    (True, "give bytes"), (4.5, "give bytes"), (4096, r"under 1 MiB \(an int is bytes"),
+    (0, "under 1 MiB"),
+])
+def test_bad_sizes_are_refused_with_the_reason(bad, why):
+    with pytest.raises(ValueError, match=why):
+        parse_memory(bad)
+
+
+def test_array_mem_reads_sizes_with_the_same_parser():
+    assert mem_mib("4G") == 4096 and mem_mib("1500M") == 1500 and mem_mib(4096) == 4096
+    assert mem_mib("1.1M") == 2  # rounded up to whole MiB
+    with pytest.raises(ValueError, match="give a number and a unit"):
+        mem_mib("4Q")
+
+
+def test_format_memory():
+    assert format_memory(100 * MIB) == "100.0 MiB" and format_memory(3 << 30) == "3.0 GiB"
+    assert format_memory(512) == "512 B"
+
+
+def test_run_api_takes_bytes_and_sizes_and_refuses_bad_ones(tmp_path):
+    run = pf.Run.create(tmp_path / "r")
+    a = run.map(abs, [1, 2], memory="4G")
+    b = run.submit_task(abs, (3,), memory=2 << 30)
+    c = run.submit_cmd(["true"], memory="512M")
+    specs = {run.store.tasks(ids=[t])[0].spec for t in (a[0], b, c[0])}
+    assert sorted(run.store.spec(s).resources.memory for s in specs) == [
+        512 * MIB, 2 << 30, 4 << 30]
+    n = sum(run.store.counts().values())
+    for call in (lambda: run.map(abs, [1], memory="4Q"),
+                 lambda: run.submit_task(abs, (1,), memory=4096),
+                 lambda: run.submit_cmd(["true"], memory="lots")):
+        with pytest.raises(SubmissionError, match="^memory: "):
+            call()
+    assert sum(run.store.counts().values()) == n, "a refused submission wrote tasks"
+    run.close()
+
+
+def test_cli_submit_mem(tmp_path):
+    ok = subprocess.run([*PF, "submit", str(tmp_path / "r"), "--mem", "4G", "--", "true"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    run = pf.Run.open(tmp_path / "r")
+    (t,) = run.store.tasks()
+    assert run.store.spec(t.spec).resources.memory == 4 << 30
+    run.close()
+    bad = subprocess.run([*PF, "submit", str(tmp_path / "b"), "--mem", "4Q", "--", "true"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "Invalid value for '--mem': bad memory size '4Q'" in bad.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_data_limit_refuses_an_allocation_past_it_and_is_put_back():
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    with DataLimit(64 * MIB) as lim:
+        assert lim.active
+        assert resource.getrlimit(resource.RLIMIT_DATA)[0] < before[0] or before[0] < 0
+        with pytest.raises(MemoryError):
+            bytearray(256 * MIB)
+        small = bytearray(8 * MIB)  # within the limit: allowed
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+    assert len(bytearray(256 * MIB)) == 256 * MIB and len(small) == 8 * MIB
+
+
+def test_peak_meter_gives_each_attempt_its_own_peak():
+    """After an attempt that held 150 MiB, the next one's peak is not that high-water mark
+    (the meter reset it); a short attempt takes the mark as last read, with no system call."""
+    meter = PeakMeter()
+    meter.begin()
+    b = bytearray(150 * MIB)
+    b[::4096] = b"\1" * (len(b) // 4096)
+    high = meter.peak(1.0)
+    assert meter.stale
+    del b
+    meter.begin()
+    low = meter.peak(1.0)
+    assert high >= 150 * MIB and low < high - 100 * MIB, (high, low)
+    assert meter.peak(PEAK_MIN_S / 2) == meter.mark
+
+
+def test_group_rss_sums_the_members_of_a_group():
+    code = "import time; b = bytearray(60 << 20); b[::4096] = b'1' * (len(b) // 4096); " \
+           "print(1, flush=True); time.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == b"1"
+        assert group_rss(p.pid) >= 60 * MIB
+        with open("/proc/self/statm") as fh:
+            mine = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert group_rss(os.getpgid(0)) >= mine  # this process is one of its group's members
+    finally:
+        p.kill()
+        p.wait()
+    t0 = time.monotonic()
+    assert group_rss(p.pid) == 0  # gone: nothing left to count
+    assert time.monotonic() - t0 < 1.0
