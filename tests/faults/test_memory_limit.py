@@ -15,6 +15,7 @@ import os
 import sys
 
 import cloudpickle
+import engines_lib as E
 import pytest
 
 import pipefarm as pf
@@ -175,3 +176,26 @@ def test_array_worker_records_oom_and_peaks_through_its_journal(tmp_path):
     (ok,) = store.attempts(rows[free].id)
     assert ok.outcome == "succeeded" and ok.peak_memory >= 200 * MIB, ok
     store.close()
+
+
+@pytest.mark.parametrize("engine", E.ENGINES)
+def test_oom_and_peaks_on_every_engine(tmp_path, engine):
+    """``pipefarm run --backend E``: the engines run tasks in the local worker code, so a Python
+    task and a command past their limits end ``oom`` there too, and peaks are recorded."""
+    address = E.require(engine)
+    run = _run(tmp_path)
+    py = run.submit_task(grow, (400,), memory="100M", priority=3)
+    (cmd,) = run.submit_cmd(
+        [sys.executable, "-c", "import time; b = bytearray(300 << 20); time.sleep(60)"],
+        memory="100M", timeout=120, priority=2)
+    ok = run.submit_task(grow, (200,), priority=1)
+    run.close()
+    p = E.execute_on(engine, tmp_path / "run", 1, address)
+    assert p.returncode == 1, (p.returncode, p.stderr[-3000:])  # some tasks failed
+    run = pf.Run.open(tmp_path / "run")
+    assert [a.outcome for a in run.attempts(py)] == ["oom"]
+    assert [a.outcome for a in run.attempts(cmd)] == ["oom"]
+    assert run.attempts(cmd)[0].peak_memory > LIMIT
+    assert run.attempts(ok)[0].outcome == "succeeded"
+    assert run.attempts(ok)[0].peak_memory >= 200 * MIB
+    run.close()
