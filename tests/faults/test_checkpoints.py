@@ -121,7 +121,7 @@ def test_array_command_task_killed_by_the_warning_resumes_from_its_checkpoint_di
     the rest back, and the next worker's attempt reads the command's own checkpoint."""
     log = str(tmp_path / "log")
     cmd = Command(argv=["sh", "-c", C.COUNT_SH, "count", log, "0.05"])
-    spec = Spec(kind="cmd", payload=encode_command(cmd), max_lost=3)
+    spec = Spec(kind="cmd", payload=encode_command(cmd), max_lost=3, checkpoint_dir=True)
     store = _fs_run(tmp_path, spec, [encode_values({})], lease_s=30.0)
     a = FORK.Process(target=_worker, args=(store.layout.run, "a"), daemon=True)
     a.start()

@@ -149,7 +149,10 @@ def test_a_command_gets_its_directory_absolute_from_any_cwd(tmp_path: Path, monk
     from pipefarm.execute.template import Command
 
     (t,) = run.submit_cmd(Command(argv=["sh", "-c", script], cwd=str(tmp_path / "elsewhere")),
-                          keep_checkpoints=keep)
+                          keep_checkpoints=keep, checkpoint_dir=True)
+    # without checkpoint_dir a command gets neither the variable nor a directory
+    (u,) = run.submit_cmd(["sh", "-c", 'test -z "${PIPEFARM_CHECKPOINT_DIR+set}"'])
     assert run.execute(backend="sequential", progress=False).ok
     d = tmp_path / "run" / "checkpoints" / str(t)
     assert (d / "state").exists() == keep
+    assert not (tmp_path / "run" / "checkpoints" / str(u)).exists()

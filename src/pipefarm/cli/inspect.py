@@ -56,6 +56,10 @@ def status(run_dir: str, as_json: bool) -> None:
         click.echo(f"  running: {rep['throughput_per_s']:,.2f} tasks/s (last minute){eta}")
     elif left:
         click.echo(f"  not running: {left:,} task(s) left; resume with: pipefarm run {run_dir}")
+    if rep.get("waiting_for_time"):
+        click.echo(f"  waiting for a worker with more time: {rep['waiting_for_time']:,} task(s)"
+                   f" asked for more (--time-request) than the {rep['longest_time_left_s']:,.0f} s"
+                   " the live array workers have left")
     if rep["last_failures"]:
         click.echo("  latest failures:")
         for f in rep["last_failures"]:

@@ -72,6 +72,9 @@ class _Context:
         self.touched = False  # this attempt wrote into the directory
 
 
+#: the attempt begun in this process, ``(run_dir, task, attempt)``: only a tuple until the task
+#: calls save/load (most tasks never do, and W1 runs 100,000 of them)
+_begun: tuple[str | None, int, int] | None = None
 _current: _Context | None = None
 
 
@@ -87,8 +90,8 @@ def task_directory(run_dir: str | os.PathLike[str], task: int) -> str:
 def begin(run_dir: str | None, task: int, attempt: int) -> None:
     """Make ``task`` the one :func:`save` and :func:`load` act for (called by the worker
     before the attempt runs; no file is touched). ``run_dir`` None: checkpoints are not kept."""
-    global _current
-    _current = _Context(task_directory(run_dir, task) if run_dir else None, task, attempt)
+    global _begun, _current
+    _begun, _current = (run_dir, task, attempt), None
 
 
 def end(succeeded: bool, keep: bool) -> str | None:
@@ -99,11 +102,17 @@ def end(succeeded: bool, keep: bool) -> str | None:
     The directory is only looked at when it may exist: this attempt wrote into it, or an
     earlier attempt ran (a first attempt that saved nothing costs no file system call).
     """
-    global _current
-    ctx, _current = _current, None
-    if ctx is None:
+    global _begun, _current
+    begun, ctx = _begun, _current
+    _begun = _current = None
+    if begun is None:
         return None
-    if succeeded and not keep and ctx.directory is not None and (ctx.touched or ctx.attempt > 1):
+    run_dir, task, attempt = begun
+    if ctx is None:  # the task never called save, load or directory
+        if succeeded and not keep and run_dir and attempt > 1:
+            remove(task_directory(run_dir, task))
+        return None
+    if succeeded and not keep and ctx.directory is not None and (ctx.touched or attempt > 1):
         remove(ctx.directory)
     return "; ".join(ctx.notes) or None
 
@@ -126,19 +135,18 @@ def command_directory(run_dir: str | None, task: int, attempt: int) -> str | Non
     """Begin a command attempt: create its task's checkpoint directory and return it (for
     ``$PIPEFARM_CHECKPOINT_DIR``); None without a run directory."""
     begin(run_dir, task, attempt)
-    assert _current is not None
-    if _current.directory is None:
-        return None
-    os.makedirs(_current.directory, mode=0o700, exist_ok=True)
-    _current.touched = True
-    return _current.directory
+    return directory()
 
 
 def _context() -> _Context:
+    global _current
     if _current is None:
-        raise CheckpointError(
-            "pf.checkpoint.save() and load() work inside a pipefarm task only (a function run "
-            "by Run.map/submit_task or pf.Executor); nothing was saved or loaded")
+        if _begun is None:
+            raise CheckpointError(
+                "pf.checkpoint.save() and load() work inside a pipefarm task only (a function "
+                "run by Run.map/submit_task or pf.Executor); nothing was saved or loaded")
+        run_dir, task, attempt = _begun
+        _current = _Context(task_directory(run_dir, task) if run_dir else None, task, attempt)
     return _current
 
 
