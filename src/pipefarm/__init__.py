@@ -30,14 +30,17 @@ _LAZY = {
     "Outcome": ("pipefarm.states", "Outcome"),
     "TaskOptions": ("pipefarm.task", "TaskOptions"),
     "backends": ("pipefarm.backends", None),
+    "cache": ("pipefarm.cache", None),
+    "task": ("pipefarm.task", None),  # the module, which called is the cache's decorator
     "checkpoint": ("pipefarm.execute.checkpoint", None),
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import backends  # noqa: F401
+    from . import backends, cache  # noqa: F401
     from .backends.base import Summary  # noqa: F401
+    from .cache.key import task  # noqa: F401
     from .errors import (  # noqa: F401  # noqa: F401
         PipefarmError,
         RunLocked,

@@ -23,6 +23,7 @@ import msgspec
 
 from .backends.base import Backend, Hooks, Summary, make_backend
 from .backends.local import HaltPolicy, LocalBackend  # imported with Run, not inside execute()
+from .cache.submission import command_policy, keyed_columns, python_policy, task_keys
 from .errors import (
     PipefarmError,
     RetryRefused,
@@ -36,7 +37,7 @@ from .progress import ProgressDisplay
 from .states import State
 from .store.base import check_private
 from .store.sqlite import SQLiteStore
-from .task import CMD, PY, Spec, TaskOptions, dumps_args
+from .task import CMD, PY, CachePolicy, Spec, TaskOptions, dumps_args
 
 #: How many task ids an :class:`Unrunnable` error names (then "...").
 UNRUNNABLE_IDS_SHOWN = 10
@@ -165,16 +166,22 @@ class Run:
             raise SubmissionError(
                 f"cannot use {getattr(fn, '__qualname__', fn)!r} as a task: {type(exc).__name__}: {exc}"
             ) from exc
-        spec = _spec(PY, payload, getattr(fn, "__qualname__", type(fn).__name__), opts)
+        spec = _spec(PY, payload, getattr(fn, "__qualname__", type(fn).__name__), opts,
+                     python_policy(fn, opts))
         sid = self.store.add_spec(spec)
         self._spec_cache[key] = (sid, fn)
         return sid
 
     def _add(self, sid: int, blobs: Iterable[bytes], keys: Iterable[Any] | None,
-             opts: TaskOptions) -> Sequence[int]:
-        """Add one task per blob of spec ``sid`` with the per-task options of ``opts``."""
-        return self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
-                                    cost=opts.cost or 0.0, after=opts.after)
+             opts: TaskOptions, cache_keys: list[bytes] | None = None) -> Sequence[int]:
+        """Add one task per blob of spec ``sid`` with the per-task options of ``opts`` (and
+        its result cache key, one per blob, in the same transaction)."""
+        with self.store.transaction():
+            ids = self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
+                                       cost=opts.cost or 0.0, after=opts.after)
+            if cache_keys is not None:
+                self.store.add_cache_keys(zip(ids, cache_keys, strict=True))
+            return ids
 
     def map(
         self,
@@ -192,6 +199,10 @@ class Run:
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
+        time_request: float | None = None,
+        keep_checkpoints: bool = False,
+        cache: bool = False, cache_dir: str | None = None, cache_version: str | None = None,
+        cache_ignore: Sequence[str] = (),
     ) -> Sequence[int]:
         """Add one task per element (or per zipped tuple of elements) of ``iterables``.
 
@@ -199,7 +210,11 @@ class Run:
         apply to every task: ``retries`` extra attempts after a failure or timeout, ``timeout``
         seconds per attempt (> 0; ``None`` or ``inf`` for none), ``priority`` (higher first),
         ``cost`` (higher first among equal priority), ``after`` ids that must succeed first,
-        ``keys`` user names (one per task).
+        ``keys`` user names (one per task), ``time_request`` seconds each task needs (an
+        array worker with less walltime left does not start it), ``keep_checkpoints`` keeps
+        a task's checkpoints (``pf.checkpoint.save``) after it succeeds. ``cache=True``
+        serves tasks from the result cache (:mod:`pipefarm.cache`; ``cache_dir``,
+        ``cache_version``, ``cache_ignore``: see there).
 
         Keys are unique in a run, which makes keyed submission idempotent: a key that is
         already there adds nothing and gives back that task's id (the ids are then a
@@ -210,10 +225,14 @@ class Run:
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
                            after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
-                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags),
+                           time_request=time_request, keep_checkpoints=keep_checkpoints,
+                           cache=cache, cache_dir=cache_dir, cache_version=cache_version,
+                           cache_ignore=tuple(cache_ignore))
         if not iterables:
             raise SubmissionError("map needs at least one iterable")
         sid = self._py_spec(fn, opts)
+        iterables, ck = keyed_columns(self.store.spec(sid).cache, fn, iterables)
         try:
             if all(isinstance(x, (list, tuple, range)) for x in iterables) and (
                 keys is None or isinstance(keys, (list, tuple, range))
@@ -222,10 +241,10 @@ class Run:
                 # so go again item by item with the cloudpickle fallback
                 try:
                     return self._add(sid, map(pickle.dumps, zip(*iterables, strict=False),
-                                              repeat(5)), keys, opts)
+                                              repeat(5)), keys, opts, ck)
                 except (pickle.PicklingError, TypeError, AttributeError):
                     pass
-            return self._add(sid, _pickled(zip(*iterables, strict=False)), keys, opts)
+            return self._add(sid, _pickled(zip(*iterables, strict=False)), keys, opts, ck)
         except (TypeError, ValueError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
 
@@ -247,18 +266,27 @@ class Run:
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
+        time_request: float | None = None,
+        keep_checkpoints: bool = False,
+        cache: bool = False, cache_dir: str | None = None, cache_version: str | None = None,
+        cache_ignore: Sequence[str] = (),
     ) -> int:
-        """Add one task with options; return its id.
+        """Add one task with options (as :meth:`map`'s); return its id.
 
         With ``key``: if a task of this run already has that key, nothing is added and its id
         is returned (see :meth:`map`).
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
                            after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
-                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags),
+                           time_request=time_request, keep_checkpoints=keep_checkpoints,
+                           cache=cache, cache_dir=cache_dir, cache_version=cache_version,
+                           cache_ignore=tuple(cache_ignore))
         sid = self._py_spec(fn, opts)
+        policy = self.store.spec(sid).cache
+        ck = None if policy is None else task_keys(policy, fn, [(tuple(args), kwargs or {})])
         try:
-            ids = self._add(sid, [dumps_args(tuple(args), kwargs or {})], [key], opts)
+            ids = self._add(sid, [dumps_args(tuple(args), kwargs or {})], [key], opts, ck)
         except (TypeError, ValueError) as exc:
             raise SubmissionError(f"{exc}; nothing was submitted") from exc
         return ids[0]
@@ -284,16 +312,30 @@ class Run:
         backoff: float = 1.0,
         max_lost: int = 3,
         tags: Sequence[str] = (),
+        time_request: float | None = None,
+        keep_checkpoints: bool = False,
+        checkpoint_dir: bool = False,
+        cache: bool = False, cache_dir: str | None = None, cache_env: Sequence[str] = (),
+        cache_inputs: Sequence[str] = (),
     ) -> Sequence[int]:
         """Add command tasks: one per row of placeholder values (one task when ``rows`` is None).
 
         ``command`` is a :class:`~pipefarm.execute.template.Command`, an argv list, or a shell line
         (a ``str``). The template is checked against the first row before anything is written.
         ``keys`` work as in :meth:`map`: an existing key gives back its task's id.
+        ``checkpoint_dir=True`` gives each attempt its task's checkpoint directory, kept
+        across attempts, as ``$PIPEFARM_CHECKPOINT_DIR`` (created before it starts: two file
+        system operations per attempt, so only for the tasks that ask).
+        With ``cache=True`` a task's key is its argv, cwd, the values of the variables named
+        in ``cache_env`` and the content of the files in ``cache_inputs`` (``{placeholders}``).
         """
         opts = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
                            after=tuple(after or ()), cpus=cpus, gpus=gpus, memory=checked_memory(memory),
-                           backoff=backoff, max_lost=max_lost, tags=tuple(tags))
+                           backoff=backoff, max_lost=max_lost, tags=tuple(tags),
+                           time_request=time_request, keep_checkpoints=keep_checkpoints,
+                           checkpoint_dir=checkpoint_dir,
+                           cache=cache, cache_dir=cache_dir, cache_env=tuple(cache_env),
+                           cache_inputs=tuple(cache_inputs))
         return self.add_commands(command, rows, opts, keys=keys)
 
     def add_commands(
@@ -338,7 +380,8 @@ class Run:
             left, right = tee(pairs)
             blobs, keys = map(itemgetter(0), left), map(itemgetter(1), right)
         spec = _spec(CMD, encode_command(command),
-                     (command.shell or " ".join(command.argv or []))[:200], options)
+                     (command.shell or " ".join(command.argv or []))[:200], options,
+                     command_policy(command, options))
         try:
             with self.store.transaction():
                 sid = self.store.add_spec(spec)
@@ -642,7 +685,8 @@ class Run:
                 time.sleep(0.05)
 
 
-def _spec(kind: str, payload: bytes, name: str, opts: TaskOptions) -> Spec:
+def _spec(kind: str, payload: bytes, name: str, opts: TaskOptions,
+          cache: CachePolicy | None = None) -> Spec:
     """A task spec from the options every submission takes, checked."""
     if opts.retries < 0:
         raise SubmissionError("retries must be >= 0")
@@ -651,7 +695,27 @@ def _spec(kind: str, payload: bytes, name: str, opts: TaskOptions) -> Spec:
         raise SubmissionError("max_lost must be >= 1")
     return Spec(kind=kind, payload=payload, max_attempts=opts.retries + 1, timeout=timeout,
                 backoff=opts.backoff, max_lost=opts.max_lost, resources=opts.resources,
-                tags=opts.tags, name=name)
+                tags=opts.tags, name=name, time_request=checked_time_request(opts.time_request),
+                keep_checkpoints=bool(opts.keep_checkpoints),
+                checkpoint_dir=bool(opts.checkpoint_dir), cache=cache)
+
+
+def checked_time_request(seconds: float | None) -> float | None:
+    """A task's ``time_request`` as stored: seconds > 0 (finite), or None for none.
+
+    Raises :class:`SubmissionError` for zero, negative, infinite or non-numeric values.
+    """
+    if seconds is None:
+        return None
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise SubmissionError(
+            f"time_request must be a number of seconds, not {seconds!r}") from None
+    if not 0 < value < math.inf:  # nan compares false too
+        raise SubmissionError(f"time_request must be > 0 seconds and finite, not {seconds!r}"
+                              " (None: the task fits any worker)")
+    return value
 
 
 def checked_memory(memory: int | str | None) -> int | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pickle
 import signal as _signal
+import sys as _sys
+import types as _types
 from typing import Any
 
 import msgspec
@@ -55,6 +57,24 @@ class TaskOptions(msgspec.Struct, frozen=True):
     backoff: float = 1.0
     max_lost: int = 3
     tags: tuple[str, ...] = ()
+    # ``time_request`` seconds each task needs (an array worker with less walltime left, its
+    # warning margin taken off, leaves it for one with more); ``keep_checkpoints`` keeps
+    # ``RUN/checkpoints/<task>`` after a success (see pipefarm.execute.checkpoint);
+    # ``checkpoint_dir`` gives command tasks that directory as $PIPEFARM_CHECKPOINT_DIR
+    time_request: float | None = None
+    keep_checkpoints: bool = False
+    checkpoint_dir: bool = False
+    # the result cache (pipefarm.cache): ``cache`` on or off; ``cache_dir`` where (None:
+    # $PIPEFARM_CACHE or the user's cache directory); Python tasks: ``cache_version`` (pins
+    # the function's identity: its source is then left out) and ``cache_ignore`` (arguments
+    # left out of the key); commands: ``cache_env`` (variables whose values are in the key)
+    # and ``cache_inputs`` (files, or {placeholders} naming files, whose content is)
+    cache: bool = False
+    cache_dir: str | None = None
+    cache_version: str | None = None
+    cache_ignore: tuple[str, ...] = ()
+    cache_env: tuple[str, ...] = ()
+    cache_inputs: tuple[str, ...] = ()
 
     @property
     def resources(self) -> Resources:
@@ -65,7 +85,27 @@ class TaskOptions(msgspec.Struct, frozen=True):
     def policy(self) -> tuple:
         """The options a spec holds (tasks of one spec share them): a cache key."""
         return (self.retries, self.timeout, self.backoff, self.max_lost, self.resources,
-                self.tags)
+                self.tags, self.cache, self.cache_dir, self.cache_version, self.cache_ignore,
+                self.time_request, self.keep_checkpoints, self.checkpoint_dir)
+
+
+class CachePolicy(msgspec.Struct, frozen=True):
+    """How the tasks of one spec use the result cache (see :mod:`pipefarm.cache`).
+
+    ``dir`` is the cache directory (absolute); ``name`` the name its entries are listed under
+    (the function's ``module.qualname``, or the command's program). Python tasks:
+    ``identity`` is the digest of the function's name, version and (unless a version pins
+    it) source; ``ignore`` names arguments left out of the key. Commands: ``env`` names
+    environment variables whose values are in the key, ``inputs`` files (or ``{placeholder}``
+    templates naming files) whose content is, hashed when the task is about to run.
+    """
+
+    dir: str
+    name: str = ""
+    identity: bytes = b""
+    ignore: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
 
 
 class Spec(msgspec.Struct):
@@ -87,6 +127,10 @@ class Spec(msgspec.Struct):
     # Fields below are newer than the catalog's spec columns: stores keep them together
     # (SQLite: the ``specs.options`` column, see :func:`spec_options_blob`). Add new ones
     # here, with a default that means "as before".
+    cache: CachePolicy | None = None  # None: results are not cached
+    time_request: float | None = None  # seconds a task needs: array placement (None: any worker)
+    keep_checkpoints: bool = False  # keep RUN/checkpoints/<task> after a success
+    checkpoint_dir: bool = False  # commands: made before each attempt, $PIPEFARM_CHECKPOINT_DIR
 
 
 #: the Spec fields that have a column of their own in the catalog's ``specs`` table
@@ -178,3 +222,16 @@ def signal_label(sig: int) -> str:
         return _signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+class _CalledAsDecorator(_types.ModuleType):
+    """``pf.task`` is this module, and called it is the result cache's decorator
+    (:func:`pipefarm.cache.key.task`): ``@pf.task(version="2")``."""
+
+    def __call__(self, version: str | None = None, *, ignore: Any = ()) -> Any:
+        from .cache.key import task
+
+        return task(version, ignore=ignore)
+
+
+_sys.modules[__name__].__class__ = _CalledAsDecorator

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from .execute import checkpoint
 from .states import Outcome
 from .task import CMD, INLINE_RESULT_MAX, PY, Finished, Lease, Spec, signal_label
 
@@ -202,13 +203,23 @@ class LeaseRunner:
                         error=f"cannot load the task's function here: {type(exc).__name__}: {exc}",
                         attempt=lease.attempt,
                     )
-            memory = spec.resources.memory  # a limit: MemoryError past it, outcome oom
-            if not self.capture_py:
-                return run_python(fn, lease, memory)
-            return self._run_py_captured(run_python, fn, lease, memory)
+            # pf.checkpoint.save/load act for this task while it runs
+            checkpoint.begin(self.run_dir, lease.task, lease.attempt)
+            try:
+                memory = spec.resources.memory  # a limit: MemoryError past it, outcome oom
+                if not self.capture_py:
+                    f = run_python(fn, lease, memory)
+                else:
+                    f = self._run_py_captured(run_python, fn, lease, memory)
+            except BaseException:  # stopped (Ctrl-C, a timeout): its checkpoints stay
+                checkpoint.end(succeeded=False, keep=True)
+                raise
+            return _checkpoints_ended(f, spec)
         if spec.kind == CMD:
             self._py_ends = None  # its output moves the ends of the shared files
-            return self._run_cmd(spec, lease, extra_env)
+            if not spec.checkpoint_dir:  # no directory: nothing to make or remove
+                return self._run_cmd(spec, lease, extra_env)
+            return _checkpoints_ended(self._run_cmd(spec, lease, extra_env), spec)
         now = time.time()
         return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
                         error=f"unknown task kind {spec.kind!r}", attempt=lease.attempt)
@@ -281,6 +292,16 @@ class LeaseRunner:
             logs.mkdir(parents=True, exist_ok=True)
             self._sink = OutputSink(logs, self.worker_id, per_task=cmd.output_per_task)
         values = decode_values(lease.args) if lease.args else {}
+        try:
+            ckpt_dir = (checkpoint.command_directory(self.run_dir, lease.task, lease.attempt)
+                        if spec.checkpoint_dir else None)
+        except OSError as exc:  # e.g. a full disk: the command would find no directory
+            now = time.time()
+            return Finished(lease.task, lease.token, int(Outcome.FAILED), now, now,
+                            error=f"cannot create its checkpoint directory: {exc}",
+                            attempt=lease.attempt)
+        if ckpt_dir is not None:
+            extra_env = {**(extra_env or {}), checkpoint.CHECKPOINT_DIR_ENV: ckpt_dir}
         self.live = self._cmd_starts(lease, cmd.output_per_task)
         res = run_command(
             cmd, values, timeout=spec.timeout, sink=self._sink, task=lease.task,
@@ -307,6 +328,15 @@ class LeaseRunner:
             error=error, exit_code=res.exit_code, note=res.note, output=res.output,
             attempt=lease.attempt, peak_memory=res.peak_memory,
         )
+
+
+def _checkpoints_ended(f: Finished, spec: Spec) -> Finished:
+    """The attempt ``f`` ended: its task's checkpoints go if it succeeded (unless the spec
+    keeps them); a damaged checkpoint it skipped is named in its note."""
+    note = checkpoint.end(f.outcome == Outcome.SUCCEEDED, spec.keep_checkpoints)
+    if note:
+        f.note = f"{f.note}; {note}" if f.note else note
+    return f
 
 
 def _std_ends() -> tuple[int, int] | None:

@@ -47,6 +47,7 @@ from typing import Any
 
 import msgspec
 
+from ..cache.serve import CACHE_WORKER, LeaseCache
 from ..states import TERMINAL, Outcome
 from ..store.base import Store
 from ..task import PY, Finished, Lease, Resources, Spec, signal_label
@@ -280,6 +281,12 @@ class Coordinator:
         self.halt_base: dict[str, int] = {}  # the counts when the call started
         self.halt_failed = 0
         self.halt_ended = 0
+        # the result cache: leased tasks it holds are committed as cached attempts (rows and
+        # large results, like pending_ok and pending_other), never dispatched
+        self.cache = (LeaseCache(self._spec, store.cache_keys)
+                      if hasattr(store, "cache_keys") else None)
+        self.cached_ok: list[tuple] = []
+        self.cached_large: list[Finished] = []
 
     # --- workers ---------------------------------------------------------------------------------
     def _start(self, index: int) -> _Slot:
@@ -365,11 +372,19 @@ class Coordinator:
         them (starting workers for the shares beyond ``targets``); False when nothing was
         ready (True even when a worker turned out dead: its share is ready again)."""
         k = len(targets) + spare
-        leases, cursor = self.store.lease_ready(self._per_batch(self.last_spec) * k, self.inflight,
-                                                self.cursor)
+        n, served = self._per_batch(self.last_spec) * k, False
+        while True:
+            leases, cursor = self.store.lease_ready(n, self.inflight, self.cursor)
+            if not leases or self.cache is None:
+                break
+            leases = self._serve_cached(leases)
+            if leases:
+                break
+            # every one was served by the cache: the next ones may be too, in full batches
+            self.cursor, n, served = cursor, self.opts.max_batch, True
         if not leases:
             self.dry_until = time.monotonic() + 0.1
-            return False
+            return served
         chunks, whole = self._split(leases, k)
         # what was left out lies before the returned cursor: search from the top next time
         self.cursor = cursor if whole else None
@@ -399,6 +414,24 @@ class Coordinator:
                 self.workers.append(w)
             self._send(w, chunk, sid)
         return True
+
+    def _serve_cached(self, leases: list[Lease]) -> list[Lease]:
+        """Commit (with the next commit) the leased tasks the result cache holds, as cached
+        attempts; hold those whose key another task is computing; return the rest."""
+        assert self.cache is not None
+        if all(self._spec(s).cache is None for s in {lz.spec for lz in leases}):
+            return leases
+        out, rows, large = self.cache.sort(leases)
+        if len(out) != len(leases):
+            kept = {lz.task for lz in out}
+            self.inflight.update(lz.task for lz in leases if lz.task not in kept)
+            self._add_cached(rows, large)
+        return out
+
+    def _add_cached(self, rows: list[tuple], large: list[Finished]) -> None:
+        self.cached_ok += rows
+        self.cached_large += large
+        self.n_pending += len(rows) + len(large)
 
     def _split(self, leases: list[Lease], k: int) -> tuple[list[tuple[list[Lease], int]], bool]:
         """Cut ``leases`` (in claim order) into at most ``k`` batches of about equal measured
@@ -484,6 +517,8 @@ class Coordinator:
         if not leases:
             self.dry_until = now + 0.1
             return False
+        if self.cache is not None and not self._serve_cached(leases):
+            return True  # served by the result cache (or held behind its twin)
         spec = self._spec(leases[0].spec)
         env, held_gpus = self._devices_for(spec)
         return self._send(w, leases, leases[0].spec, env, max(1, spec.resources.cpus), held_gpus)
@@ -606,6 +641,8 @@ class Coordinator:
                     self._batch_done(w, entry[0])
         # leases live in memory only: dropping them makes the tasks ready for the idle workers
         self.inflight.difference_update(back)
+        if self.cache is not None:  # and the tasks held behind them in the cache
+            self.inflight.difference_update(self.cache.dropped(back))
         self.cursor = None
         self.dry_until = 0.0
 
@@ -624,9 +661,20 @@ class Coordinator:
                 self.store.finish_leased(wid, ok, other)
                 all_ok += ok
                 all_other += other
+            ran = (list(all_ok), list(all_other)) if self.cache is not None and self.cache.pending else None
+            if self.cached_ok or self.cached_large:
+                self.store.finish_leased(CACHE_WORKER, self.cached_ok, self.cached_large,
+                                         outcome=Outcome.CACHED)
+                all_ok += self.cached_ok
+                all_other += self.cached_large
+                self.cached_ok, self.cached_large = [], []
         self.inflight.difference_update(r[0] for r in all_ok)
         self.inflight.difference_update(f.task for f in all_other)
         self.n_pending = 0
+        if ran is not None:  # successes go into the cache; tasks held behind them are served
+            rows, large, free = self.cache.committed(*ran)
+            self._add_cached(rows, large)
+            self.inflight.difference_update(free)
         self.last_commit = now
         self.dry_until = 0.0
         self.attempts += len(all_ok) + len(all_other)
@@ -714,6 +762,8 @@ class Coordinator:
         # leases only in memory vanish with the batch; ones already marked running go back
         self.store.release(w.id, [t for t in to_release if t[0] in self.marked])
         self.inflight.difference_update(t for t, _ in to_release)
+        if self.cache is not None:  # tasks held behind the released ones in the cache
+            self.inflight.difference_update(self.cache.dropped(t for t, _ in to_release))
         self.counts_stale = True
         self.cursor = None
         self.dry_until = 0.0
@@ -804,6 +854,8 @@ class Coordinator:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.transport.close()
+            if self.cache is not None:
+                self.cache.close()
         counts = self.store.counts()
         if self.on_progress is not None:
             self.counts, self.counts_stale = counts, False

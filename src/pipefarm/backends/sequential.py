@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from ..cache.serve import CachingRunner
 from ..execute.py import TaskInterrupt
 from ..states import Outcome
 from ..store.base import Store
@@ -47,7 +48,9 @@ class SequentialBackend:
         t0 = time.time()
         wid = f"{socket.gethostname().split('.')[0]}-{os.getpid()}-seq"
         store.register_worker(wid, socket.gethostname(), os.getpid())
-        runner = LeaseRunner(run_dir, wid, {})
+        # the result cache looks each lease up before it runs (a hit is a cached attempt)
+        inner = LeaseRunner(run_dir, wid, {})
+        runner = CachingRunner(inner, inner.specs)
         attempts = 0
         interrupted = False
         feed = hooks.feed
@@ -87,12 +90,13 @@ class SequentialBackend:
                 hooks.on_finished([], [finished])
             if on_progress is not None:
                 on_progress(store.counts())
+        runner.close()
         counts = store.counts()
         return Summary(run=run_dir, total=sum(counts.values()), counts=counts, attempts=attempts,
                        elapsed_s=time.time() - t0, interrupted=interrupted)
 
     @staticmethod
-    def _run_one(runner: LeaseRunner, lease: Lease, timeout: float | None) -> Finished:
+    def _run_one(runner: CachingRunner, lease: Lease, timeout: float | None) -> Finished:
         if timeout is None or not math.isfinite(timeout) or timeout > _LONGEST_TIMER_S:
             return runner(lease)
 

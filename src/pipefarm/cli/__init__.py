@@ -13,7 +13,7 @@ The entry point ``pipefarm = "pipefarm.cli:main"`` and ``python -m pipefarm`` bo
 :data:`main`; importing the verb modules here is what registers the verbs on it.
 """
 
-from . import cluster, inspect, report, run, serve, submit, watch  # noqa: F401  (registers the verbs on main)
+from . import cache, cluster, inspect, report, run, serve, submit, watch  # noqa: F401  (registers the verbs on main)
 from .app import EXIT_FAILED_TASKS, EXIT_USAGE, _die, _Main, _open, main
 from .params import _ids
 

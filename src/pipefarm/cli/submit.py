@@ -32,6 +32,28 @@ class _Memory(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _TimeRequest(click.ParamType):
+    """The time a task needs: seconds (``5400``), ``HH:MM:SS`` or ``D-HH:MM:SS``."""
+
+    name = "time"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if value is None or isinstance(value, (int, float)):
+            return value
+        text = str(value).strip()
+        try:
+            if ":" in text:
+                from ..backends.array.spec import walltime_seconds
+
+                return float(walltime_seconds(text) or 0)
+            from ..run import checked_time_request
+
+            return checked_time_request(text)
+        except Exception as exc:  # noqa: BLE001 - ValueError or SubmissionError: one message
+            self.fail(f"{exc}; give seconds, HH:MM:SS or D-HH:MM:SS, e.g. 5400 or 1:30:00",
+                      param, ctx)
+
+
 # --- submit ----------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("run_dir", metavar="RUN")
@@ -48,6 +70,9 @@ class _Memory(click.ParamType):
 @click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True, help="Worker slots each task takes.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs of its own each task gets (CUDA_VISIBLE_DEVICES).")
 @click.option("--mem", "memory", type=_Memory(), help="Memory limit per task, e.g. --mem 4G (K, M, G, T; a bare number is MiB): past it the task's process group is killed and its attempt ends oom (retried like a failure).")
+@click.option("--time-request", "time_request", type=_TimeRequest(), help="Time each task needs: seconds, or HH:MM:SS; an array worker with less walltime left (before its warning) leaves it for one with more, e.g. --time-request 4:00:00.")
+@click.option("--checkpoint-dir", "checkpoint_dir", is_flag=True, help="Give each task a directory of its own, kept across its attempts, in $PIPEFARM_CHECKPOINT_DIR (RUN/checkpoints/<id>): what an attempt writes there, the next one finds; removed when the task succeeds.")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep each task's checkpoint directory after it succeeds.")
 @click.option("--after", metavar="ID,...", help="Task ids (or ranges 1-100) that must succeed first.")
 @click.option("--tag", "tags", multiple=True, help="A label (repeatable).")
 @click.option("--cwd", help="Working directory (may hold placeholders).")
@@ -55,12 +80,20 @@ class _Memory(click.ParamType):
 @click.option("--key", "key_template", metavar="TEMPLATE", help="A name per task from the placeholders, e.g. 'a{alpha}-b{beta}'.")
 @click.option("--output-cap", type=click.IntRange(min=0), default=1 << 20, show_default=True, help="Bytes of stdout and of stderr kept per attempt.")
 @click.option("--output-per-task", is_flag=True, help="One log file per attempt instead of a few per worker.")
+@click.option("--cache", "cache", is_flag=True, help="Use the result cache: a task whose argv, cwd, --cache-env values and --cache-input contents match an earlier success is not run again (outcome cached).")
+@click.option("--cache-dir", metavar="DIR", help="The result cache directory (default: $PIPEFARM_CACHE, else ~/.cache/pipefarm).")
+@click.option("--cache-env", "cache_env", multiple=True, metavar="NAME", help="An environment variable whose value is part of the cache key (repeatable).")
+@click.option("--cache-input", "cache_inputs", multiple=True, metavar="FILE|{placeholder}", help="A file whose content is part of the cache key, hashed when the task is about to run, e.g. --cache-input {line} (repeatable).")
 def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_file: str | None,
            from_csv: str | None, from_json: str | None, shell: bool, retries: int,
            timeout: float | None, priority: int, cost: float | None, cpus: int, gpus: int,
            memory: int | None,
            after: str | None, tags: tuple[str, ...], cwd: str | None, env: tuple[str, ...],
-           key_template: str | None, output_cap: int, output_per_task: bool) -> None:
+           key_template: str | None, output_cap: int, output_per_task: bool,
+           time_request: float | None = None, keep_checkpoints: bool = False,
+           checkpoint_dir: bool = False,
+           cache: bool = False, cache_dir: str | None = None, cache_env: tuple[str, ...] = (),
+           cache_inputs: tuple[str, ...] = ()) -> None:
     """Add command tasks to RUN (created if needed).
 
     \b
@@ -70,6 +103,7 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
       pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
       pipefarm submit runs/m --array 1-50 --mem 4G --retries 1 -- ./sim --seed {index}
+      pipefarm submit runs/l --array 1-20 --time-request 4:00:00 -- ./long_sim --seed {index}
     \b
     As GNU parallel: values after ::: (or one per line of the files after ::::); several
     groups make every combination, named {1} {2} ...; {} is the value of a single source:
@@ -87,7 +121,9 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     submission leaves no new RUN behind. With --key, a task whose key is already in RUN is
     not added again: submitting the same sweep twice adds only what is new. From 1,000,000
     tasks (--array, :::) it first says how much disk the catalog will take; set the bound
-    with e.g. PIPEFARM_LARGE_SUBMISSION=100000.
+    with e.g. PIPEFARM_LARGE_SUBMISSION=100000. With --cache, a task that succeeded before
+    (same argv, cwd, --cache-env values and --cache-input contents) is not run again:
+      pipefarm submit runs/j --cache --cache-input {line} --from-file inputs.txt -- gzip -k {line}
     """
     from .. import sources
     from ..execute.template import Command, name_default, placeholders
@@ -131,9 +167,15 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
     if source.only is not None:
         cmd = name_default(cmd, source.only)
         key_cmd = name_default(key_cmd, source.only) if key_cmd is not None else None
+        if cache_inputs:  # --cache-input {} names the single source's value too
+            cache_inputs = tuple(name_default(Command(argv=list(cache_inputs)),
+                                              source.only).argv or ())
     options = TaskOptions(retries=retries, timeout=timeout, priority=priority, cost=cost,
                           after=tuple(_ids(after) or ()), cpus=cpus, gpus=gpus, memory=memory,
-                          tags=tags)
+                          tags=tags, time_request=time_request,
+                          keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir,
+                          cache=cache, cache_dir=cache_dir,
+                          cache_env=cache_env, cache_inputs=cache_inputs)
     run = Run.create(run_dir, exist_ok=True)
     try:
         if source.size is not None:  # after create: a Ctrl-C once it is said is undone in full

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ...cache.serve import CachingRunner
 from ...store.shared_fs import FsWorker, HeldBlock, WorkStats
 from ...task import Finished, Lease, Resources
 from ...worker import LeaseRunner
@@ -66,6 +67,8 @@ def work_loop(
         # a command killed by the signal that is stopping this worker (scheduler cancel,
         # preemption, walltime) is recorded lost, not as the task's failure
         runner = LeaseRunner(os.fspath(run_dir), w.id, w.specs, stopping=stop)
+    # the result cache looks each lease up before it runs (a hit is a cached attempt)
+    cached = CachingRunner(runner, w.specs)
     previous: dict[int, Any] = {}
 
     def drain(*_: Any) -> None:
@@ -102,7 +105,7 @@ def work_loop(
                 idle_since, delay = None, poll
                 if on_block is not None:
                     on_block(blk)
-                w.run_block(blk, runner, stop)
+                w.run_block(blk, cached, stop)
                 continue
             if w.asking:
                 stop.wait(poll)  # an answer comes within STEAL_CHECK_S: look often
@@ -127,6 +130,7 @@ def work_loop(
     finally:
         hb_stop.set()
         hb.join()
+        cached.close()
         w.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -543,8 +543,12 @@ class SQLiteStore(CatalogQuery, Store):
         succeeded: Sequence[Sequence[Any]],
         others: Sequence[Finished] = (),
         now: float | None = None,
+        outcome: Outcome = Outcome.SUCCEEDED,
     ) -> int:
         """Commit outcomes of leases held in memory; returns how many took effect.
+
+        ``outcome`` is what the ``succeeded`` rows record: ``cached`` for results served by
+        the result cache (they never ran).
 
         ``succeeded`` rows are ``(task, token, attempt, started_at, ended_at, result, worker)``
         (:data:`~pipefarm.task.SuccessRow`) of successes with a small result and nothing else to
@@ -562,12 +566,12 @@ class SQLiteStore(CatalogQuery, Store):
                 peak = ", peak_memory=?8" if len(succeeded[0]) > 7 else ""
                 done = self._apply_or_stale(
                     db, worker,
-                    f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+                    f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(outcome)},"
                     f" token=?2, attempt=?3, started_at=?4, ended_at=?5, result=?6, worker=?7{peak}"
                     f" WHERE id=?1 AND ((state={int(_S.READY)} AND token IS NULL)"
                     f" OR (state={int(_S.RUNNING)} AND token=?2))",
                     succeeded, 0, 1, eligible,
-                    lambda: [Finished(r[0], r[1], int(Outcome.SUCCEEDED), r[3], r[4], r[5],
+                    lambda: [Finished(r[0], r[1], int(outcome), r[3], r[4], r[5],
                                       attempt=r[2], peak_memory=r[7] if len(r) > 7 else None)
                              for r in succeeded],
                 )
@@ -581,11 +585,11 @@ class SQLiteStore(CatalogQuery, Store):
                     f" claimed_at=?, started_at=? WHERE id=? AND state={_READY} AND token IS NULL",
                     ((f.token, worker, f.attempt, now, f.started_at, f.task) for f in others),
                 )
-                wins = [f for f in others if f.outcome == Outcome.SUCCEEDED]
+                wins = [f for f in others if f.outcome in states.SUCCESSFUL]
                 if wins:
                     applied += self._finish_succeeded(db, worker, wins, now)
                 for f in others:
-                    if f.outcome != Outcome.SUCCEEDED:
+                    if f.outcome not in states.SUCCESSFUL:
                         applied += self._finish_unsuccessful(db, worker, f, now)
         return applied
 
@@ -613,8 +617,8 @@ class SQLiteStore(CatalogQuery, Store):
         outcomes = list(outcomes)
         if not outcomes:
             return 0
-        wins = [f for f in outcomes if f.outcome == Outcome.SUCCEEDED]
-        others = [f for f in outcomes if f.outcome != Outcome.SUCCEEDED]
+        wins = [f for f in outcomes if f.outcome in states.SUCCESSFUL]
+        others = [f for f in outcomes if f.outcome not in states.SUCCESSFUL]
         applied = 0
         with self._tx() as db:  # result files of a transaction that fails are removed with it
             if wins:
@@ -654,6 +658,10 @@ class SQLiteStore(CatalogQuery, Store):
     ) -> int:
         # A worker reports start and end together: CLAIMED -> RUNNING -> SUCCEEDED in one write.
         src = f"({_S.CLAIMED},{_S.RUNNING})"
+        kinds = {f.outcome for f in wins}  # succeeded, and cached (served by the result cache)
+        if len(kinds) > 1:
+            return sum(self._finish_succeeded(db, worker, [f for f in wins if f.outcome == k],
+                                              now) for k in kinds)
         # Most outcomes are a small Python result and nothing else: bind five values, not ten.
         plain, full = [], []
         for f in wins:
@@ -665,7 +673,7 @@ class SQLiteStore(CatalogQuery, Store):
                 blob, rfile = self._result_columns(f)
                 full.append((blob, rfile, f.started_at, f.ended_at, f.exit_code, f.note, f.output,
                              f.peak_memory, f.task, f.token))
-        head = f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(Outcome.SUCCEEDED)},"
+        head = f"UPDATE tasks SET state={int(_S.SUCCEEDED)}, outcome={int(wins[0].outcome)},"
         where = f" WHERE id=? AND token=? AND state IN {src}"
         plain_sql = head + " result=?, started_at=?, ended_at=?, peak_memory=?" + where
         full_sql = (head + " result=?, result_file=?, started_at=?, ended_at=?, exit_code=?,"
@@ -996,6 +1004,19 @@ class SQLiteStore(CatalogQuery, Store):
                     chunk,
                 ).rowcount
         return n
+
+    def add_cache_keys(self, rows: Iterable[tuple[int, bytes]]) -> None:
+        """Record ``(task, cache key)`` pairs (Python tasks submitted with ``cache=True``)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO cache_keys(task, key) VALUES (?, ?)", rows)
+
+    def cache_keys(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """``{task: cache key}`` of those of ``ids`` that have one."""
+        found: dict[int, bytes] = {}
+        for chunk in _chunks(list(ids)):
+            found.update(self.db.execute(
+                f"SELECT task, key FROM cache_keys WHERE task IN ({_qs(len(chunk))})", chunk))
+        return found
 
     def pending_spec_resources(self) -> list[tuple[int, int, int]]:
         """``(spec, cpus, gpus)`` for specs that still have unfinished tasks."""
