@@ -58,7 +58,7 @@ def test_timed_out_attempt_is_resumed_by_its_retry(tmp_path: Path) -> None:
     log, flag = str(tmp_path / "log"), str(tmp_path / "flag")
     run = pf.Run.create(tmp_path / "run")
     t = run.submit_task(C.count_to, (10, log), {"hang_at": 6, "flag": flag},
-                        timeout=2, retries=1)
+                        timeout=2, retries=1, backoff=0)
     t0 = time.monotonic()
     assert run.execute(workers=1, progress=False).ok
     assert time.monotonic() - t0 < 20

@@ -103,7 +103,8 @@ def test_an_unpicklable_checkpoint_is_refused_and_the_previous_kept(in_task: Pat
 def test_a_failed_attempt_is_resumed_by_the_retry(tmp_path: Path, backend: str) -> None:
     log, flag = str(tmp_path / "log"), str(tmp_path / "flag")
     run = pf.Run.create(tmp_path / "run")
-    t = run.submit_task(C.count_to, (10, log), {"fail_at": 6, "flag": flag}, retries=1)
+    t = run.submit_task(C.count_to, (10, log), {"fail_at": 6, "flag": flag}, retries=1,
+                        backoff=0)
     summary = run.execute(backend=backend, workers=1, progress=False)
     assert summary.ok, summary
     assert run.result(t) == 10
