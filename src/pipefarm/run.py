@@ -50,7 +50,7 @@ class Unrunnable(PipefarmError):
 #: columns of :meth:`Run.results`
 RESULT_COLUMNS = (
     "task_id", "key", "state", "attempts", "exit_code", "result", "error", "started_at",
-    "ended_at", "duration_s", "worker", "peak_memory",
+    "ended_at", "duration_s", "worker", "peak_memory", "outcome",
 )
 
 

@@ -12,7 +12,8 @@ import tasks_lib as T
 import pipefarm as pf
 
 RESULT_COLUMNS = ["task_id", "key", "state", "attempts", "exit_code", "result", "error",
-                  "started_at", "ended_at", "duration_s", "worker", "peak_memory"]
+                  "started_at", "ended_at", "duration_s", "worker", "peak_memory",
+                  "outcome"]
 
 
 def _log(path) -> list[str]:

@@ -48,6 +48,8 @@ def status(run_dir: str, as_json: bool) -> None:
     c = rep["counts"]
     click.echo(f"{rep['run']}: {rep['total']:,} tasks, {rep['done']:,} done")
     click.echo("  " + "  ".join(f"{k} {v:,}" for k, v in c.items() if v))
+    if rep.get("cached"):
+        click.echo(f"  cached: {rep['cached']:,} of the succeeded tasks came from the result cache")
     if rep.get("backends"):
         click.echo("  executed on: " + ", ".join(rep["backends"]))
     left = rep["total"] - rep["done"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..run import RESULT_COLUMNS
-from ..states import State
+from ..states import Outcome, State
 from ..store.sqlite.query import CatalogQuery
 from ..task import INLINE_RESULT_MAX
 from .results import COLUMN_TYPES, ENCODING, PICKLE, export_table, json_lines, result_column
@@ -235,7 +235,7 @@ def result_batches(run: Any) -> Iterable[Any]:
     for chunk in _chunks(run):
         cols: dict[str, list[Any]] = {f.name: [] for f in fields}
         for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, sid, args,
-             out, peak) in chunk:
+             out, peak, outcome) in chunk:
             spec = specs.get(sid)
             values = _values(spec, args)
             try:
@@ -256,6 +256,7 @@ def result_batches(run: Any) -> Iterable[Any]:
             cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
             cols["worker"].append(worker)
             cols["peak_memory"].append(peak)
+            cols["outcome"].append(None if outcome is None else Outcome(outcome).label)
             cmd = spec.cmd if spec is not None else None
             cols["command"].append(command_text(cmd, values) if cmd is not None else None)
             cols["stdout_tail"].append(stdout_tail(base, out) if cmd is not None else None)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from ..run import RESULT_COLUMNS
-from ..states import State
+from ..states import Outcome, State
 from ..store.sqlite.query import CatalogQuery
 
 # json, tempfile and datetime are imported where they are used: exporting is rare
@@ -37,7 +37,7 @@ JSON = b"json"
 #: come out null-typed); the others are inferred
 COLUMN_TYPES = {"started_at": "float64", "ended_at": "float64", "duration_s": "float64",
                 "exit_code": "int64", "key": "string", "error": "string", "worker": "string",
-                "peak_memory": "int64"}
+                "peak_memory": "int64", "outcome": "string"}
 
 
 def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
@@ -47,7 +47,8 @@ def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
     succeeded = int(State.SUCCEEDED)
     labels = {int(s): s.label for s in State}
     with CatalogQuery.open(run.path) as q:
-        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, peak) in q.results():
+        for (tid, key, st, att, code, blob, rfile, err, t0, t1, worker, peak,
+             outcome) in q.results():
             cols["task_id"].append(tid)
             cols["key"].append(key)
             cols["state"].append(labels[st])
@@ -66,6 +67,8 @@ def result_rows(run: Any) -> tuple[dict[str, list[Any]], list[bytes | None]]:
             cols["duration_s"].append(t1 - t0 if t0 is not None and t1 is not None else None)
             cols["worker"].append(worker)
             cols["peak_memory"].append(peak)
+            # how the task's latest attempt ended: cached marks a result from the result cache
+            cols["outcome"].append(None if outcome is None else Outcome(outcome).label)
     return cols, blobs
 
 

@@ -202,6 +202,7 @@ def _report(run: Any, q: CatalogQuery, window_s: float, last_failures: int) -> d
         for t, note in q.last_notes(last_failures)
     ]
     rep["backends"] = q.backends_used()  # where it has executed, first use first
+    rep["cached"] = q.cached_count()  # succeeded tasks whose result came from the cache
     rep["waiting_for_time"], rep["longest_time_left_s"] = _waiting_for_time(run.path, q)
     return rep
 

@@ -229,10 +229,10 @@ class CatalogQuery:
 
     def results(self) -> Iterable[tuple[Any, ...]]:
         """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker, peak_memory)`` per task, in id order, streamed."""
+        ended_at, worker, peak_memory, outcome)`` per task, in id order, streamed."""
         cur = self.db.execute(
             "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            f" ended_at, worker, {self._peak_column()} FROM tasks ORDER BY id"
+            f" ended_at, worker, {self._peak_column()}, outcome FROM tasks ORDER BY id"
         )
         while True:
             rows = cur.fetchmany(4096)
@@ -242,11 +242,12 @@ class CatalogQuery:
 
     def export_rows(self) -> Iterable[tuple[Any, ...]]:
         """``(id, key, state, attempt, exit_code, result, result_file, error, started_at,
-        ended_at, worker, spec, args, output, peak_memory)`` per task, in id order, one row at a
+        ended_at, worker, spec, args, output, peak_memory, outcome)`` per task, in id order, one row at a
         time (an export of any size holds one row of the cursor in memory, not the run)."""
         cur = self.db.execute(
             "SELECT id, key, state, attempt, exit_code, result, result_file, error, started_at,"
-            f" ended_at, worker, spec, args, output, {self._peak_column()} FROM tasks ORDER BY id"
+            f" ended_at, worker, spec, args, output, {self._peak_column()}, outcome FROM tasks"
+            " ORDER BY id"
         )
         yield from cur
 
@@ -516,11 +517,18 @@ class CatalogQuery:
             " AND ended_at >= ?", (limit, lo)).fetchall()
         return rows
 
+    def cached_count(self) -> int:
+        """Tasks whose result came from the result cache (a partial index: no scan)."""
+        return self.db.execute(
+            f"SELECT count(*) FROM tasks WHERE outcome = {int(Outcome.CACHED)}").fetchone()[0]
+
     def outcome_counts(self) -> dict[int, int]:
         """Attempts by outcome value: the tasks' current attempts and the archived ones."""
         out = {int(o): 0 for o in Outcome}
+        cached = self.cached_count()
+        out[int(Outcome.CACHED)] += cached
         out[int(Outcome.SUCCEEDED)] += self.db.execute(
-            f"SELECT count(*) FROM tasks WHERE state={int(State.SUCCEEDED)}").fetchone()[0]
+            f"SELECT count(*) FROM tasks WHERE state={int(State.SUCCEEDED)}").fetchone()[0] - cached
         others = states.sql_list(set(State) - {State.SUCCEEDED, State.READY, State.BLOCKED})
         for sql in (f"SELECT outcome, count(*) FROM tasks WHERE state IN {others}"
                     " AND outcome IS NOT NULL GROUP BY outcome",

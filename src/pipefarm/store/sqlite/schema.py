@@ -53,10 +53,11 @@ CREATE TABLE IF NOT EXISTS attempts(
   outcome INTEGER NOT NULL, started_at REAL, ended_at REAL, exit_code INTEGER,
   error TEXT, note TEXT, output TEXT, peak_memory INTEGER);
 CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
+CREATE INDEX IF NOT EXISTS ix_cached ON tasks(outcome) WHERE outcome = {CACHED};
 CREATE TABLE IF NOT EXISTS cache_keys(task INTEGER PRIMARY KEY, key BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS workers(
   id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
-""".replace("{READY}", str(int(State.READY)))
+""".replace("{READY}", str(int(State.READY))).replace("{CACHED}", str(int(states.Outcome.CACHED)))
 
 _S = State
 _READY = int(State.READY)
