@@ -1,6 +1,7 @@
 """Task checkpoints across the ways an attempt ends without finishing: its worker SIGKILLed, a
-timeout, and a walltime on array workers (the warning, then the kill) -- real processes and
-signals; every later attempt starts from the newest checkpoint the earlier one saved.
+timeout, a failure on every engine, and a walltime on array workers (the warning, then the
+kill) -- real processes and signals; every later attempt starts from the newest checkpoint the
+earlier one saved.
 
 The tasks (``tests/checkpoint_lib.py``) count to N, saving a checkpoint at every step and
 logging each attempt's starting point and steps.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import checkpoint_lib as C
 import cloudpickle
+import engines_lib as E
 import pytest
 
 import pipefarm as pf
@@ -64,6 +66,33 @@ def test_timed_out_attempt_is_resumed_by_its_retry(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 20
     assert [a.outcome for a in run.attempts(t)] == ["timed_out", "succeeded"]
     assert resumed(log, 10, 5) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", E.ENGINES)
+def test_every_engine_resumes_python_and_command_tasks(tmp_path: Path, engine: str) -> None:
+    """``pipefarm run --backend E``: every engine runs tasks in the same worker code, so a
+    Python task's retry and a command's retry both go on from their checkpoints."""
+    address = E.require(engine)
+    log, cmd_log, flag = (str(tmp_path / n) for n in ("log", "cmd_log", "flag"))
+    run = pf.Run.create(tmp_path / "run")
+    py = run.submit_task(C.count_to, (8, log), {"fail_at": 4, "flag": flag}, retries=1,
+                         backoff=0)
+    # the command fails once, after step 3, leaving "3" in its directory
+    once = C.COUNT_SH.replace('  sleep "$2"\n',
+                              '  sleep "$2"\n  [ "$i" = 3 ] && mkdir "$3" 2>/dev/null && exit 5\n')
+    (cmd,) = run.submit_cmd(["sh", "-c", once, "count", cmd_log, "0", str(tmp_path / "once")],
+                            retries=1, backoff=0, checkpoint_dir=True)
+    run.close()
+    p = E.execute_on(engine, tmp_path / "run", 1, address)
+    assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
+    run = pf.Run.open(tmp_path / "run")
+    assert run.result(py) == 8
+    assert C.attempts_in(log) == [(0, [1, 2, 3]), (3, [4, 5, 6, 7, 8])]
+    assert [a.outcome for a in run.attempts(cmd)] == ["failed", "succeeded"]
+    assert C.attempts_in(cmd_log) == [(0, [1, 2, 3]), (3, list(range(4, 21)))]
+    assert not (tmp_path / "run" / "checkpoints" / str(cmd)).exists()
+    run.close()
 
 
 # --- array workers: the walltime warning, then the kill ---------------------------------------------
