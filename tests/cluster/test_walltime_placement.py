@@ -157,6 +157,7 @@ def test_slurm_element_with_a_short_walltime_leaves_the_long_task_to_the_next_ar
                "--submit", "--wait", "--poll", "2", cwd=tmp_path)
     assert time.monotonic() - t0 < 100, "the short element waited for its walltime"
     assert r.returncode != 0 and "1 task(s) left" in r.stderr, (r.stdout, r.stderr)
+    assert "1 of them asked for more time (--time-request) than an element has" in r.stderr
     logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.out"))
     assert "exit='no time'" in logs and "from PIPEFARM_WALLTIME_END" in logs, logs
     r = pf_cli("array", "run", "--scheduler", "slurm", "--time", "20", "--submit", "--wait",

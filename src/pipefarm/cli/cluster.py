@@ -115,6 +115,17 @@ def worker(run_dir: str, element: int | None, sig: str, idle_exit: float | None,
     click.echo(f"worker done: {stats}", err=True)
 
 
+def _too_long_for(run: Any, spec: Any) -> int:
+    """Tasks left that asked for more time than the elements of ``spec`` had (0 without a
+    walltime)."""
+    if not spec.seconds:
+        return 0
+    from ..store.sqlite.query import CatalogQuery
+
+    with CatalogQuery.open(run.path) as q:
+        return q.ready_asking_more_than(spec.seconds - spec.warn_seconds)
+
+
 @main.command()
 @click.argument("run_dir", metavar="RUN")
 @click.option("--scheduler", type=click.Choice(["slurm", "pbs", "sge", "htcondor", "lsf"]), help="Write (and submit) a job array for this scheduler.")
@@ -232,5 +243,10 @@ def array(run_dir: str, scheduler: str | None, launcher: str | None, elements: i
                 f"finish them here: pipefarm run {run_dir}\n"
                 f"or in another array: pipefarm array {run_dir} --scheduler {scheduler} --submit"
                 " (with the same options)", err=True)
+            short = _too_long_for(run, spec)
+            if short:
+                click.echo(f"{short:,} of them asked for more time (--time-request) than an element"
+                           f" has before its warning ({spec.seconds - spec.warn_seconds:,} s):"
+                           " give the next array a longer --time", err=True)
         return EXIT_FAILED_TASKS
     return 0

@@ -215,6 +215,4 @@ def _waiting_for_time(run_dir: str | os.PathLike[str], q: CatalogQuery) -> tuple
     longest = longest_time_left(run_dir, run_lease(run_dir))
     if longest is None:
         return 0, None
-    from ..store.shared_fs.tables import waiting_for_time
-
-    return waiting_for_time(q.db, longest), round(longest, 1)
+    return q.ready_asking_more_than(longest), round(longest, 1)

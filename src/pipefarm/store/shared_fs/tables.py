@@ -35,11 +35,9 @@ The tables:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from ... import states
 from ..sqlite import SQLiteStore
-from .layout import CHILD_BASE, CHILD_BITS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fs_export(task INTEGER PRIMARY KEY, block INTEGER NOT NULL);
@@ -85,17 +83,3 @@ def open_blocks(catalog: SQLiteStore) -> int:
     ensure_schema(catalog)
     return catalog.db.execute("SELECT count(*) FROM fs_blocks WHERE closed=0").fetchone()[0]
 
-
-def waiting_for_time(db: Any, longest_s: float) -> int:
-    """Ready tasks offered in blocks whose tasks asked for more than ``longest_s`` seconds
-    (``time_request``): what waits for a worker with more walltime left. ``db`` is a
-    connection to the catalog (a reader's will do); 0 for a run that never exported."""
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE name='fs_block_time'").fetchone():
-        return 0
-    return db.execute(
-        "SELECT count(*) FROM tasks t JOIN fs_export e ON e.task = t.id"
-        " JOIN fs_block_time b ON b.id = (CASE WHEN e.block >= ? THEN (e.block - ?) >> ?"
-        " ELSE e.block END)"  # a split's child block has its family's time class
-        f" WHERE t.state={int(states.State.READY)} AND b.need_s > ?",
-        (CHILD_BASE, CHILD_BASE, CHILD_BITS, longest_s),
-    ).fetchone()[0]

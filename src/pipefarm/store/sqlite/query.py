@@ -261,6 +261,20 @@ class CatalogQuery:
             f"SELECT 1 FROM tasks WHERE state={_SUCCEEDED} AND (result IS NOT NULL"
             " OR result_file IS NOT NULL) LIMIT 1").fetchone() is not None
 
+    def ready_asking_more_than(self, seconds: float) -> int:
+        """Ready tasks whose spec asks for more than ``seconds`` (``time_request``): what
+        waits for an array worker with more walltime left."""
+        asking = []
+        for (sid,) in self.db.execute("SELECT id FROM specs"):
+            need = self.spec(sid).time_request
+            if need is not None and need > seconds:
+                asking.append(sid)
+        if not asking:
+            return 0
+        return self.db.execute(
+            f"SELECT count(*) FROM tasks WHERE state={int(State.READY)}"
+            f" AND spec IN ({_qs(len(asking))})", asking).fetchone()[0]
+
     def spec_rows(self) -> list[tuple[int, str, bytes]]:
         """``(id, kind, payload)`` of every spec (to render commands and name functions)."""
         return self.db.execute("SELECT id, kind, payload FROM specs ORDER BY id").fetchall()
