@@ -103,7 +103,7 @@ def submit(run_dir: str, command: tuple[str, ...], array_spec: str | None, from_
       pipefarm submit runs/c --from-csv params.csv --retries 2 --timeout 600 -- ./sim {alpha} {beta}
       pipefarm submit runs/d --shell --from-file names.txt -- 'grep -c x {line} > {line}.count'
       pipefarm submit runs/m --array 1-50 --mem 4G --retries 1 -- ./sim --seed {index}
-      pipefarm submit runs/l --array 1-20 --time-request 4:00:00 -- ./long_sim --seed {index}
+      pipefarm submit runs/l --array 1-20 --time-request 4:00:00 --checkpoint-dir -- ./long_sim --seed {index}
     \b
     As GNU parallel: values after ::: (or one per line of the files after ::::); several
     groups make every combination, named {1} {2} ...; {} is the value of a single source:

@@ -11,8 +11,9 @@ Inside a Python task::
             pf.checkpoint.save(i)              # durable before it returns
         return i
 
-A command task gets the same directory as ``$PIPEFARM_CHECKPOINT_DIR`` (created before it
-starts) and writes there what it wants.
+A command task submitted with ``checkpoint_dir=True`` (``pipefarm submit --checkpoint-dir``)
+gets the same directory as ``$PIPEFARM_CHECKPOINT_DIR`` (created before each attempt) and
+writes there what it wants.
 
 Where they live: ``RUN/checkpoints/<task id>/``, in the run directory, so that array workers on
 other hosts see them; the directory is the task's and is kept across its attempts (after
@@ -27,7 +28,9 @@ never a timestamp or a random id, so "the newest" is a plain numeric order. :fun
 highest-numbered file that validates; a damaged one is renamed ``<n>.ckpt.corrupt`` (kept for
 inspection, its number never reused) and reported once in the attempt's note. Only the newest
 :data:`KEEP` files are kept, so a task that saves every step uses at most ``KEEP`` times the size
-of its state.
+of its state. Two attempts saving at once (a zombie whose lease was taken over, and its
+successor) may write the same number; each file is whole, so a load still gets a whole
+checkpoint of that task, if perhaps the zombie's.
 
 Outside a task, :func:`save` and :func:`load` raise :class:`CheckpointError`. In a run without
 a run directory (``pf.Executor()`` keeps everything in memory) there is nowhere durable to keep
