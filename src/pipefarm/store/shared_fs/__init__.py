@@ -53,6 +53,10 @@ Claiming
   ``claims/<b>.0``; ``EEXIST`` means someone else has it. It lists ``claims/`` once per claim
   (one readdir, not one call per task) to skip claimed blocks and to see markers.
 * Released blocks (``.released`` on the latest epoch) are taken at once: ``claims/<b>.<e+1>``.
+* A worker claims (fresh, released or stale) only blocks it has the resources and the time
+  for: blocks are exported one class per resources and ``time_request``, listed in ``wave``
+  (:mod:`.placement`). A worker that knows its walltime hands a block back when the next task
+  no longer fits before its warning, and leaves once nothing left fits.
 * Stale blocks: at most every ``lease_s / 4`` a worker touches its own heartbeat file, stats it,
   and looks at every live holder's heartbeat mtime (one stat per holder, not per block). A
   holder is dead when its mtime has not changed for ``lease_s`` of the claimer's monotonic

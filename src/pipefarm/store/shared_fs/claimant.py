@@ -46,6 +46,7 @@ from .layout import (
     read_wave,
     root_of,
 )
+from .placement import TimeLeft, has_resources, has_time, need_of, only_too_long_left
 from .primitives import (
     MAX_EPOCH,
     Liveness,
@@ -156,7 +157,7 @@ class FsWorker:
         fsync: bool = True,
         fsync_interval: float = 0.5,
         steal: bool = True,
-        time_left: Callable[[], float | None] | None = None,
+        time_left: TimeLeft | None = None,
     ) -> None:
         self.layout = Layout(run_dir)
         #: seconds this worker has left before its walltime warning (None: no limit known);
@@ -255,48 +256,24 @@ class FsWorker:
 
     def _fits(self, block: int, wave: Wave) -> bool:
         """Whether this worker has the resources and the time for ``block``'s tasks."""
-        return self._has_resources(block, wave) and self._has_time(self.need_of(block, wave))
+        if root_of(block) > wave.blocks:
+            wave = self._read_wave()  # a block of a newer wave than the one we hold
+        return (has_resources(self.resources, wave, block)
+                and has_time(self.time_left, need_of(wave, block)))
 
-    def need_of(self, block: int, wave: Wave | None = None) -> float:
-        """The seconds each task of ``block`` asked for (0: none asked), by its family's time
-        class in the wave (read again when the block is newer than the wave we hold)."""
-        root = root_of(block)
-        wave = wave or self._wave
-        if root > wave.blocks:
+    def need_of(self, block: int) -> float:
+        """The seconds each task of ``block`` asked for (0: none asked)."""
+        wave = self._wave
+        if root_of(block) > wave.blocks:
             wave = self._read_wave()
-        for first, last, need in wave.times:
-            if first <= root <= last:
-                return need
-        return 0.0
-
-    def _has_time(self, need: float) -> bool:
-        if not need or self.time_left is None:
-            return True
-        left = self.time_left()
-        return left is None or left >= need
+        return need_of(wave, block)
 
     def out_of_time(self) -> bool:
-        """Whether everything left needs more time than this worker has: the last wave is
-        final and every block not done asked for more than its time left (which only
-        shrinks). Uses the listing of the last :meth:`claim_block`."""
+        """Whether everything left asked for more time than this worker has left (it will
+        never have more): see :func:`.placement.only_too_long_left`."""
         if self.time_left is None:
             return False
-        wave = self._read_wave(0.0)
-        if not wave.final or not wave.times:
-            return False
-        listing = self._listing
-        left = [b for b in range(1, wave.blocks + 1) if not (b in listing and listing[b].done)]
-        left += [b for b, st in listing.items() if b > wave.blocks and not st.done]
-        return bool(left) and not any(self._has_time(self.need_of(b, wave)) for b in left)
-
-    def _has_resources(self, block: int, wave: Wave) -> bool:
-        if self.resources is None:
-            return True
-        block = root_of(block)  # a child has its family's resource class
-        for first, last, cpus, gpus in wave.classes:
-            if first <= block <= last:
-                return cpus <= self.resources.cpus and gpus <= self.resources.gpus
-        return self.resources.cpus >= 1
+        return only_too_long_left(self._read_wave(0.0), self._listing, self.time_left)
 
     def _holder(self, block: int, epoch: int) -> str:
         key = (block, epoch)
@@ -696,7 +673,7 @@ class FsWorker:
                         remaining = blk.entries[i:]
                         outcome = "released"
                         break
-                    if need and not self._has_time(need):
+                    if need and not has_time(self.time_left, need):
                         # too close to the walltime for the next task: handed back whole for
                         # a worker with more time, spending nothing
                         remaining = blk.entries[i:]
