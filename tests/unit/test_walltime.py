@@ -42,3 +42,20 @@ def test_an_unknown_slurm_job_gives_no_limit() -> None:
     than an error (a real job's time left: tests/cluster/test_walltime_placement.py)."""
     w = find_walltime(None, None, {"SLURM_JOB_ID": "999999999"})
     assert w.end is None
+
+
+def test_time_classes_of_blocks_and_their_split_children() -> None:
+    from pipefarm.store.shared_fs.claims import BlockState
+    from pipefarm.store.shared_fs.layout import Wave, child_id
+    from pipefarm.store.shared_fs.placement import has_time, need_of, only_too_long_left
+
+    wave = Wave(blocks=5, final=True, times=[(2, 3, 600.0)])
+    assert [need_of(wave, b) for b in range(1, 6)] == [0.0, 600.0, 600.0, 0.0, 0.0]
+    assert need_of(wave, child_id(3, 1)) == 600.0  # a split keeps its family's class
+    assert has_time(None, 600.0) and has_time(lambda: 10.0, 0.0)
+    assert not has_time(lambda: 599.0, 600.0) and has_time(lambda: None, 600.0)
+    done = {b: BlockState(0, done=True) for b in (1, 4, 5)}
+    assert only_too_long_left(wave, done, lambda: 60.0)
+    assert not only_too_long_left(wave, done, lambda: 3600.0)
+    assert not only_too_long_left(wave, {1: BlockState(0, done=True)}, lambda: 60.0)
+    assert not only_too_long_left(Wave(5, False, 1, [], [(2, 3, 600.0)]), done, lambda: 60.0)
