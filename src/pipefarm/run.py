@@ -216,6 +216,10 @@ class Run:
         serves tasks from the result cache (:mod:`pipefarm.cache`; ``cache_dir``,
         ``cache_version``, ``cache_ignore``: see there).
 
+        ``memory`` is each task's limit, bytes or a size such as ``"4G"``: a task past it is
+        stopped and its attempt ends ``oom``, a failure retried like one (see
+        :mod:`pipefarm.execute.memory`); every attempt records its peak memory.
+
         Keys are unique in a run, which makes keyed submission idempotent: a key that is
         already there adds nothing and gives back that task's id (the ids are then a
         :class:`~pipefarm.store.base.TaskIds` list whose ``added`` range holds the new ones),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
 
 import cloudpickle
@@ -133,6 +134,10 @@ def test_command_past_its_limit_is_killed_and_ends_oom(tmp_path):
     assert a.peak_memory > LIMIT
     assert run.attempts(ok)[0].outcome == "succeeded"
     run.close()
+    show = subprocess.run([sys.executable, "-m", "pipefarm", "show", str(tmp_path / "run"),
+                           str(t)], capture_output=True, text=True, check=True).stdout
+    assert "attempt 1: oom, exit -9 (SIGKILL)" in show
+    assert f", peak {a.peak_memory / MIB:.1f} MiB" in show
 
 
 def test_peak_memory_is_recorded_for_ordinary_tasks(tmp_path):

@@ -227,6 +227,11 @@ if hasattr(os, "register_at_fork"):
 WATCH_EVERY_S = 0.1
 
 
+#: Seconds before the first look: a command that ends sooner never pays for one (a look costs
+#: about as much as starting a short command), one that starts big is caught this early.
+WATCH_FIRST_S = 0.01
+
+
 def group_members(pgid: int) -> list[int]:
     """The pids of process group ``pgid`` (zombies included).
 
@@ -271,7 +276,7 @@ class GroupWatch:
         self.pgid = pgid
         self.limit = limit
         self.peak = 0
-        self.next_at = now  # the first look at once: a command may start big
+        self.next_at = now + WATCH_FIRST_S
 
     def over(self, now: float) -> bool:
         """Look if it is time (``now``: monotonic seconds); True once past the limit."""

@@ -108,7 +108,7 @@ def _show(run: Any, q: CatalogQuery, task: int) -> dict[str, Any]:
                            if a.started_at is not None and a.ended_at is not None else None),
             "exit_code": a.exit_code, "signal": signal_name(a.exit_code),
             "error": lines[0] if lines else None, "note": a.note,
-            "output": output_location(Path(run.path), ref),
+            "output": output_location(Path(run.path), ref), "peak_memory": a.peak_memory,
         })
     state = State(row["state"]).label
     error = row["error"]
@@ -151,7 +151,8 @@ def render_text(info: dict[str, Any]) -> str:
                 + (f" ({a['signal']})" if a["signal"] else ""))
         out.append(f"  attempt {a['attempt']}: {a['outcome']}{code} on {a['worker'] or '-'},"
                    f" {a['started_at'] or '-'} .. {a['ended_at'] or '-'}"
-                   + (f" ({a['duration_s']:.3f} s)" if a["duration_s"] is not None else ""))
+                   + (f" ({a['duration_s']:.3f} s)" if a["duration_s"] is not None else "")
+                   + (f", peak {a['peak_memory'] / 2**20:.1f} MiB" if a.get("peak_memory") else ""))
         if a["error"]:
             out.append(f"    error: {a['error']}")
         if a["note"]:
