@@ -77,7 +77,8 @@ def python_min(root: Path = ROOT) -> str:
 
 
 def closure(names: list[str]) -> set[str]:
-    """``names`` and everything they require at run time, from the installed metadata."""
+    """``names`` and everything they require at run time, from the installed metadata (a
+    name not installed here counts, without what it would require)."""
     seen: set[str] = set()
     todo = [canonicalize_name(n) for n in names]
     while todo:
@@ -85,7 +86,11 @@ def closure(names: list[str]) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        for raw in metadata.requires(name) or []:
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # not installed here: its own needs are unknown
+            continue
+        for raw in requires:
             req = Requirement(raw)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 todo.append(canonicalize_name(req.name))
