@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # extras installed with the package; CI adds the engines: make test EXTRAS=test,mpi,dask,jobqueue,ray
 EXTRAS ?= test
 
-.PHONY: demo test test-fast bench bench-quick lint clean
+.PHONY: demo test test-fast bench bench-quick lint clean dist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench --quick
+
+# The wheel and the sdist in dist/ (their version: src/pipefarm/__init__.py), checked by twine.
+# A release: python packaging/release.py VERSION (also writes the version into every recipe).
+dist: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dist]'
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
