@@ -5,7 +5,7 @@ packaging/docker at this version, and runs ``pipefarm``."""
 from __future__ import annotations
 
 import pack_lib
-import pytest
+from conftest import service_absent
 
 DEF = pack_lib.ROOT / "packaging" / "apptainer" / "pipefarm.def"
 
@@ -14,7 +14,7 @@ def parse():
     try:
         from spython.main.parse.parsers import SingularityParser
     except ImportError:
-        pytest.fail("spython is not installed (pip install 'pipefarm[packaging]')")
+        service_absent("spython is not installed (pip install 'pipefarm[packaging]')")
     return SingularityParser(str(DEF))
 
 

@@ -15,8 +15,11 @@ RECIPE = pack_lib.ROOT / "packaging" / "conda-forge" / "recipe.yaml"
 
 @pytest.mark.slow  # ~0.7 s: the schema is large
 def test_recipe_is_valid_against_the_schema():
-    jsonschema = pytest.importorskip("jsonschema")
-    import yaml
+    try:
+        import jsonschema
+        import yaml
+    except ImportError:
+        service_absent("jsonschema and pyyaml are not installed (pip install 'pipefarm[packaging]')")
 
     if not pack_lib.CONDA_SCHEMA.is_file():
         service_absent(f"the recipe schema is not at {pack_lib.CONDA_SCHEMA}")
