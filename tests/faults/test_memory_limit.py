@@ -140,6 +140,37 @@ def test_command_past_its_limit_is_killed_and_ends_oom(tmp_path):
     assert f", peak {a.peak_memory / MIB:.1f} MiB" in show
 
 
+SHARED = """
+import os, time
+b = bytearray(150 << 20)
+b[::4096] = b"1" * (len(b) // 4096)
+kids = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1.5)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+"""
+
+
+def test_forked_children_sharing_pages_count_them_once(tmp_path):
+    """A command that holds 150 MiB and forks two children sharing it (copy-on-write) has
+    ~450 MiB resident summed over its group but uses ~150 MiB: under a 300 MiB limit it
+    succeeds (its proportional set size decides); under 100 MiB it ends ``oom``."""
+    run = _run(tmp_path)
+    (fits,) = run.submit_cmd([sys.executable, "-c", SHARED], memory="300M", priority=1)
+    (past,) = run.submit_cmd([sys.executable, "-c", SHARED], memory="100M")
+    run.execute(workers=1, progress=False)
+    a = run.attempts(fits)[0]
+    assert a.outcome == "succeeded", a.error
+    assert 150 * MIB <= a.peak_memory < 300 * MIB, a.peak_memory
+    assert run.attempts(past)[0].outcome == "oom"
+    run.close()
+
+
 def test_peak_memory_is_recorded_for_ordinary_tasks(tmp_path):
     """No limit: a Python task and a command that each hold 200 MiB show a peak of at least
     200 MiB; a small task after the Python one shows its own (smaller) peak, not the one

@@ -21,6 +21,7 @@ from pipefarm.execute.memory import (
     DataLimit,
     PeakMeter,
     format_memory,
+    group_pss,
     group_rss,
     parse_memory,
 )
@@ -142,3 +143,20 @@ def test_group_rss_sums_the_members_of_a_group():
     t0 = time.monotonic()
     assert group_rss(p.pid) == 0  # gone: nothing left to count
     assert time.monotonic() - t0 < 1.0
+
+
+def test_group_pss_counts_shared_pages_once():
+    """A process holding 60 MiB and a forked child sharing them: resident memory summed
+    counts the pages twice, the proportional set size once."""
+    code = ("import os, time; b = bytearray(60 << 20); b[::4096] = b'1' * (len(b) // 4096); "
+            "pid = os.fork(); print(1, flush=True) if pid else None; time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == b"1"
+        rss, pss = group_rss(p.pid), group_pss(p.pid)
+        assert rss >= 120 * MIB, rss
+        assert pss is not None and 60 * MIB <= pss < 100 * MIB, (rss, pss)
+    finally:
+        os.killpg(p.pid, 9)
+        p.wait()

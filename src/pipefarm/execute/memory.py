@@ -9,7 +9,8 @@ Three pieces, used by the worker for every attempt:
   task's limit, for the task's duration only: an allocation past it fails and the task gets
   ``MemoryError`` (its attempt ends ``oom``) while the worker lives on.
 * A command runs in its own process group: :class:`GroupWatch` sums the group's resident
-  memory every :data:`WATCH_EVERY_S` and the group is killed once the sum passes the limit.
+  memory every :data:`WATCH_EVERY_S` and the group is killed once the sum passes the limit
+  (pages its members share counted once).
 
 Peak memory is resident memory (RSS), in bytes: for a Python attempt the worker process's
 high-water mark while it ran (:class:`PeakMeter`), for a command the larger of its
@@ -266,9 +267,33 @@ def group_rss(pgid: int) -> int:
     return total * _PAGE
 
 
+def group_pss(pgid: int) -> int | None:
+    """Proportional set size of group ``pgid``, summed, in bytes: a page ``n`` members share
+    counts ``1/n`` for each, so forked children sharing their parent's pages count them once.
+    None where ``smaps_rollup`` (Linux >= 4.14) cannot be read. ~0.1 ms per member."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        except (OSError, IndexError, ValueError):
+            return None
+    return total
+
+
 class GroupWatch:
     """Looks at a command's process group every :data:`WATCH_EVERY_S`; remembers the largest
-    sum it saw (:attr:`peak`) and says when it passed ``limit``."""
+    use it saw (:attr:`peak`) and says when it passed ``limit``.
+
+    Use is the members' resident memory summed, and, once that passes the limit, their
+    proportional set size (:func:`group_pss`), which decides: a process that forked workers
+    sharing its pages is not stopped for counting those pages once per worker.
+    """
 
     __slots__ = ("limit", "next_at", "peak", "pgid")
 
@@ -283,7 +308,11 @@ class GroupWatch:
         if now < self.next_at:
             return False
         self.next_at = now + WATCH_EVERY_S
-        rss = group_rss(self.pgid)
-        if rss > self.peak:
-            self.peak = rss
-        return rss > self.limit
+        use = group_rss(self.pgid)
+        if use > self.limit:
+            pss = group_pss(self.pgid)
+            if pss is not None:
+                use = pss
+        if use > self.peak:
+            self.peak = use
+        return use > self.limit
