@@ -27,6 +27,7 @@ CONDA = Path("packaging/conda-forge/recipe.yaml")
 GUIX = Path("packaging/guix/pipefarm.scm")
 DOCKERFILE = Path("packaging/docker/Dockerfile")
 APPTAINER = Path("packaging/apptainer/pipefarm.def")
+README = Path("README.md")  # its Install section names the wheel and the image tag
 
 VERSION_RE = re.compile(r"^\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")  # PEP 440, public
 NIX_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -112,6 +113,9 @@ def set_version(root: Path, version: str, sha256: str | None = None) -> list[Pat
     _sub(root / DOCKERFILE, r"pipefarm:[0-9]\S*", f"pipefarm:{version}")
     _sub(root / APPTAINER, r"pipefarm:[0-9]\S*", f"pipefarm:{version}")
     _sub(root / APPTAINER, r"(org\.opencontainers\.image\.version) \S+", rf"\1 {version}")
+    _sub(root / README, r"pipefarm-[0-9][\w.]*-py3-none-any\.whl",
+         f"pipefarm-{version}-py3-none-any.whl")
+    _sub(root / README, r"pipefarm:[0-9][\w.]*", f"pipefarm:{version}")
 
     if sha256:
         # the EasyBuild bundle's last extension is pipefarm itself: (name, version, {...})
@@ -120,7 +124,7 @@ def set_version(root: Path, version: str, sha256: str | None = None) -> list[Pat
         _sub(root / GUIX, r'\(base32 "[^"]*"\)',
              f'(base32 "{nix_base32(bytes.fromhex(sha256))}")')
     return [root / INIT, eb, spack, root / CONDA, root / GUIX, root / DOCKERFILE,
-            root / APPTAINER]
+            root / APPTAINER, root / README]
 
 
 def build_dist(root: Path, out: Path) -> tuple[Path, Path]:

@@ -5,6 +5,7 @@ copy of this tree."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,12 @@ def test_this_trees_recipes_agree_with_pyproject():
     assert [m for fmt in FORMATS for m in pack_lib.mismatches(fmt)] == []
 
 
+def test_readme_names_this_version():
+    readme = (pack_lib.ROOT / "README.md").read_text()
+    assert set(re.findall(r"pipefarm:([0-9][\w.]*)", readme)) == {pack_lib.version()}
+    assert set(re.findall(r"pipefarm-([0-9][\w.]*)-py3", readme)) == {pack_lib.version()}
+
+
 def test_every_recipe_pins_the_same_sdist():
     digests = {fmt: pack_lib.read_recipe(fmt).sha256 for fmt in FORMATS}
     guix = digests.pop("guix")
@@ -53,6 +60,9 @@ def test_a_release_flows_into_every_recipe(tmp_path):
     docker = (root / "packaging" / "docker" / "Dockerfile").read_text()
     assert "ARG VERSION=9.8.7" in docker and f"ARG VERSION={pack_lib.version()}" not in docker
     assert "From: pipefarm:9.8.7" in (root / "packaging" / "apptainer" / "pipefarm.def").read_text()
+    readme = (root / "README.md").read_text()
+    assert "pipefarm-9.8.7-py3-none-any.whl" in readme and "pipefarm:9.8.7" in readme
+    assert f"pipefarm:{pack_lib.version()}" not in readme
     spack = pack_lib.read_spack(root)
     # Spack keeps the versions released before, newest first
     assert [v.version for v in spack.versions] == ["9.8.7", pack_lib.version()]
