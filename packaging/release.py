@@ -16,6 +16,11 @@ import hashlib
 import re
 import subprocess
 import sys
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +61,12 @@ def current_version(root: Path = ROOT) -> str:
     if not m:
         raise ReleaseError(f"{INIT}: no line __version__ = \"...\"")
     return m.group(1)
+
+
+def homepage(root: Path = ROOT) -> str | None:
+    """pyproject.toml's ``[project.urls] Homepage``, which every recipe names (None: not set)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return project.get("urls", {}).get("Homepage")
 
 
 def version_from_tag(root: Path = ROOT) -> str:
@@ -116,6 +127,13 @@ def set_version(root: Path, version: str, sha256: str | None = None) -> list[Pat
     _sub(root / README, r"pipefarm-[0-9][\w.]*-py3-none-any\.whl",
          f"pipefarm-{version}-py3-none-any.whl")
     _sub(root / README, r"pipefarm:[0-9][\w.]*", f"pipefarm:{version}")
+
+    home = homepage(root)
+    if home:
+        _sub(eb, r"^homepage = '[^']*'$", f"homepage = '{home}'")
+        _sub(spack, r'^( *homepage = )"[^"]*"$', rf'\1"{home}"')
+        _sub(root / CONDA, r"^  homepage: \S+$", f"  homepage: {home}")
+        _sub(root / GUIX, r'\(home-page "[^"]*"\)', f'(home-page "{home}")')
 
     if sha256:
         # the EasyBuild bundle's last extension is pipefarm itself: (name, version, {...})

@@ -107,6 +107,7 @@ class Recipe:
     sha256: str
     deps: dict[str, str]
     extras: dict[str, dict[str, str]] = field(default_factory=dict)
+    homepage: str = ""
 
 
 def spec_text(req: Requirement) -> str:
@@ -183,7 +184,8 @@ def read_recipe(fmt: str, root: Path = ROOT) -> Recipe:
         exts = {canonicalize_name(n): f"=={v}" for n, v, *_ in cfg["exts_list"]
                 if n not in ("pipefarm", "%(name)s")}
         own = [opts for n, _v, opts in cfg["exts_list"] if n == cfg["name"]]
-        return Recipe(cfg["version"], own[0]["checksums"][0] if own else "", exts)
+        return Recipe(cfg["version"], own[0]["checksums"][0] if own else "", exts,
+                      homepage=cfg["homepage"])
     if fmt == "spack":
         pkg = read_spack(root)
         newest = pkg.versions[0]
@@ -194,7 +196,7 @@ def read_recipe(fmt: str, root: Path = ROOT) -> Recipe:
                 continue
             into = extras.setdefault(dep.when.lstrip("+"), {}) if dep.when else deps
             into[dep.name] = dep.pep440
-        return Recipe(newest.version, newest.sha256, deps, extras)
+        return Recipe(newest.version, newest.sha256, deps, extras, pkg.homepage)
     if fmt == "conda":
         import yaml
 
@@ -209,12 +211,13 @@ def read_recipe(fmt: str, root: Path = ROOT) -> Recipe:
 
         req = doc["requirements"]
         return Recipe(doc["context"]["version"], doc["source"]["sha256"], table(req["run"]),
-                      {"*": table(req.get("run_constraints", []))})
+                      {"*": table(req.get("run_constraints", []))}, doc["about"]["homepage"])
     if fmt == "guix":
         g = guile_read(root / "packaging" / "guix" / "pipefarm.scm")
         inputs = _scheme_symbols(g["propagated-inputs"])
         return Recipe(_scheme_strings(g["version"])[0], _scheme_strings(g["base32"])[0],
-                      {name: "" for name in inputs if name != "list"})
+                      {name: "" for name in inputs if name != "list"},
+                      homepage=_scheme_strings(g["home-page"])[0])
     raise ValueError(fmt)
 
 
@@ -250,6 +253,9 @@ def mismatches(fmt: str, root: Path = ROOT) -> list[str]:
     dependencies and what they need in turn."""
     got, want = read_recipe(fmt, root), expected(fmt, root)
     out = []
+    home = release.homepage(root)
+    if home and got.homepage != home:
+        out.append(f"{fmt}: homepage {got.homepage!r}, pyproject says {home!r}")
     if got.version != want.version:
         out.append(f"{fmt}: version {got.version}, pyproject says {want.version}")
     checksum = r"[0-9a-df-np-sv-z]{52}" if fmt == "guix" else r"[0-9a-f]{64}"

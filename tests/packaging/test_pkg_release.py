@@ -114,3 +114,17 @@ def test_release_refuses_a_bad_version_and_changes_nothing(tmp_path):
                         "1.0-final"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "not a release version" in p.stderr
+
+
+def test_the_homepage_of_pyproject_flows_into_every_recipe(tmp_path):
+    root = copy_tree(tmp_path)
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace(
+        "\n[project.scripts]", '\n[project.urls]\nHomepage = "https://pipefarm.example.org"\n'
+        "\n[project.scripts]", 1))
+    for fmt in FORMATS:
+        assert any("homepage" in m for m in pack_lib.mismatches(fmt, root)), fmt
+    pack_lib.release.set_version(root, pack_lib.version(root))
+    for fmt in FORMATS:
+        assert pack_lib.read_recipe(fmt, root).homepage == "https://pipefarm.example.org"
+        assert pack_lib.mismatches(fmt, root) == [], fmt
