@@ -11,6 +11,7 @@ MiB, far from that baseline.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_peak_memory_is_recorded_for_ordinary_tasks(tmp_path):
     assert dict(zip(table.column("task_id").to_pylist(), table.column("peak_memory").to_pylist(),
                     strict=True)) == peaks
     run.close()
+    out = subprocess.run([sys.executable, "-m", "pipefarm", "results", str(tmp_path / "run"),
+                          "--format", "jsonl"], capture_output=True, text=True, check=True).stdout
+    assert {r["task_id"]: r["peak_memory"] for r in map(json.loads, out.splitlines())} == peaks
 
 
 def test_array_worker_records_oom_and_peaks_through_its_journal(tmp_path):
