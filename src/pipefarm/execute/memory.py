@@ -14,7 +14,7 @@ Three pieces, used by the worker for every attempt:
 
 Peak memory is resident memory (RSS), in bytes: for a Python attempt the worker process's
 high-water mark while it ran (:class:`PeakMeter`), for a command the larger of its
-``wait4`` ``ru_maxrss`` and the largest group sum the watch saw.
+``wait4`` ``ru_maxrss`` and the largest group use the watch saw.
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def _heap_free() -> int:
 
 
 class DataLimit:
-    """Lower this process's soft ``RLIMIT_DATA`` to its use now plus ``limit`` bytes, and put
-    it back on exit; :attr:`active` says whether a limit could be set (Linux only: elsewhere
-    RLIMIT_DATA does not cover ``mmap`` and the task runs unlimited).
+    """Lower this process's soft ``RLIMIT_DATA`` to its use now plus ``limit`` bytes (less what
+    the C heap holds free, :func:`_heap_free`), and put it back on exit; :attr:`active` says
+    whether a limit was set (Linux only: elsewhere there is no /proc/self/statm, and
+    RLIMIT_DATA does not cover ``mmap``; the task runs unlimited).
 
     ``RLIMIT_DATA`` rather than ``RLIMIT_AS``: the address space also counts reservations
     that hold no memory (malloc arenas of threads, 64 MiB each; GPU runtimes' reservations),
