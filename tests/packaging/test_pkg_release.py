@@ -128,3 +128,15 @@ def test_the_homepage_of_pyproject_flows_into_every_recipe(tmp_path):
     for fmt in FORMATS:
         assert pack_lib.read_recipe(fmt, root).homepage == "https://pipefarm.example.org"
         assert pack_lib.mismatches(fmt, root) == [], fmt
+
+
+def test_the_release_tag_on_head_names_the_version(tmp_path):
+    root = copy_tree(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=60)
+    subprocess.run([*git, "add", "pyproject.toml"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True, timeout=60)
+    with pytest.raises(pack_lib.release.ReleaseError, match="no v\\* tag"):
+        pack_lib.release.version_from_tag(root)
+    subprocess.run([*git, "tag", "v2.3.4"], check=True, timeout=60)
+    assert pack_lib.release.version_from_tag(root) == "v2.3.4"
