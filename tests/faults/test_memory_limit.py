@@ -141,6 +141,22 @@ def test_command_past_its_limit_is_killed_and_ends_oom(tmp_path):
     assert f", peak {a.peak_memory / MIB:.1f} MiB" in show
 
 
+def test_failures_groups_python_and_command_oom_as_one_cause(tmp_path):
+    """``pipefarm failures``: a Python task stopped by MemoryError and a command whose group
+    was killed are one cause, "past its memory limit", not two unrelated signatures."""
+    run = _run(tmp_path)
+    py = run.submit_task(one_bytearray, (300,), memory=LIMIT)
+    code = "b = bytearray(300 << 20); import time; time.sleep(60)"
+    (cmd,) = run.submit_cmd(f"{sys.executable} -c '{code}'", memory="100M", timeout=120)
+    run.execute(workers=1, progress=False)
+    run.close()
+    out = subprocess.run([sys.executable, "-m", "pipefarm", "failures", str(tmp_path / "run"),
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    groups = json.loads(out)
+    assert [(g["signature"], sorted(g["task_ids"])) for g in groups] == [
+        ("past its memory limit", sorted([py, cmd]))], groups
+
+
 SHARED = """
 import os, time
 b = bytearray(150 << 20)

@@ -41,6 +41,8 @@ def signature(exit_code: int | None, error: str | None) -> str:
     last = lines[-1].strip() if lines else "(no message)"
     if lines and lines[0].startswith("timed out"):
         return "timed out"  # one cause, whatever signal finally ended the process
+    if lines and lines[0].startswith("went past its memory limit"):
+        return "past its memory limit"  # Python (MemoryError) and commands (group killed) alike
     if exit_code is not None:
         # a command: "exit code N" heads the error, the stderr tail follows
         tail = [ln for ln in lines if not ln.startswith("exit code")]
