@@ -175,13 +175,9 @@ class Run:
     def _add(self, sid: int, blobs: Iterable[bytes], keys: Iterable[Any] | None,
              opts: TaskOptions, cache_keys: list[bytes] | None = None) -> Sequence[int]:
         """Add one task per blob of spec ``sid`` with the per-task options of ``opts`` (and
-        its result cache key, one per blob, in the same transaction)."""
-        with self.store.transaction():
-            ids = self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
-                                       cost=opts.cost or 0.0, after=opts.after)
-            if cache_keys is not None:
-                self.store.add_cache_keys(zip(ids, cache_keys, strict=True))
-            return ids
+        its result cache key, one per blob)."""
+        return self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
+                                    cost=opts.cost or 0.0, after=opts.after, cache_keys=cache_keys)
 
     def map(
         self,

@@ -415,6 +415,24 @@ class Coordinator:
             self._send(w, chunk, sid)
         return True
 
+    def _serve_ready_from_cache(self) -> None:
+        """Before any worker starts: commit every ready task the result cache holds as a
+        cached attempt, in one lookup and one transaction (a fully cached rerun starts no
+        worker), and hold the ones whose key another ready task will compute."""
+        if self.cache is None or not any(self._spec(sid).cache is not None for sid, _, _
+                                         in self.store.pending_spec_resources()):
+            return
+        ready = self.store.ready_cache_keys()
+        if not ready:
+            return
+        assert self.cache is not None
+        rows, large, held = self.cache.prepass(ready)
+        self.inflight.update(held)
+        if rows or large:
+            with self.store.transaction():
+                self.store.finish_leased(CACHE_WORKER, rows, large, outcome=Outcome.CACHED)
+            self.attempts += len(rows) + len(large)
+
     def _serve_cached(self, leases: list[Lease]) -> list[Lease]:
         """Commit (with the next commit) the leased tasks the result cache holds, as cached
         attempts; hold those whose key another task is computing; return the rest."""
@@ -839,6 +857,7 @@ class Coordinator:
         self.transport.open(self.opts.n, self.run_dir)
         try:
             self._setup_gpus()
+            self._serve_ready_from_cache()
             self.counts = self.store.counts()
             self.counts_stale = False
             self.halt_base = dict(self.counts)

@@ -9,11 +9,11 @@ holds no SQLite (its locking is unreliable on NFS) and no per-entry metadata ope
 A pack is a journal (:mod:`pipefarm.store.journal`'s framing: length + crc32 per record); each
 record is one batch of entries written together::
 
-    <B version> <I n> | n keys of 32 bytes | n <I ends of each entry's data> | data...
+    <B version> <I n> | n keys of 32 bytes | msgpack [[written_at, name, result, blob], ...]
 
-and each entry's data is msgpack ``[written_at, name, result, blob]``. A reader builds an
-in-memory index (key -> where) by scanning the packs, incrementally by offset; a hit reads its
-entry through a memory map. A record whose checksum fails is skipped with its entries, counted
+A reader builds an in-memory index (key -> record and position) by scanning the packs,
+incrementally by offset; a hit decodes its record's entries (one C call for the whole batch,
+kept for the next hits of the same record) through a memory map. A record whose checksum fails is skipped with its entries, counted
 and reported (:class:`CacheWarning`, ``pipefarm cache stats``): those tasks run again. Batching
 entries into one record costs a damaged record all of its entries (recomputed, never served),
 and buys a scan of ~0.15 us per entry instead of ~2 us (100,000 entries, measured here).
@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import msgspec
@@ -53,8 +54,12 @@ TORN_AFTER_S = 5.0
 
 _VERSION = 1
 _HEAD = struct.Struct("<BI")
+#: records whose entries were decoded, kept for the hits that follow (lookups go in the order
+#: entries were written: a run's rerun reads each record once)
+DECODED_KEPT = 8
 _ENTRY = msgspec.msgpack.Encoder()
-_decode_entry = msgspec.msgpack.Decoder(tuple[float, str, bytes | None, str | None]).decode
+EntryData = tuple[float, str, bytes | None, str | None]  # written_at, name, result, blob
+_decode_entries = msgspec.msgpack.Decoder(list[EntryData]).decode
 
 
 class CacheWarning(UserWarning):
@@ -129,9 +134,11 @@ class ResultCache:
         self.path = prepare(path)
         self._packs: dict[str, _Pack] = {}
         self._order: list[_Pack] = []  # by number: locators name packs by position here
-        # key -> locator: record number << 16 | entry number; records: (pack, data offset, n)
+        # key -> locator: record number << 16 | entry number; records: (pack, payload offset,
+        # entries, payload length)
         self.index: dict[bytes, int] = {}
-        self._records: list[tuple[_Pack, int, int]] = []
+        self._records: list[tuple[_Pack, int, int, int]] = []
+        self._decoded: dict[int, list[EntryData]] = {}  # record number -> its entries
         self._writer: JournalWriter | None = None
         self._own: _Pack | None = None
         self._last_refresh = float("-inf")
@@ -200,32 +207,40 @@ class ResultCache:
                           f" record(s) in {pack.path.name} (checksum) skipped: the entries in"
                           " them are computed again", CacheWarning, stacklevel=3)
 
-    def _index_record(self, pack: _Pack, offset: int, rec: bytes) -> None:
+    def _index_record(self, pack: _Pack, offset: int, rec: bytes,
+                      keys: list[bytes] | None = None) -> None:
+        """Index the record ``rec`` found at ``offset`` of ``pack`` (``keys``: its keys, when
+        this process wrote it)."""
         if len(rec) < _HEAD.size:
             return
         version, n = _HEAD.unpack_from(rec)
-        if version != _VERSION or len(rec) < _HEAD.size + 36 * n:
+        if version != _VERSION or len(rec) < _HEAD.size + 32 * n:
             return  # a newer pipefarm's record: not ours to read
         number = len(self._records)
-        self._records.append((pack, offset, n))
+        self._records.append((pack, offset, n, len(rec)))
         base = number << 16
-        keys = rec[_HEAD.size:_HEAD.size + 32 * n]
-        self.index.update(zip([keys[i:i + 32] for i in range(0, 32 * n, 32)],
-                              range(base, base + n), strict=True))
+        if keys is None:
+            raw = rec[_HEAD.size:_HEAD.size + 32 * n]
+            keys = [raw[i:i + 32] for i in range(0, 32 * n, 32)]
+        self.index.update(zip(keys, range(base, base + n), strict=True))
 
-    def _entry(self, locator: int) -> tuple[float, str, bytes | None, str | None]:
-        pack, offset, n = self._records[locator >> 16]
-        i = locator & 0xFFFF
-        ends_at = offset + _HEAD.size + 32 * n
-        data_at = ends_at + 4 * n
+    def _entry(self, locator: int) -> EntryData:
+        entries = self._decoded.get(locator >> 16)
+        if entries is None:
+            entries = self._decode(locator >> 16)
+        return entries[locator & 0xFFFF]
+
+    def _decode(self, number: int) -> list[EntryData]:
+        """The entries of record ``number``, decoded and kept (the last DECODED_KEPT)."""
+        pack, offset, n, length = self._records[number]
         m = pack.map
-        if m is None or len(m) < data_at + 4 * n:
+        if m is None or len(m) < offset + length:
             m = self._map(pack)
-        end = struct.unpack_from("<I", m, ends_at + 4 * i)[0]
-        start = struct.unpack_from("<I", m, ends_at + 4 * (i - 1))[0] if i else 0
-        if len(m) < data_at + end:
-            m = self._map(pack)
-        return _decode_entry(m[data_at + start:data_at + end])
+        start = offset + _HEAD.size + 32 * n
+        if len(self._decoded) >= DECODED_KEPT:
+            self._decoded.pop(next(iter(self._decoded)))
+        got = self._decoded[number] = _decode_entries(m[start:offset + length])
+        return got
 
     def _map(self, pack: _Pack) -> mmap.mmap:
         with open(pack.path, "rb") as f:
@@ -241,6 +256,25 @@ class ResultCache:
         _, _, result, blob = self._entry(loc)
         if blob is None:
             return True, result
+        return self._blob(key, blob)
+
+    def get_many(self, keys: Iterable[bytes]) -> list[tuple[bool, bytes | None]]:
+        """:meth:`get` of each key, in one pass."""
+        index, decoded, out = self.index, self._decoded, []
+        hit = out.append
+        for key in keys:
+            loc = index.get(key)
+            if loc is None:
+                hit((False, None))
+                continue
+            entries = decoded.get(loc >> 16)
+            if entries is None:
+                entries = self._decode(loc >> 16)
+            _, _, result, blob = entries[loc & 0xFFFF]
+            hit((True, result) if blob is None else self._blob(key, blob))
+        return out
+
+    def _blob(self, key: bytes, blob: str) -> tuple[bool, bytes | None]:
         try:
             data = (self.path / "blobs" / blob).read_bytes()
         except OSError:
@@ -258,27 +292,30 @@ class ResultCache:
         """Append ``(key, name, pickled result)`` entries (one record per batch); return how
         many. Not fsynced: a cache entry lost to a crash is computed again."""
         items = list(entries)
-        if not items:
-            return 0
-        now = time.time()
-        for at in range(0, len(items), MAX_BATCH):
-            self._put_batch(items[at:at + MAX_BATCH], now)
+        for name in {nm for _, nm, _ in items}:
+            self.add(name, [k for k, nm, _ in items if nm == name],
+                     [r for _, nm, r in items if nm == name])
         return len(items)
 
-    def _put_batch(self, items: list[tuple[bytes, str, bytes | None]], now: float) -> None:
-        datas = []
-        for _, name, result in items:
-            blob = None
-            if result is not None and len(result) > BLOB_ABOVE:
-                blob = self._write_blob(result)
-                result = None
-            datas.append(_ENTRY.encode((now, name, result, blob)))
-        rec = _record([k for k, _, _ in items], datas)
+    def add(self, name: str, keys: list[bytes], results: list[bytes | None]) -> None:
+        """:meth:`put` of results of one function or program, ``results[i]`` under
+        ``keys[i]``."""
+        now = time.time()
+        for at in range(0, len(keys), MAX_BATCH):
+            part = results[at:at + MAX_BATCH]
+            if max(map(len, filter(None, part)), default=0) <= BLOB_ABOVE:
+                entries = list(zip(repeat(now), repeat(name), part, repeat(None)))
+            else:
+                entries = [(now, name, r, None) if r is None or len(r) <= BLOB_ABOVE
+                           else (now, name, None, self._write_blob(r)) for r in part]
+            self._append(keys[at:at + MAX_BATCH], _record(keys[at:at + MAX_BATCH], entries))
+
+    def _append(self, keys: list[bytes], rec: bytes) -> None:
         writer = self._writer or self._open_writer()
         assert self._own is not None
         offset = writer.size + HEADER_SIZE
         writer.append([rec])
-        self._index_record(self._own, offset, rec)
+        self._index_record(self._own, offset, rec, keys)
         self._own.scanned = writer.size
 
     def _open_writer(self) -> JournalWriter:
@@ -304,6 +341,7 @@ class ResultCache:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._decoded.clear()
         for pack in self._order:
             if pack.map is not None:
                 pack.map.close()
@@ -377,6 +415,7 @@ class ResultCache:
             if e.name not in used:
                 os.unlink(e.path)
         self._packs, self._order, self.index, self._records = {}, [], {}, []
+        self._decoded = {}
         self._own = None
         self.refresh()
         return removed
@@ -390,8 +429,7 @@ class ResultCache:
         recs = []
         for at in range(0, len(keep), MAX_BATCH):
             part = keep[at:at + MAX_BATCH]
-            recs.append(_record([k for k, *_ in part],
-                                [_ENTRY.encode((t, nm, r, b)) for _, t, nm, r, b in part]))
+            recs.append(_record([k for k, *_ in part], [(t, nm, r, b) for _, t, nm, r, b in part]))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(frame(recs))
@@ -400,14 +438,9 @@ class ResultCache:
         os.replace(tmp, final)
 
 
-def _record(keys: list[bytes], datas: list[bytes]) -> bytes:
-    """One record's payload: the entries ``datas`` under ``keys`` (see the module doc)."""
-    ends, total = [], 0
-    for d in datas:
-        total += len(d)
-        ends.append(total)
-    n = len(keys)
-    return b"".join([_HEAD.pack(_VERSION, n), *keys, struct.pack(f"<{n}I", *ends), *datas])
+def _record(keys: list[bytes], entries: list[EntryData]) -> bytes:
+    """One record's payload: ``entries`` under ``keys`` (see the module doc)."""
+    return b"".join([_HEAD.pack(_VERSION, len(keys)), *keys, _ENTRY.encode(entries)])
 
 
 def _next_frame(view: memoryview, start: int, end: int) -> int:

@@ -21,6 +21,8 @@ import inspect
 import os
 import uuid
 from collections.abc import Callable, Iterable
+from itertools import chain, repeat
+from operator import methodcaller
 from pathlib import PurePath
 from typing import Any
 
@@ -244,17 +246,55 @@ def arguments_of(fn: Callable[..., Any] | None, args: tuple, kwargs: dict[str, A
 def python_key(policy: CachePolicy, args: tuple, kwargs: dict[str, Any],
                fn: Callable[..., Any] | None = None) -> bytes:
     """The 32-byte key of a Python task: its function's identity and its arguments."""
-    args, kwargs = arguments_of(fn, args, kwargs, policy.ignore)
-    body = None
-    if not kwargs and all(type(a) in _PLAIN for a in args):  # the common case: no walk
+    return python_keys(policy, [(args, kwargs)], fn)[0]
+
+
+def python_keys(policy: CachePolicy, calls: Iterable[tuple[tuple, dict[str, Any]]],
+                fn: Callable[..., Any] | None = None) -> list[bytes]:
+    """:func:`python_key` of each ``(args, kwargs)``: the same keys, with the common case
+    (positional arguments of plain types, nothing ignored) in a tight loop: about 1 us a
+    task, where a call per task doubled the cost of ``cache=True`` at submission (W1)."""
+    prefix = KEY_PREFIX + policy.identity
+    sha, enc, plain, ignore = hashlib.sha256, _encode, _PLAIN, policy.ignore
+    keys: list[bytes] = []
+    add = keys.append
+    for args, kwargs in calls:
+        if ignore:
+            args, kwargs = arguments_of(fn, args, kwargs, ignore)
+        if not kwargs and set(map(type, args)) <= plain:
+            try:
+                add(sha(prefix + enc(args)).digest())
+                continue
+            except OverflowError:  # an int beyond 64 bits: tagged by canonical()
+                pass
+        add(sha(prefix + _body(args, kwargs)).digest())
+    return keys
+
+
+def positional_keys(policy: CachePolicy, rows: list[tuple],
+                    fn: Callable[..., Any] | None = None) -> list[bytes]:
+    """:func:`python_keys` of calls with positional arguments only (``run.map``): when every
+    argument of every call is of a plain type, the whole list is hashed by C-level ``map``
+    calls (0.5 us a task instead of 1.4 us, W1's 100,000 tasks)."""
+    if not policy.ignore and set(map(type, chain.from_iterable(rows))) <= _PLAIN:
         try:
-            body = _encode([list(args), {}])
-        except OverflowError:  # an int beyond 64 bits: tagged below
+            return list(map(_digest, map(hashlib.sha256, map(
+                (KEY_PREFIX + policy.identity).__add__, map(_encode, rows)))))
+        except OverflowError:  # an int beyond 64 bits somewhere: one by one
             pass
-    if body is None:
-        body = _encode([[canonical(a, f"argument {i + 1}") for i, a in enumerate(args)],
-                        {k: canonical(v, f"argument {k!r}") for k, v in kwargs.items()}])
-    return hashlib.sha256(KEY_PREFIX + policy.identity + body).digest()
+    return python_keys(policy, zip(rows, repeat({})), fn)
+
+
+_digest = methodcaller("digest")
+
+
+def _body(args: tuple, kwargs: dict[str, Any]) -> bytes:
+    """The encoded arguments: the positional ones as one array (what the fast path of
+    :func:`python_keys` encodes for plain values), then the keyword ones as a map, if any."""
+    body = _encode([canonical(a, f"argument {i + 1}") for i, a in enumerate(args)])
+    if kwargs:
+        body += _encode({k: canonical(v, f"argument {k!r}") for k, v in kwargs.items()})
+    return body
 
 
 # --- command tasks -------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ then.
 from __future__ import annotations
 
 import pickle
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from ..states import Outcome
@@ -107,45 +109,132 @@ class LeaseCache(Lookup):
         self.keys_of = keys_of
         self.owner: dict[bytes, int] = {}  # key -> the task computing it now
         self.held: dict[bytes, list[Lease]] = {}  # key -> tasks waiting for that one
-        self.pending: dict[int, tuple[CachePolicy, bytes]] = {}  # task -> where its result goes
+        # task -> its key, for the tasks dispatched that own their key: their success goes
+        # into the cache of ``single`` (the one policy seen), or of ``policy_of[task]`` once
+        # several were seen (``mixed``)
+        self.pending: dict[int, bytes] = {}
+        self.single: CachePolicy | None = None
+        self.mixed = False
+        self.policy_of: dict[int, CachePolicy] = {}
         self.hits = 0  # tasks served from the cache by this coordinator
+
+    def _own(self, tasks: list[int], keys: list[bytes], policy: CachePolicy) -> None:
+        """``tasks`` will compute ``keys`` (dispatched; a twin leased meanwhile waits)."""
+        if self.single is None:
+            self.single = policy
+        elif not self.mixed and policy != self.single:
+            self.mixed = True
+            self.policy_of = dict.fromkeys(self.pending, self.single)
+        if self.mixed:
+            self.policy_of.update(zip(tasks, repeat(policy)))
+        self.owner.update(zip(keys, tasks, strict=True))
+        self.pending.update(zip(tasks, keys, strict=True))
+
+    def _release(self, task: int) -> tuple[CachePolicy, bytes] | None:
+        """Forget that ``task`` computes its key: ``(policy, key)``, None if it did not."""
+        key = self.pending.pop(task, None)
+        if key is None:
+            return None
+        policy = self.policy_of.pop(task) if self.mixed else self.single
+        assert policy is not None
+        return policy, key
+
+    def prepass(self, ready: list[tuple[int, int, int, bytes]]
+                ) -> tuple[list[tuple], list[Finished], list[int]]:
+        """Look up every ready task that has a stored key, ``(task, attempt, spec, key)``,
+        at once, before any is leased: ``(hit rows, large hits, held tasks)``. The misses are
+        left ready, known (leased later, they are dispatched without a second lookup)."""
+        rows: list[tuple] = []
+        large: list[Finished] = []
+        held: list[int] = []
+        by_policy: dict[CachePolicy, list[tuple[int, int, int, bytes]]] = {}
+        policies = {sid: self.spec_of(sid).cache for sid in {r[2] for r in ready}}
+        if len(policies) == 1:  # one spec (the common case): no loop
+            (policy,) = policies.values()
+            if policy is not None:
+                by_policy[policy] = ready
+        else:
+            for r in ready:
+                policy = policies[r[2]]
+                if policy is not None:
+                    by_policy.setdefault(policy, []).append(r)
+        now, base = time.time(), secrets.randbits(62)
+        for policy, group in by_policy.items():
+            cache = self.cache(policy)
+            keys = [r[3] for r in group]
+            if (not any(map(cache.index.__contains__, keys)) and len(set(keys)) == len(keys)
+                    and self.owner.keys().isdisjoint(keys)):
+                # none known, none twice (a first run): each owns its key, in bulk
+                self._own([r[0] for r in group], keys, policy)
+                continue
+            found = cache.get_many(keys)
+            for (task, attempt, sid, key), (hit, result) in zip(group, found, strict=True):
+                if hit:
+                    if result is None or len(result) <= INLINE_RESULT_MAX:
+                        rows.append((task, base ^ task, attempt + 1, now, now, result,
+                                     CACHE_WORKER))
+                    else:
+                        self._serve(Lease(task, base ^ task, attempt + 1, sid, None), result,
+                                    now, rows, large)
+                elif key in self.owner:
+                    self.held.setdefault(key, []).append(
+                        Lease(task, base ^ task, attempt + 1, sid, None))
+                    held.append(task)
+                else:  # leased later, it is dispatched without a second lookup
+                    self._own([task], [key], policy)
+        self.hits += len(rows)
+        return rows, large, held
 
     def sort(self, leases: list[Lease]) -> tuple[list[Lease], list[tuple], list[Finished]]:
         """Split leased tasks: ``(to dispatch, hit rows, large hits)``. Hit rows are
         :data:`~pipefarm.task.SuccessRow` tuples to commit with outcome ``cached``; large
         hits are :class:`Finished` (their result goes to a file). Held tasks are in none of
         them (they stay leased)."""
-        cached = [lz for lz in leases if self.spec_of(lz.spec).cache is not None]
-        if not cached:
+        if all(map(self.pending.__contains__, [lz.task for lz in leases])):
+            return leases, [], []  # looked up in the prepass: they own their keys
+        specs = {sid: self.spec_of(sid) for sid in {lz.spec for lz in leases}}
+        if all(sp.cache is None for sp in specs.values()):
             return leases, [], []
-        stored = self.keys_of([lz.task for lz in cached if self.spec_of(lz.spec).kind == PY])
-        out: list[Lease] = [lz for lz in leases if self.spec_of(lz.spec).cache is None]
+        out = [lz for lz in leases if specs[lz.spec].cache is None]
         rows: list[tuple] = []
         large: list[Finished] = []
         now = time.time()
-        for lz in cached:
-            spec = self.spec_of(lz.spec)
-            policy = spec.cache
-            assert policy is not None
-            key = stored.get(lz.task) if spec.kind == PY else self.key(spec, lz)
-            if key is None:
+        stored = self.keys_of([lz.task for lz in leases if specs[lz.spec].kind == PY
+                               and specs[lz.spec].cache is not None
+                               and lz.task not in self.pending])
+        by_policy: dict[CachePolicy, list[tuple[Lease, bytes]]] = {}
+        for lz in leases:
+            spec = specs[lz.spec]
+            if spec.cache is None:
+                continue
+            if lz.task in self.pending:  # missed in the prepass, and owns its key
                 out.append(lz)
                 continue
-            hit, result = self.get(policy, key)
-            if hit:
-                self._serve(lz, result, now, rows, large)
-            elif key in self.owner:
-                self.held.setdefault(key, []).append(lz)
+            key = stored.get(lz.task) if spec.kind == PY else self.key(spec, lz)
+            if key is None:
+                out.append(lz)  # no key: it runs, uncached
             else:
-                self.owner[key] = lz.task
-                self.pending[lz.task] = (policy, key)
-                out.append(lz)
+                by_policy.setdefault(spec.cache, []).append((lz, key))
+        for policy, group in by_policy.items():
+            cache = self.cache(policy)
+            found = cache.get_many([k for _, k in group])
+            if not all(h for h, _ in found):  # another run may have written some since
+                cache.refresh(force=False)
+                found = cache.get_many([k for _, k in group])
+            for (lz, key), (hit, result) in zip(group, found, strict=True):
+                if hit:
+                    self._serve(lz, result, now, rows, large)
+                elif key in self.owner:
+                    self.held.setdefault(key, []).append(lz)
+                else:
+                    self._own([lz.task], [key], policy)
+                    out.append(lz)
         return out, rows, large
 
     def _serve(self, lz: Lease, result: bytes | None, now: float, rows: list[tuple],
                large: list[Finished]) -> None:
         self.hits += 1
-        if result is not None and len(result) > INLINE_RESULT_MAX:
+        if result is not None and len(result) > INLINE_RESULT_MAX:  # a result file, as always
             large.append(Finished(lz.task, lz.token, int(Outcome.CACHED), now, now, result,
                                   attempt=lz.attempt))
         else:
@@ -154,31 +243,54 @@ class LeaseCache(Lookup):
     def committed(self, ok: Iterable[Sequence[Any]], others: Iterable[Finished]
                   ) -> tuple[list[tuple], list[Finished], list[int]]:
         """Outcomes just committed: write successes to the cache, serve the tasks held behind
-        them; returns ``(hit rows, large hits, tasks to release)`` (held behind a failure)."""
-        if not self.pending:
+        them; returns ``(hit rows, large hits, tasks to release)`` (held behind a failure).
+
+        A key stays owned after its success: the next task with it finds it in the cache
+        before it would look at its owner (one dict operation less per task, W1)."""
+        pend = self.pending
+        if not pend:
             return [], [], []
-        puts: dict[str, list[tuple[bytes, str, bytes | None]]] = {}
+        ok = list(ok)
+        keys = list(map(pend.pop, [r[0] for r in ok], repeat(None)))
+        done: list[tuple[tuple[CachePolicy, bytes], bytes | None]] = []
+        if self.mixed:  # successes by the cache they go to
+            done = [((self.policy_of.pop(r[0]), k), r[5])
+                    for r, k in zip(ok, keys, strict=True) if k is not None]
+        elif self.single is not None and not others:  # the common case: one cache, no loop
+            got = [(k, r[5]) for k, r in zip(keys, ok, strict=True) if k is not None]
+            if got:
+                self.cache(self.single).add(self.single.name, [k for k, _ in got],
+                                            [r for _, r in got])
+            if self.held:
+                done = [((self.single, k), r) for k, r in got]
+        else:
+            done = [((self.single, k), r[5]) for k, r in zip(keys, ok, strict=True)
+                    if k is not None]
+        failed: list[tuple[CachePolicy, bytes]] = []
+        for f in others:
+            w = self._release(f.task)
+            if w is not None:
+                (done.append((w, f.result)) if f.outcome == Outcome.SUCCEEDED
+                 else failed.append(w))
+        if self.mixed or others:
+            by_policy: dict[CachePolicy, tuple[list[bytes], list[bytes | None]]] = {}
+            for (policy, key), result in done:
+                ks, rs = by_policy.setdefault(policy, ([], []))
+                ks.append(key)
+                rs.append(result)
+            for policy, (ks, rs) in by_policy.items():
+                self.cache(policy).add(policy.name, ks, rs)
         rows: list[tuple] = []
         large: list[Finished] = []
         free: list[int] = []
-        now = time.time()
-        done = [(r[0], True, r[5]) for r in ok] + [
-            (f.task, f.outcome == Outcome.SUCCEEDED, f.result) for f in others]
-        for task, success, result in done:
-            where = self.pending.pop(task, None)
-            if where is None:
-                continue
-            policy, key = where
-            self.owner.pop(key, None)
-            waiting = self.held.pop(key, [])
-            if success:
-                puts.setdefault(policy.dir, []).append((key, policy.name, result))
-                for lz in waiting:
+        if self.held:
+            now = time.time()
+            for (_, key), result in done:
+                for lz in self.held.pop(key, ()):
                     self._serve(lz, result, now, rows, large)
-            else:
-                free += [lz.task for lz in waiting]
-        for path, items in puts.items():
-            self._caches[path].put(items)
+        for _, key in failed:
+            self.owner.pop(key, None)
+            free += [lz.task for lz in self.held.pop(key, ())]
         return rows, large, free
 
     def dropped(self, tasks: Iterable[int]) -> list[int]:
@@ -186,7 +298,7 @@ class LeaseCache(Lookup):
         any of them, to release too (one of them will compute the key)."""
         free: list[int] = []
         for task in tasks:
-            where = self.pending.pop(task, None)
+            where = self._release(task)
             if where is not None:
                 self.owner.pop(where[1], None)
                 free += [lz.task for lz in self.held.pop(where[1], [])]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any
 
 from ..errors import SubmissionError
 from ..task import CachePolicy, TaskOptions
 from .entries import default_dir, prepare
-from .key import CacheKeyError, function_identity, python_key
+from .key import CacheKeyError, function_identity, positional_keys, python_keys
 
 
 def _checked_dir(opts: TaskOptions) -> str:
@@ -63,14 +64,17 @@ def task_keys(policy: CachePolicy, fn: Callable[..., Any],
               calls: Iterable[tuple[tuple, dict[str, Any]]]) -> list[bytes]:
     """The key of each ``(args, kwargs)``; :class:`SubmissionError` names the first task whose
     arguments the key cannot encode."""
-    keys = []
+    calls = list(calls)
     try:
-        for args, kwargs in calls:
-            keys.append(python_key(policy, args, kwargs, fn))
+        return python_keys(policy, calls, fn)
     except CacheKeyError as exc:
-        raise SubmissionError(f"task {len(keys) + 1} of this submission: {exc}; nothing was"
-                              " submitted") from None
-    return keys
+        for i, (args, kwargs) in enumerate(calls):  # which task: the error names the argument
+            try:
+                python_keys(policy, [(args, kwargs)], fn)
+            except CacheKeyError:
+                raise SubmissionError(f"task {i + 1} of this submission: {exc}; nothing was"
+                                      " submitted") from None
+        raise SubmissionError(f"{exc}; nothing was submitted") from None
 
 
 def keyed_columns(policy: CachePolicy | None, fn: Callable[..., Any],
@@ -81,4 +85,8 @@ def keyed_columns(policy: CachePolicy | None, fn: Callable[..., Any],
     if policy is None:
         return iterables, None
     columns = tuple(list(x) for x in iterables)
-    return columns, task_keys(policy, fn, ((a, {}) for a in zip(*columns, strict=False)))
+    rows = list(zip(*columns, strict=False))
+    try:
+        return columns, positional_keys(policy, rows, fn)
+    except CacheKeyError:
+        return columns, task_keys(policy, fn, zip(rows, repeat({})))  # names the task

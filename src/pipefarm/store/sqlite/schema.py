@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS tasks(
   outcome INTEGER,                       -- of the current attempt, NULL when none is in the row
   exit_code INTEGER, error TEXT, note TEXT, output TEXT,
   result BLOB, result_file TEXT,
-  peak_memory INTEGER);                  -- of the current attempt, bytes
+  peak_memory INTEGER,                   -- of the current attempt, bytes
+  cache_key BLOB);                       -- the result cache's key (tasks submitted with cache)
 CREATE INDEX IF NOT EXISTS ix_ready ON tasks(priority DESC, cost DESC, id, ready_at) WHERE state = {READY};
 CREATE TABLE IF NOT EXISTS deps(dep INTEGER NOT NULL, task INTEGER NOT NULL,
   PRIMARY KEY(dep, task)) WITHOUT ROWID;
@@ -54,7 +55,6 @@ CREATE TABLE IF NOT EXISTS attempts(
   error TEXT, note TEXT, output TEXT, peak_memory INTEGER);
 CREATE INDEX IF NOT EXISTS ix_attempts ON attempts(task);
 CREATE INDEX IF NOT EXISTS ix_cached ON tasks(outcome) WHERE outcome = {CACHED};
-CREATE TABLE IF NOT EXISTS cache_keys(task INTEGER PRIMARY KEY, key BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS workers(
   id TEXT PRIMARY KEY, host TEXT, pid INTEGER, started_at REAL, heartbeat REAL, gone INTEGER DEFAULT 0);
 """.replace("{READY}", str(int(State.READY))).replace("{CACHED}", str(int(states.Outcome.CACHED)))
@@ -155,6 +155,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("specs", "options", "BLOB"),  # msgpack of the Spec fields newer than the columns above
     ("tasks", "peak_memory", "INTEGER"),
     ("attempts", "peak_memory", "INTEGER"),
+    ("tasks", "cache_key", "BLOB"),  # the result cache's key (pipefarm.cache)
 )
 
 

@@ -278,6 +278,7 @@ class SQLiteStore(CatalogQuery, Store):
         priority: int = 0,
         cost: float = 0.0,
         after: Sequence[int] = (),
+        cache_keys: Sequence[bytes] | None = None,
     ) -> Sequence[int]:
         after = sorted({int(a) for a in after})
         cost = float(cost or 0.0)
@@ -305,7 +306,15 @@ class SQLiteStore(CatalogQuery, Store):
             # the statement itself
             consts = f"{int(spec_id)}, {int(state)}, {int(priority)}, {float(cost)!r}, {int(ndeps)}"
             ids: Sequence[int]
-            if keys is None:
+            if keys is None and cache_keys is not None:  # the result cache's key, one per task
+                db.executemany(
+                    "INSERT INTO tasks(args, cache_key, id, spec, state, priority, cost, ndeps)"
+                    f" VALUES (?, ?, ?, {consts})",
+                    zip(args, cache_keys, itertools.count(first), strict=False),
+                )
+                last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+                ids = added = range(first, last)
+            elif keys is None:
                 db.executemany(
                     "INSERT INTO tasks(args, id, spec, state, priority, cost, ndeps)"
                     f" VALUES (?, ?, {consts})",
@@ -316,6 +325,9 @@ class SQLiteStore(CatalogQuery, Store):
             else:
                 ids = self._add_keyed(db, args, keys, first, consts)
                 added = getattr(ids, "added", ids)
+                if cache_keys is not None:
+                    db.executemany("UPDATE tasks SET cache_key=? WHERE id=?",
+                                   zip(cache_keys, ids, strict=True))
             if after and len(added):
                 db.executemany(
                     "INSERT INTO deps(dep, task) VALUES (?, ?)",
@@ -1005,17 +1017,22 @@ class SQLiteStore(CatalogQuery, Store):
                 ).rowcount
         return n
 
-    def add_cache_keys(self, rows: Iterable[tuple[int, bytes]]) -> None:
-        """Record ``(task, cache key)`` pairs (Python tasks submitted with ``cache=True``)."""
-        with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO cache_keys(task, key) VALUES (?, ?)", rows)
+    def ready_cache_keys(self, now: float | None = None) -> list[tuple[int, int, int, bytes]]:
+        """``(task, attempt, spec, cache key)`` of the ready tasks that have a key, in one
+        query (the coordinator serves the cached ones before it starts a worker)."""
+        return self.db.execute(
+            "SELECT id, attempt, spec, cache_key FROM tasks INDEXED BY ix_ready"
+            f" WHERE state = {_READY} AND cache_key IS NOT NULL"
+            " AND (ready_at IS NULL OR ready_at <= ?)",
+            (self._now(now),)).fetchall()
 
     def cache_keys(self, ids: Sequence[int]) -> dict[int, bytes]:
         """``{task: cache key}`` of those of ``ids`` that have one."""
         found: dict[int, bytes] = {}
         for chunk in _chunks(list(ids)):
             found.update(self.db.execute(
-                f"SELECT task, key FROM cache_keys WHERE task IN ({_qs(len(chunk))})", chunk))
+                f"SELECT id, cache_key FROM tasks WHERE id IN ({_qs(len(chunk))})"
+                " AND cache_key IS NOT NULL", chunk))
         return found
 
     def pending_spec_resources(self) -> list[tuple[int, int, int]]:
