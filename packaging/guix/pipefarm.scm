@@ -20,7 +20,7 @@
        (method url-fetch)
        (uri (pypi-uri "pipefarm" version))
        (sha256
-        (base32 "08qsiva6zp1nlm513qm4i0zfq220prg1w1bqk99ikpynng5s06p2"))))
+        (base32 "0ibdzw1ml8capw0l87783kanway6rf0i6lqp5ac4fy20jy7bl58c"))))
     (build-system pyproject-build-system)
     ;; the test suite needs real schedulers, MPI and a browser: it runs in the project's CI
     (arguments (list #:tests? #f))

@@ -16,7 +16,7 @@ class PyPipefarm(PythonPackage):
 
     license("BSD-3-Clause")
 
-    version("0.1.0", sha256="e21aa0cbb3d6df19539a78051e5ebe4008ec3e88a4e2114aa536dc6fd48e1a23")
+    version("0.1.0", sha256="0c15ba8e97407847982a17531381cbc62b6ed51ce81c4401bf8a215a03ff6d45")
 
     variant("mpi", default=False, description="The mpi backend (mpi4py)")
     variant("dask", default=False, description="The dask backend (dask.distributed)")
