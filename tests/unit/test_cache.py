@@ -232,3 +232,29 @@ def test_large_results_live_in_blobs_checked_by_hash(env: Path) -> None:
     with pytest.warns(pf.cache.CacheWarning, match="damaged"):
         assert c.get(b"k" * 32) == (False, None)
     c.close()
+
+
+def fails_first(x):
+    """Fails while the marker file is missing (and creates it): the first call of a sweep."""
+    marker = os.environ["CACHE_TEST_LOG"] + ".marker"
+    with open(os.environ["CACHE_TEST_LOG"], "a") as f:
+        f.write(f"{x}\n")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first call fails")
+    return x + 1
+
+
+@pytest.mark.slow
+def test_a_twin_held_behind_a_failure_runs(env: Path) -> None:
+    run = pf.Run.create(env / "a")
+    run.map(fails_first, [5, 5], cache=True)
+    run.execute(workers=2, progress=False)
+    assert runs_of(env / "log") == ["5", "5"], "the held twin ran once its twin failed"
+    first, second = sorted(run.tasks(), key=lambda t: t.started_at)
+    assert (first.state, second.state) == ("failed", "succeeded")
+    assert second.started_at >= first.ended_at, "the twin ran while the first was in flight"
+    again = pf.Run.create(env / "b")
+    again.map(fails_first, [5], cache=True)
+    again.execute(backend="sequential", progress=False)
+    assert outcomes(env / "b") == {"cached": 1} and again.result(1) == 6
