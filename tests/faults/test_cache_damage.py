@@ -111,3 +111,16 @@ def test_a_pack_being_written_is_not_called_damaged(env: Path) -> None:
         warnings.simplefilter("error", pf.cache.CacheWarning)
         with ResultCache(env / "cache") as c:
             assert len(c.index) == 4
+
+
+def test_a_damaged_last_record_is_damage_at_once(env: Path) -> None:
+    """A whole record whose checksum fails is damage, even at the end of a fresh pack (only a
+    record that runs past the end may be a write in progress)."""
+    sweep(env, "a")
+    pack, starts = the_pack(env)
+    data = bytearray(pack.read_bytes())
+    data[starts[4] + 3] ^= 0x01
+    pack.write_bytes(bytes(data))
+    with pytest.warns(pf.cache.CacheWarning, match="1 damaged record"):
+        with ResultCache(env / "cache") as c:
+            assert len(c.index) == 4 and c.stats().torn_bytes == 0

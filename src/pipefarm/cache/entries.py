@@ -37,7 +37,17 @@ from pathlib import Path
 import msgspec
 
 from ..store.base import check_private
-from ..store.journal import HEADER_SIZE, MAGIC_BYTE, JournalWriter, _check_frame, _scan, frame
+from ..store.journal import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAGIC_BYTE,
+    MAX_RECORD,
+    JournalWriter,
+    _check_frame,
+    _scan,
+    frame,
+)
 
 #: Results larger than this go to a file of their own under ``blobs/``: a reader scans (and
 #: checksums) every byte of the packs, so large results there would slow every start; above
@@ -189,7 +199,9 @@ class ResultCache:
             pos += used
             if status == "ok":
                 break
-            nxt = _next_frame(view, pos + 1, end) if status == "corrupt" else -1
+            nxt = _next_frame(view, pos + 1, end)
+            if nxt < 0 and _whole_frame(view, pos, end):  # the last record, complete but bad
+                nxt = end
             if nxt < 0:  # an incomplete record at the end: a writer died, or is writing
                 pack.torn = end - pos
                 if time.time() - st.st_mtime > TORN_AFTER_S:
@@ -205,7 +217,8 @@ class ResultCache:
         if pack.damaged > bad_before:
             warnings.warn(f"result cache {self.path}: {pack.damaged - bad_before} damaged"
                           f" record(s) in {pack.path.name} (checksum) skipped: the entries in"
-                          " them are computed again", CacheWarning, stacklevel=3)
+                          " them are computed again (any `pipefarm cache clear` rewrites the"
+                          " packs without them)", CacheWarning, stacklevel=3)
 
     def _index_record(self, pack: _Pack, offset: int, rec: bytes,
                       keys: list[bytes] | None = None) -> None:
@@ -441,6 +454,15 @@ class ResultCache:
 def _record(keys: list[bytes], entries: list[EntryData]) -> bytes:
     """One record's payload: ``entries`` under ``keys`` (see the module doc)."""
     return b"".join([_HEAD.pack(_VERSION, len(keys)), *keys, _ENTRY.encode(entries)])
+
+
+def _whole_frame(view: memoryview, pos: int, end: int) -> bool:
+    """Whether a frame at ``pos`` has a header and all of its bytes (its checksum may still
+    fail: then it is damaged, not being written)."""
+    if end - pos < HEADER_SIZE:
+        return False
+    magic, n, _ = HEADER.unpack_from(view, pos)
+    return magic == MAGIC and n <= MAX_RECORD and pos + HEADER_SIZE + n == end
 
 
 def _next_frame(view: memoryview, start: int, end: int) -> int:
