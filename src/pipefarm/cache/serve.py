@@ -170,8 +170,8 @@ class LeaseCache(Lookup):
             found = cache.get_many(keys)
             for (task, attempt, sid, key), (hit, result) in zip(group, found, strict=True):
                 if hit:
-                    if result is None or len(result) <= INLINE_RESULT_MAX:
-                        rows.append((task, base ^ task, attempt + 1, now, now, result,
+                    if result is None or len(result) <= INLINE_RESULT_MAX:  # _serve, inlined:
+                        rows.append((task, base ^ task, attempt + 1, now, now, result,  # no Lease
                                      CACHE_WORKER))
                     else:
                         self._serve(Lease(task, base ^ task, attempt + 1, sid, None), result,

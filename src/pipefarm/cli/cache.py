@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .app import main
+from .submit import _human_bytes as _size
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -41,14 +42,6 @@ def _open(cache_dir: str | None) -> Any:
     from ..cache.entries import ResultCache
 
     return ResultCache(cache_dir)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
 
 
 def _when(t: float | None) -> str:
