@@ -371,7 +371,10 @@ class Run:
 
         # rows are checked as they stream into the one transaction below: a bad row (the first
         # one included) rolls everything back
-        values = checked(rows if rows is not None else [{}], placeholders(command), command)
+        # --cache-input {name}: a value each row must have too
+        wanted = placeholders(command) | (placeholders(Command(argv=list(options.cache_inputs)))
+                                          if options.cache_inputs else set())
+        values = checked(rows if rows is not None else [{}], wanted, command)
         blobs: Iterable[bytes] = map(encode_values, values)
         if key_template is not None:
             # one pass over the rows gives each its blob and its key; tee holds only the

@@ -60,6 +60,10 @@ def test_command_tasks_are_keyed_by_their_input_files_content(tmp_path: Path, en
     sweep("r4", tmp_path, {**env, "SALT": "x"})  # a --cache-env variable's value is keyed
     assert len((tmp_path / "ran.log").read_text().split()) == 7
 
+    bad = pf("submit", "r5", "--cache", "--cache-input", "{nope}", "--", "cat", "{}", ":::",
+             "a.txt", cwd=tmp_path, env=env, ok=False)
+    assert bad.returncode == 2 and "{nope}" in bad.stderr and not (tmp_path / "r5").exists()
+
 
 @pytest.mark.slow
 def test_cache_stats_list_and_clear(tmp_path: Path, env) -> None:
