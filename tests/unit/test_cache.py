@@ -258,3 +258,39 @@ def test_a_twin_held_behind_a_failure_runs(env: Path) -> None:
     again.map(fails_first, [5], cache=True)
     again.execute(backend="sequential", progress=False)
     assert outcomes(env / "b") == {"cached": 1} and again.result(1) == 6
+
+
+CONCURRENT = """
+import sys
+import pipefarm as pf
+from tasks_lib import square
+run = pf.Run.create(sys.argv[1])
+run.map(square, range(int(sys.argv[2]), int(sys.argv[3])), cache=True, cache_dir=sys.argv[4])
+run.execute(workers=2, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_share_a_cache_directory(tmp_path: Path) -> None:
+    """Two processes write the same cache directory at the same time: each its own pack, no
+    damage, every entry readable by a third."""
+    import subprocess
+
+    from tasks_lib import square
+
+    script = tmp_path / "go.py"
+    script.write_text(CONCURRENT)
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / name), a, b,
+                               str(cache)]) for name, a, b in (("a", "0", "3000"),
+                                                               ("b", "1500", "4500"))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with ResultCache(cache) as c:
+        s = c.stats()
+        assert s.packs == 2 and s.damaged_records == 0 and s.torn_bytes == 0
+        assert s.entries == 4500, "each key once in the index, however many wrote it"
+    third = pf.Run.create(tmp_path / "c")
+    third.map(square, range(4500), cache=True, cache_dir=str(cache))
+    third.execute(backend="sequential", progress=False)
+    assert outcomes(tmp_path / "c") == {"cached": 4500}
+    assert third.result(4500) == 4499 ** 2
