@@ -206,10 +206,10 @@ def test_append_failure_rolls_back(tmp_path, monkeypatch):
         real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(J.os, "write", half_then_enospc)
+    monkeypatch.setattr(os, "write", half_then_enospc)
     with pytest.raises(OSError):
         w.append([b"lost-1" * 10, b"lost-2" * 10])
-    monkeypatch.setattr(J.os, "write", real_write)
+    monkeypatch.setattr(os, "write", real_write)
     assert os.path.getsize(p) == size
     w.append([b"after"])
     w.close()
@@ -219,7 +219,7 @@ def test_append_failure_rolls_back(tmp_path, monkeypatch):
 
 def test_fsync_policies(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(J.os, "fdatasync", lambda fd: calls.append(fd), raising=False)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(fd), raising=False)
     with JournalWriter(tmp_path / "a.log") as w:  # one sync per append call
         w.append(recs(100))
         w.append(recs(100))

@@ -6,7 +6,7 @@ holds no SQLite (its locking is unreliable on NFS) and no per-entry metadata ope
     CACHE/packs/<host>-<pid>-<random>.pack   one per writing process, append-only
     CACHE/blobs/<sha256>                     results larger than BLOB_ABOVE, named by hash
 
-A pack is a journal (:mod:`pipefarm.store.journal`'s framing: length + crc32 per record); each
+A pack is a journal (:mod:`pipefarm.framing`: length + crc32 per record); each
 record is one batch of entries written together::
 
     <B version> <I n> | n keys of 32 bytes | msgpack [[written_at, name, result, blob], ...]
@@ -36,18 +36,18 @@ from pathlib import Path
 
 import msgspec
 
-from ..store.base import check_private
-from ..store.journal import (
+from ..framing import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
     MAGIC_BYTE,
     MAX_RECORD,
     JournalWriter,
-    _check_frame,
-    _scan,
+    check_frame,
     frame,
+    scan_frames,
 )
+from ..store.base import check_private
 
 #: Results larger than this go to a file of their own under ``blobs/``: a reader scans (and
 #: checksums) every byte of the packs, so large results there would slow every start; above
@@ -191,7 +191,7 @@ class ResultCache:
         pos, end = 0, len(buf)
         bad_before = pack.damaged
         while pos < end:
-            records, used, status, _ = _scan(view[pos:])
+            records, used, status, _ = scan_frames(view[pos:])
             at = pack.scanned + pos
             for rec in records:
                 self._index_record(pack, at + HEADER_SIZE, rec)
@@ -471,7 +471,7 @@ def _next_frame(view: memoryview, start: int, end: int) -> int:
     raw = view.obj if isinstance(view.obj, bytes) else bytes(view)
     pos = raw.find(MAGIC_BYTE, start)
     while 0 <= pos < end:
-        if _check_frame(view, pos, end)[0]:
+        if check_frame(view, pos, end)[0]:
             return pos
         pos = raw.find(MAGIC_BYTE, pos + 1)
     return -1

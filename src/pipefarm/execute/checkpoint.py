@@ -22,7 +22,7 @@ other hosts see them; the directory is the task's and is kept across its attempt
 submitted with ``keep_checkpoints=True``.
 
 The files: ``<sequence number, 12 digits>.ckpt``, each one pickled object framed with its length
-and a CRC32 (the frame of :mod:`pipefarm.store.journal`), written under a temporary name,
+and a CRC32 (the frame of :mod:`pipefarm.framing`), written under a temporary name,
 fsynced and renamed into place. The number is one more than the highest one in the directory,
 never a timestamp or a random id, so "the newest" is a plain numeric order. :func:`load` takes the
 highest-numbered file that validates; a damaged one is renamed ``<n>.ckpt.corrupt`` (kept for
@@ -206,7 +206,7 @@ def save(obj: Any) -> int | None:
     ctx = _context()
     if ctx.directory is None:
         return None
-    from ..store.journal import MAX_RECORD, frame, fsync_dir
+    from ..framing import MAX_RECORD, frame, fsync_dir
     from .py import dump_value
 
     try:
@@ -256,7 +256,7 @@ def load(default: Any = None) -> Any:
     ctx = _context()
     if ctx.directory is None:
         return default
-    from ..store.journal import read_journal
+    from ..framing import read_journal
 
     live, nxt = _listing(ctx.directory)
     if ctx.next_seq is None:
