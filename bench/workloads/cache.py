@@ -10,8 +10,9 @@ no-op tasks, ``def noop(x): return x``, 2 local workers, a fresh durable run dir
   run of the same tasks with ``cache=True``: every task is a hit, committed to the new run's
   catalog as a ``cached`` attempt (durable, as every result).
 
-Rates are tasks / (submit + execute) as in W1, and hits / execute for the rerun (its submission,
-which computes each task's key, is reported apart). Targets (issue 12): the rerun serves
+Rates are tasks / (submit + execute) as in W1, hits/s too: a rerun's hits are written at
+submission (``run.map`` finds them in the cache and records them ended, ``cached``), so its
+submission rate is reported apart as well. Targets (issue 12): the rerun serves
 ≥ 200,000 hits/s; the first run is at most 10 % slower than plain (rate ≥ 0.9× plain).
 """
 
@@ -88,16 +89,20 @@ def run(ctx: Context) -> list[Row]:
         f.target = f"≥ {FIRST_RUN_MIN}× plain (≤ 10 % slower)"
         f.met = f.ratio_vs >= FIRST_RUN_MIN
         f.note = f"{f.ratio_vs:.3f}× plain's rate"
-    hits = rerun.median(lambda s: s["cached"] / s["run_s"] if s.get("run_s") else None)
+    # hits are served where they are known first: at submission (run.map writes them ended)
+    # or at execute (the coordinator's lookup): so hits/s is taken over both, end to end
+    def hit_rate(s: dict) -> float | None:
+        return s["cached"] / s["work_s"] if s.get("work_s") else None
+
+    hits = rerun.median(hit_rate)
     bad = [s["cached"] for s in rerun.samples if s.get("cached") != n]
-    rows.append(Row(WL, rerun.label, "hits/s (execute)", hits, "tasks/s", n=n,
+    rows.append(Row(WL, rerun.label, "hits/s (submit + execute)", hits, "tasks/s", n=n,
                     target=f"≥ {HITS_TARGET:,.0f} hits/s", met=None if hits is None else (
                         hits >= HITS_TARGET and not bad),
                     note=f"only {bad[0]} of {n} were hits" if bad else "every result durable",
-                    samples=[round(x, 1) for x in rerun.values(
-                        lambda s: s["cached"] / s["run_s"] if s.get("run_s") else None)],
+                    samples=[round(x, 1) for x in rerun.values(hit_rate)],
                     na=None if hits is not None else (rerun.reason or "no value")))
     sub = rerun.median(rate("submit_s"))
-    rows.append(Row(WL, rerun.label, "submit rate (run.map, keys computed)", sub, "tasks/s",
-                    n=n, note="each task's key: sha256 of its canonical arguments"))
+    rows.append(Row(WL, rerun.label, "submit rate (run.map: keys, lookups, hits written)", sub,
+                    "tasks/s", n=n, note="each task's key: sha256 of its canonical arguments"))
     return rows

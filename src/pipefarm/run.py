@@ -23,7 +23,14 @@ import msgspec
 
 from .backends.base import Backend, Hooks, Summary, make_backend
 from .backends.local import HaltPolicy, LocalBackend  # imported with Run, not inside execute()
-from .cache.submission import command_policy, keyed_columns, python_policy, task_keys
+from .cache.serve import CACHE_WORKER
+from .cache.submission import (
+    command_policy,
+    hits_at_submission,
+    keyed_columns,
+    python_policy,
+    task_keys,
+)
 from .errors import (
     PipefarmError,
     RetryRefused,
@@ -175,9 +182,16 @@ class Run:
     def _add(self, sid: int, blobs: Iterable[bytes], keys: Iterable[Any] | None,
              opts: TaskOptions, cache_keys: list[bytes] | None = None) -> Sequence[int]:
         """Add one task per blob of spec ``sid`` with the per-task options of ``opts`` (and
-        its result cache key, one per blob)."""
+        its result cache key, one per blob: the ones the cache holds are written ended, as
+        ``cached`` attempts, when they wait for nothing)."""
+        hits = None
+        if cache_keys is not None and keys is None and not opts.after:
+            policy = self.store.spec(sid).cache
+            if policy is not None:
+                hits = hits_at_submission(policy, cache_keys)
         return self.store.add_tasks(sid, blobs, keys=keys, priority=opts.priority,
-                                    cost=opts.cost or 0.0, after=opts.after, cache_keys=cache_keys)
+                                    cost=opts.cost or 0.0, after=opts.after, cache_keys=cache_keys,
+                                    cache_hits=hits, served_by=CACHE_WORKER)
 
     def map(
         self,

@@ -69,6 +69,24 @@ def test_a_sweep_run_twice_computes_once(env: Path, backend: str) -> None:
 
 
 @pytest.mark.slow
+def test_hits_known_at_submission_are_recorded_there_and_start_no_worker(env: Path) -> None:
+    """A rerun's map writes the tasks the cache holds as ended (one ``cached`` attempt each)
+    before execute; execute then has only the new task to run. A task submitted with
+    ``after=`` waits for its dependency, cached or not (it is served where it runs)."""
+    sweep(env, "a", range(10))
+    run = pf.Run.create(env / "b")
+    ids = run.map(logged, range(11), cache=True)
+    assert run.status()["succeeded"] == 10 and run.status()["ready"] == 1
+    assert [a.outcome for a in run.attempts(ids[0])] == ["cached"]
+    dep = run.map(logged, [3], cache=True, after=[ids[-1]])
+    assert run.status()["blocked"] == 1, "a task with a dependency is not served before it"
+    summary = run.execute(workers=2, progress=False)
+    assert summary.ok and runs_of(env / "log")[10:] == ["10"]
+    assert [a.outcome for a in run.attempts(dep[0])] == ["cached"]
+    assert [run.result(t)["sq"] for t in ids] == [x * x for x in range(11)]
+
+
+@pytest.mark.slow
 def test_one_changed_argument_recomputes_exactly_that_task(env: Path) -> None:
     sweep(env, "a", range(20))
     run = sweep(env, "b", [*range(19), 100])

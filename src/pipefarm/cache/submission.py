@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import SubmissionError
 from ..task import CachePolicy, TaskOptions
-from .entries import default_dir, prepare
+from .entries import ResultCache, default_dir, prepare
 from .key import CacheKeyError, function_identity, positional_keys, python_keys
 
 
@@ -90,3 +90,14 @@ def keyed_columns(policy: CachePolicy | None, fn: Callable[..., Any],
         return columns, positional_keys(policy, rows, fn)
     except CacheKeyError:
         return columns, task_keys(policy, fn, zip(rows, repeat({})))  # names the task
+
+
+def hits_at_submission(policy: CachePolicy, keys: list[bytes]
+                       ) -> list[tuple[bool, bytes | None]] | None:
+    """What the cache holds for each key, ``(hit, pickled result)``, for tasks that may be
+    written ended at submission (None: it holds none of them, the common first run). Tasks
+    it does not hold yet are looked up again where they would run."""
+    with ResultCache(policy.dir) as cache:
+        if not any(map(cache.index.__contains__, keys)):
+            return None
+        return cache.get_many(keys)

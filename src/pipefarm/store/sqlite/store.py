@@ -279,7 +279,17 @@ class SQLiteStore(CatalogQuery, Store):
         cost: float = 0.0,
         after: Sequence[int] = (),
         cache_keys: Sequence[bytes] | None = None,
+        cache_hits: Sequence[tuple[bool, bytes | None]] | None = None,
+        served_by: str = "",
     ) -> Sequence[int]:
+        """Add one task per ``args`` blob of spec ``spec_id``; their ids.
+
+        ``cache_keys``: each task's result cache key. ``cache_hits``: what the cache holds
+        for each key, ``(hit, pickled result)``: a hit with a small result is written ended
+        at once, as one attempt with outcome ``cached`` by worker ``served_by``, when the
+        tasks wait for nothing (no user keys, no pending dependency); the others are left
+        ready, for the lookup where they would run.
+        """
         after = sorted({int(a) for a in after})
         cost = float(cost or 0.0)
         with self._tx() as db:
@@ -305,12 +315,16 @@ class SQLiteStore(CatalogQuery, Store):
             # rows are built by zip in C (no Python frame per task); per-call constants go into
             # the statement itself
             consts = f"{int(spec_id)}, {int(state)}, {int(priority)}, {float(cost)!r}, {int(ndeps)}"
+            ended = f"{int(spec_id)}, {int(_S.SUCCEEDED)}, {int(priority)}, {float(cost)!r}, 0"
             ids: Sequence[int]
             if keys is None and cache_keys is not None:  # the result cache's key, one per task
+                rows: Iterable[tuple] = zip(args, cache_keys, itertools.count(first), strict=False)
+                if cache_hits is not None and state == _S.READY:
+                    rows = self._insert_cache_hits(db, rows, cache_hits, served_by, ended)
                 db.executemany(
                     "INSERT INTO tasks(args, cache_key, id, spec, state, priority, cost, ndeps)"
                     f" VALUES (?, ?, ?, {consts})",
-                    zip(args, cache_keys, itertools.count(first), strict=False),
+                    rows,
                 )
                 last = (db.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
                 ids = added = range(first, last)
@@ -339,6 +353,30 @@ class SQLiteStore(CatalogQuery, Store):
                 )
                 self._has_deps = True
         return ids
+
+    def _insert_cache_hits(
+        self, db: sqlite3.Connection, rows: Iterable[tuple], hits: Sequence[tuple[bool, Any]],
+        served_by: str, ended: str,
+    ) -> list[tuple]:
+        """Insert the tasks of ``rows`` whose small result the cache holds as ended (their
+        attempt ``cached``); the rows of the others, to insert ready. One INSERT per task
+        instead of an INSERT and an UPDATE: a fully cached rerun costs what its submission
+        costs. ``ended``: the statement's constants (spec, state, priority, cost, ndeps)."""
+        now, base = time.time(), secrets.randbits(61)  # tokens base + id: unique, no overflow
+        rows = list(rows)
+        small = [hit and (res is None or len(res) <= INLINE_RESULT_MAX) for hit, res in hits]
+        served = [(*row, res) for row, (_, res), ok in zip(rows, hits, small, strict=True) if ok]
+        if not served:
+            return rows
+        who = served_by.replace("'", "''")
+        db.executemany(
+            "INSERT INTO tasks(args, cache_key, id, result, token, started_at, ended_at,"
+            " spec, state, priority, cost, ndeps, attempt, outcome, worker)"
+            f" VALUES (?1, ?2, ?3, ?4, ?3 + {base}, {now!r}, {now!r}, {ended}, 1,"
+            f" {int(Outcome.CACHED)}, '{who}')",
+            served,
+        )
+        return [row for row, ok in zip(rows, small, strict=True) if not ok]
 
     def _add_keyed(
         self, db: sqlite3.Connection, args: Iterable[bytes | None],
