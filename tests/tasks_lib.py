@@ -232,3 +232,26 @@ def sleep_getpid(seconds=0.0):
     if seconds:
         time.sleep(seconds)
     return os.getpid()
+
+
+FRESH_ENV = "PIPEFARM_TEST_FRESH_PROCESS"
+
+
+def rerun_in_fresh_process(request) -> bool:
+    """Run the calling test again in a pytest process of its own and assert it passed there;
+    True when this call did (the caller returns), False inside that fresh process.
+
+    For tests that measure a worker's own memory: a worker forked from a long test session
+    inherits the session's resident pages (engines' clients, imported libraries), so its
+    baseline depends on which tests ran before."""
+    if os.environ.get(FRESH_ENV) == "1":
+        return False
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        request.node.nodeid], cwd=str(request.config.rootpath),
+                       env={**os.environ, FRESH_ENV: "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    return True
