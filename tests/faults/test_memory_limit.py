@@ -46,6 +46,13 @@ def grow(mb: int) -> int:
     return os.getpid()
 
 
+def grow_noting(mb: int, note: str) -> int:
+    """:func:`grow`, writing first the resident bytes of the process it runs in to ``note``."""
+    with open(note, "w") as fh:
+        fh.write(str(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")))
+    return grow(mb)
+
+
 def pid() -> int:
     return os.getpid()
 
@@ -225,17 +232,18 @@ def test_array_worker_records_oom_and_peaks_through_its_journal(tmp_path, reques
     d = tmp_path / "run"
     d.mkdir(mode=0o700)
     store = FsJournalStore(d, lease_s=5.0, workers=1)
-    limited = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(grow),
+    note = tmp_path / "rss-at-start"
+    limited = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(grow_noting),
                                   resources=Resources(memory=LIMIT)))
-    store.add_tasks(limited, [dumps_args((400,), {})])
+    # the limited task first: a worker's peak counts the memory its process holds, and a
+    # process keeps some of what an earlier 200 MiB task freed (glibc's heap)
+    store.add_tasks(limited, [dumps_args((400, str(note)), {})], priority=2)
     free = store.add_spec(Spec(kind="py", payload=cloudpickle.dumps(grow)))
-    store.add_tasks(free, [dumps_args((200,), {})])
+    store.add_tasks(free, [dumps_args((200,), {})], priority=1)
     store.export()
-    import psutil
-
     # the worker loop runs in this process: its peak counts this process's own memory too
-    baseline = psutil.Process().memory_info().rss
     work_loop(store.layout.run, "w", steal=False)
+    baseline = int(note.read_text())
     store.fold()
     rows = {r.spec: r for r in store.tasks()}
     (oom,) = store.attempts(rows[limited].id)

@@ -126,6 +126,22 @@ def test_peak_meter_gives_each_attempt_its_own_peak():
     assert meter.peak(PEAK_MIN_S / 2) == meter.mark
 
 
+def test_the_first_attempt_in_a_process_does_not_get_its_start_up_peak():
+    """A process that held 200 MiB before its first attempt (imports, a loaded input) and
+    freed them: that attempt's peak is its own, not the process's high-water mark so far."""
+    code = (
+        "import pipefarm.execute.memory as m; from pipefarm.execute.py import run_python;"
+        " from pipefarm.task import Lease, dumps_args;"
+        " b = bytearray(200 << 20); b[::4096] = b'1' * (len(b) // 4096); del b;"
+        " import time; f = run_python(lambda: time.sleep(0.01),"
+        " Lease(task=1, token=1, spec=1, args=dumps_args((), {}), attempt=1));"
+        " print(f.peak_memory >> 20)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert int(out) < 150, f"first attempt's peak {out.strip()} MiB includes the 200 MiB freed"
+
+
 def test_group_rss_sums_the_members_of_a_group():
     code = "import time; b = bytearray(60 << 20); b[::4096] = b'1' * (len(b) // 4096); " \
            "print(1, flush=True); time.sleep(30)"

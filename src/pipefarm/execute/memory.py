@@ -176,7 +176,9 @@ class PeakMeter:
 
     def __init__(self) -> None:
         self.mark = 0  # bytes: the high-water mark as last read
-        self.stale = False  # the mark holds an earlier attempt's peak: reset before the next
+        # the mark holds what came before the next attempt (an earlier attempt's peak, or the
+        # process's start-up: imports, loading specs): reset before the next attempt
+        self.stale = True
         self.can_reset = True
 
     @staticmethod
