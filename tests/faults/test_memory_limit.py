@@ -200,21 +200,24 @@ def test_forked_children_sharing_pages_count_them_once(tmp_path):
 
 def test_peak_memory_is_recorded_for_ordinary_tasks(tmp_path, request):
     """No limit: a Python task and a command that each hold 200 MiB show a peak of at least
-    200 MiB; a small task after the Python one shows its own (smaller) peak, not the one
-    before it; ``results`` carries the column."""
+    200 MiB; a small command and a small task after the Python one show their own (smaller)
+    peaks, not the one before them (the command's mark starts at its worker's memory at exec,
+    not at the worker's largest task); ``results`` carries the column."""
     if T.rerun_in_fresh_process(request):  # peaks measured from a worker's own baseline
         return
     run = _run(tmp_path)
-    py = run.submit_task(grow, (200,), priority=3)
+    py = run.submit_task(grow, (200,), priority=4)
+    (small_cmd,) = run.submit_cmd([sys.executable, "-c", "pass"], priority=3)
     small = run.submit_task(grow, (8,), priority=2)
     (cmd,) = run.submit_cmd(
         [sys.executable, "-c", "b = bytearray(200 << 20); b[::4096] = b'1' * (len(b) // 4096)"],
         priority=1)
     assert run.execute(workers=1, progress=False).ok
-    peaks = {t: run.attempts(t)[-1].peak_memory for t in (py, small, cmd)}
+    peaks = {t: run.attempts(t)[-1].peak_memory for t in (py, small_cmd, small, cmd)}
     assert peaks[py] >= 200 * MIB, peaks
     assert peaks[cmd] >= 200 * MIB, peaks
     assert peaks[small] < peaks[py] - 100 * MIB, peaks
+    assert peaks[small_cmd] < peaks[py] - 100 * MIB, peaks
     table = run.results()
     assert dict(zip(table.column("task_id").to_pylist(), table.column("peak_memory").to_pylist(),
                     strict=True)) == peaks

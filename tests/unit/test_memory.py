@@ -21,6 +21,7 @@ from pipefarm.execute.memory import (
     DataLimit,
     PeakMeter,
     format_memory,
+    group_members,
     group_pss,
     group_rss,
     parse_memory,
@@ -127,19 +128,57 @@ def test_peak_meter_gives_each_attempt_its_own_peak():
 
 
 def test_the_first_attempt_in_a_process_does_not_get_its_start_up_peak():
-    """A process that held 200 MiB before its first attempt (imports, a loaded input) and
-    freed them: that attempt's peak is its own, not the process's high-water mark so far."""
-    code = (
-        "import pipefarm.execute.memory as m; from pipefarm.execute.py import run_python;"
-        " from pipefarm.task import Lease, dumps_args;"
+    """A worker started (fork + exec) by a 300 MiB process, that itself held 200 MiB before
+    its first attempt (imports, a loaded input) and freed them: that attempt's peak is its
+    own, neither its start-up's nor its parent's (which ``ru_maxrss`` carries over exec)."""
+    worker = (
+        "from pipefarm.execute.py import run_python; from pipefarm.task import Lease, dumps_args;"
         " b = bytearray(200 << 20); b[::4096] = b'1' * (len(b) // 4096); del b;"
         " import time; f = run_python(lambda: time.sleep(0.01),"
-        " Lease(task=1, token=1, spec=1, args=dumps_args((), {}), attempt=1));"
+        " Lease(task=1, token=1, attempt=1, spec=1, args=dumps_args((), {})));"
         " print(f.peak_memory >> 20)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    parent = (
+        "import subprocess, sys; b = bytearray(300 << 20); b[::4096] = b'1' * (len(b) // 4096);"
+        f" subprocess.run([sys.executable, '-c', {worker!r}], check=True)"
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    assert int(out) < 150, f"first attempt's peak {out.strip()} MiB includes the 200 MiB freed"
+    assert int(out) < 150, f"first attempt's peak {out.strip()} MiB: not its own"
+
+
+def test_a_forked_process_reads_its_own_peak():
+    """The meter's descriptor of /proc/self/status is the parent's after fork: a child
+    reads its own mark, not its 300 MiB parent's."""
+    meter_read = (
+        "import os; from pipefarm.execute.memory import METER;"
+        " METER.begin(); b = bytearray(300 << 20); b[::4096] = b'1' * (len(b) // 4096);"
+        " METER.peak(1.0); pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    del b; METER.begin(); os.write(1, str(METER.peak(1.0) >> 20).encode()); os._exit(0)\n"
+        "os.waitpid(pid, 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", meter_read], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert int(out) < 150, f"the child's peak {out} MiB is its parent's"
+
+
+def test_group_pss_skips_a_member_that_has_exited():
+    """A group holding a zombie (an exited child not reaped yet, whose smaps_rollup fails
+    with ESRCH) still has a proportional set size: the zombie counts nothing."""
+    code = "import os, time; pid = os.fork()\nif pid == 0: os._exit(0)\ntime.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(members := group_members(p.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(members) == 2, members
+        time.sleep(0.2)  # the child has exited: a zombie in the group
+        pss = group_pss(p.pid)
+        assert pss is not None and pss > MIB, pss
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_group_rss_sums_the_members_of_a_group():

@@ -14,7 +14,9 @@ Three pieces, used by the worker for every attempt:
 
 Peak memory is resident memory (RSS), in bytes: for a Python attempt the worker process's
 high-water mark while it ran (:class:`PeakMeter`), for a command the larger of its
-``wait4`` ``ru_maxrss`` and the largest group use the watch saw.
+``wait4`` ``ru_maxrss`` and the largest group use the watch saw. A command's ``ru_maxrss``
+starts at its worker's resident memory when it started it (the kernel carries the mark across
+``exec``), so a small command's peak is about its worker's size (tens of MiB).
 """
 
 from __future__ import annotations
@@ -151,52 +153,81 @@ class DataLimit:
 
 # --- Python tasks: the peak of each attempt -------------------------------------------------------
 #: Python tasks shorter than this are not measured: they record the worker's high-water mark as
-#: last read. Reading it costs ~1.1 us (getrusage, measured on the 2-core development machine),
-#: more than the ~0.8 us run_python costs a no-op task, so W1 (100,000 no-op tasks) must not
-#: pay it; in 100 us a task can fault in well under 1 MiB more than that mark (page faults run
-#: at a few GB/s), which is what a short task's peak can be off by.
-PEAK_MIN_S = 1e-4
+#: last read. Reading it costs ~3.5 us (a pread of /proc/self/status, measured on the 2-core
+#: development machine), four times what run_python costs a no-op task, so W1 (100,000 no-op
+#: tasks) must not pay it, and a task of 0.5 ms pays 0.7 %; in 0.5 ms a task can fault in at
+#: most a few MiB more than that mark (page faults run at a few GB/s), which is what a short
+#: task's peak can be off by.
+PEAK_MIN_S = 5e-4
 
 _RESET = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def reset_high_water() -> bool:
+    """Start this process's resident high-water mark (``VmHWM``) from its resident memory
+    now (``5`` written to ``/proc/self/clear_refs``, Linux >= 4.0, ~0.6 us); False where
+    that is refused."""
+    try:
+        fd = os.open(_RESET, os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 class PeakMeter:
     """The resident-memory peak of each Python attempt run in this process.
 
-    The kernel keeps one high-water mark per process (``ru_maxrss``). Once an attempt raised
-    it, the meter marks it stale and resets it when the next attempt begins (``5`` written to
-    ``/proc/self/clear_refs``, Linux >= 4.0, ~0.6 us) -- then, not at the end of the attempt,
-    so that what the attempt held is freed by then -- and the next reading is that attempt's
-    own peak. Where the reset is refused the mark only grows: peaks are then the worker's peak
-    so far. Every reading includes the worker's own memory (interpreter, imports: a few tens
-    of MiB): it is the peak of the process the attempt ran in.
+    The kernel keeps a high-water mark of the process's memory (``VmHWM``). Once an attempt
+    raised it (and before the first attempt: start-up's imports and loads are no attempt's),
+    the meter marks it stale and resets it when the next attempt begins (:func:`reset_high_water`)
+    -- then, not at the end of the attempt, so that what the attempt held is freed by then --
+    and the next reading is that attempt's own peak. Where the reset is refused the mark only
+    grows: peaks are then the worker's peak so far. Every reading includes the worker's own
+    memory (interpreter, imports: a few tens of MiB): it is the peak of the process the
+    attempt ran in.
+
+    The mark is read from ``/proc/self/status`` (one ``pread`` of a descriptor kept open,
+    ~3.5 us), not ``getrusage``'s ``ru_maxrss`` (~0.5 us): that one also holds the mark of
+    the process that started this one (the kernel keeps it across ``exec``) and no reset
+    lowers it, so a worker started by a large process (a Dask or Ray worker, a test session)
+    would report that process's size for every attempt. ``ru_maxrss`` is the fallback where
+    there is no ``/proc``.
     """
 
-    __slots__ = ("can_reset", "mark", "stale")
+    __slots__ = ("can_reset", "fd", "mark", "stale")
 
     def __init__(self) -> None:
         self.mark = 0  # bytes: the high-water mark as last read
         # the mark holds what came before the next attempt (an earlier attempt's peak, or the
-        # process's start-up: imports, loading specs): reset before the next attempt
+        # process's start-up): reset before the next attempt
         self.stale = True
         self.can_reset = True
+        self.fd: int | None = None  # /proc/self/status, opened at the first reading; -1: none
 
-    @staticmethod
-    def _read() -> int:
+    def _read(self) -> int:
+        fd = self.fd
+        if fd is None:
+            try:
+                fd = self.fd = os.open(_STATUS, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = self.fd = -1
+        if fd >= 0:
+            text = os.pread(fd, 4096, 0)
+            at = text.find(b"VmHWM:")
+            if at >= 0:
+                return int(text[at + 6:text.index(b"k", at)]) * 1024  # "VmHWM:  1234 kB"
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def begin(self) -> None:
         """An attempt starts after one that raised the mark: start the mark from here."""
         self.stale = False
         if self.can_reset:
-            try:
-                fd = os.open(_RESET, os.O_WRONLY)
-                try:
-                    os.write(fd, b"5")
-                finally:
-                    os.close(fd)
-            except OSError:
-                self.can_reset = False
+            self.can_reset = reset_high_water()
         self.mark = self._read()
 
     def peak(self, seconds: float) -> int:
@@ -209,18 +240,21 @@ class PeakMeter:
             self.stale = True
         return peak
 
+    def forked(self) -> None:
+        """In a forked child: its own mark, its own /proc/self/status (the inherited
+        descriptor reads the parent's)."""
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = None
+        self.mark = 0
+        self.stale = True
+
 
 #: One per process: the high-water mark it reads and resets is the process's.
 METER = PeakMeter()
 
-
-def _forget_mark_after_fork() -> None:
-    METER.mark = 0  # a forked worker starts its own mark
-    METER.stale = True
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_mark_after_fork)
+    os.register_at_fork(after_in_child=METER.forked)
 
 
 # --- command tasks: the process group's resident memory -------------------------------------------
@@ -282,8 +316,8 @@ def group_pss(pgid: int) -> int | None:
                     if line.startswith(b"Pss:"):
                         total += int(line.split()[1]) * 1024
                         break
-        except FileNotFoundError:
-            continue  # gone meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # gone meanwhile (an exiting process's smaps_rollup fails with ESRCH)
         except (OSError, IndexError, ValueError):
             return None
     return total
