@@ -48,8 +48,10 @@ def grow(mb: int) -> int:
 
 def grow_noting(mb: int, note: str) -> int:
     """:func:`grow`, writing first the resident bytes of the process it runs in to ``note``."""
+    import psutil
+
     with open(note, "w") as fh:
-        fh.write(str(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")))
+        fh.write(str(psutil.Process().memory_info().rss))
     return grow(mb)
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .guard import KILL_GRACE, child_preexec, forget_group, start_guardian, watch_group
-from .memory import METER, GroupWatch, format_memory, group_members, reset_high_water
+from .memory import METER, GroupWatch, format_memory, group_members
 from .template import Command, TemplateError, render, render_cwd
 
 if TYPE_CHECKING:
@@ -233,8 +233,7 @@ def run_command(
     # the kernel hands the command, at exec, the high-water mark of the worker that started
     # it (its ru_maxrss starts there): from the worker's memory now, not from its largest
     # earlier task
-    if METER.can_reset:
-        METER.can_reset = reset_high_water()
+    METER.reset()
 
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()

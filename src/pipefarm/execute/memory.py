@@ -164,28 +164,13 @@ _RESET = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 
 
-def reset_high_water() -> bool:
-    """Start this process's resident high-water mark (``VmHWM``) from its resident memory
-    now (``5`` written to ``/proc/self/clear_refs``, Linux >= 4.0, ~0.6 us); False where
-    that is refused."""
-    try:
-        fd = os.open(_RESET, os.O_WRONLY)
-        try:
-            os.write(fd, b"5")
-        finally:
-            os.close(fd)
-    except OSError:
-        return False
-    return True
-
-
 class PeakMeter:
     """The resident-memory peak of each Python attempt run in this process.
 
     The kernel keeps a high-water mark of the process's memory (``VmHWM``). Once an attempt
     raised it (and before the first attempt: start-up's imports and loads are no attempt's),
-    the meter marks it stale and resets it when the next attempt begins (:func:`reset_high_water`)
-    -- then, not at the end of the attempt, so that what the attempt held is freed by then --
+    the meter marks it stale and resets it when the next attempt begins (:meth:`reset`) --
+    then, not at the end of the attempt, so that what the attempt held is freed by then --
     and the next reading is that attempt's own peak. Where the reset is refused the mark only
     grows: peaks are then the worker's peak so far. Every reading includes the worker's own
     memory (interpreter, imports: a few tens of MiB): it is the peak of the process the
@@ -223,11 +208,25 @@ class PeakMeter:
                 return int(text[at + 6:text.index(b"k", at)]) * 1024  # "VmHWM:  1234 kB"
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
+    def reset(self) -> None:
+        """Start the process's mark from its resident memory now (``5`` written to
+        ``/proc/self/clear_refs``, Linux >= 4.0, ~0.6 us); where that is refused, the meter
+        stops trying."""
+        if not self.can_reset:
+            return
+        try:
+            fd = os.open(_RESET, os.O_WRONLY)
+            try:
+                os.write(fd, b"5")
+            finally:
+                os.close(fd)
+        except OSError:
+            self.can_reset = False
+
     def begin(self) -> None:
         """An attempt starts after one that raised the mark: start the mark from here."""
         self.stale = False
-        if self.can_reset:
-            self.can_reset = reset_high_water()
+        self.reset()
         self.mark = self._read()
 
     def peak(self, seconds: float) -> int:
